@@ -48,6 +48,7 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "MemoryQueue",
+    "MongoQueue",
     "MonsterQueueError",
     "NoJobResultError",
     "NoJobResultSetError",
@@ -573,6 +574,7 @@ def _backend_for(url: str | None) -> type[Queue]:
     scheme = urlsplit(url or "").scheme
     backends: dict[str, type[Queue]] = {
         "memory": MemoryQueue, "redis": RedisQueue, "rediss": RedisQueue, "unix": RedisQueue,
+        "mongodb": MongoQueue, "mongodb+srv": MongoQueue,
     }
     if scheme not in backends:
         raise ValueError(f"unsupported queue URL {url!r}: use one of "
@@ -923,3 +925,144 @@ def _pairs(fields: Any) -> dict[str, Any]:
     if isinstance(fields, dict):
         return {_text(k): _text(v) for k, v in fields.items()}
     return {_text(fields[i]): _text(fields[i + 1]) for i in range(0, len(fields), 2)}
+
+
+# ---------------------------------------------------------------------------
+# MongoQueue
+# ---------------------------------------------------------------------------
+#
+# One collection, COLLECTION_PREFIX_jobs, one document per job: the fields of
+# Queue._decode, with BSON dates for the times, plus ``waiter`` (an
+# enqueue_wait caller is waiting) and ``worker`` (who holds it while running).
+# The index (state, task, _id) serves the claim: equality on state, $in on the
+# task names, oldest first.
+#
+# Round trips per job: enqueue 1 (insert_many for enqueue_many); claim 1
+# find_one_and_update per job; finish 1 find_one_and_update, which also flips
+# the waiter flag; enqueue_wait polls with find_one, from 5 ms backing off to
+# ``poll_interval``, plus 1 update only when it times out. Idle workers poll
+# every ``poll_interval``: a standalone server has no way to push.
+
+class MongoQueue(Queue):
+    """A queue stored in a MongoDB collection, for many workers."""
+
+    def __init__(self, url: str | None = None, *, database: str | None = None,
+                 collection_prefix: str = "monsterqueue", client: Any = None,
+                 poll_interval: float = 0.1, lease_timeout: float = 30.0,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        pymongo = _require("pymongo", "mongo")
+        if client is None:
+            client = pymongo.MongoClient(url or "mongodb://localhost:27017", tz_aware=True)
+        database = database or (url and pymongo.uri_parser.parse_uri(url)["database"])
+        if not database:
+            raise ValueError("MongoQueue needs a database: name it in the URL "
+                             "(mongodb://host/dbname) or pass database=...")
+        self.client = client
+        self.poll_interval = poll_interval
+        self.lease_timeout = lease_timeout
+        self._bson = _require("bson", "mongo")
+        self._after = pymongo.ReturnDocument.AFTER
+        self._jobs = client[database][f"{collection_prefix}_jobs"]
+        self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
+        self._wakeup = threading.Event()
+
+    def _insert(self, task_name: str, params: list[str], stack: str,
+                waiter_timeout: float | None) -> list[tuple[str, datetime]]:
+        now = _utc_now()
+        docs = [{"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
+                 "stack": stack, "delivery": 0, "waiter": waiter_timeout is not None}
+                for text in params]
+        ids = self._jobs.insert_many(docs).inserted_ids
+        return [(str(job_id), now) for job_id in ids]
+
+    def _claim(self, task_names: list[str], limit: int, worker: str,
+               block: float) -> list[tuple[str, dict[str, Any]]]:
+        claimed = self._claim_now(task_names, limit, worker)
+        if not claimed and not self._wakeup.wait(min(block, self.poll_interval)):
+            claimed = self._claim_now(task_names, limit, worker)
+        self._wakeup.clear()
+        return claimed
+
+    def _claim_now(self, task_names: list[str], limit: int,
+                   worker: str) -> list[tuple[str, dict[str, Any]]]:
+        claimed = []
+        while len(claimed) < limit:
+            doc = self._jobs.find_one_and_update(
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}},
+                {"$set": {"state": JOB_STATE_RUNNING, "started": _utc_now(), "worker": worker},
+                 "$inc": {"delivery": 1}},
+                sort=[("_id", 1)], return_document=self._after)
+            if doc is None:
+                break
+            claimed.append((str(doc["_id"]), _mongo_fields(doc)))
+        return claimed
+
+    def _finish(self, job: Job, *, result: str | None, error: str | None) -> bool | None:
+        before = self._jobs.find_one_and_update(
+            {"_id": self._bson.ObjectId(job.id), "state": JOB_STATE_RUNNING, "delivery": job._delivery},
+            {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
+                      "waiter": False},
+             "$unset": {"worker": ""}},
+            projection={"waiter": True})
+        return None if before is None else bool(before.get("waiter"))
+
+    def _await_outcome(self, job: Job, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            doc = self._jobs.find_one({"_id": self._bson.ObjectId(job.id)})
+            if doc is not None and doc["state"] == JOB_STATE_DONE and not doc.get("waiter"):
+                return self._decode(job.id, _mongo_fields(doc))
+            if time.monotonic() + pause > deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, self.poll_interval)
+        withdrawn = self._jobs.update_one({"_id": self._bson.ObjectId(job.id), "waiter": True},
+                                          {"$set": {"waiter": False}})
+        if withdrawn.modified_count or doc is None:
+            return None
+        return self._decode(job.id, self._load(job.id))
+
+    def _interrupt_claim(self) -> None:
+        self._wakeup.set()
+
+    def _object_id(self, job_id: str) -> Any:
+        if not self._bson.ObjectId.is_valid(job_id):
+            raise NoSuchJobError()
+        return self._bson.ObjectId(job_id)
+
+    def _load(self, job_id: str) -> dict[str, Any]:
+        doc = self._jobs.find_one({"_id": self._object_id(job_id)})
+        if doc is None:
+            raise NoSuchJobError()
+        return _mongo_fields(doc)
+
+    def _list(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(str(doc["_id"]), _mongo_fields(doc))
+                for doc in self._jobs.find().sort([("enqueued", 1), ("_id", 1)])]
+
+    def _delete(self, job_id: str) -> bool:
+        try:
+            return bool(self._jobs.delete_one({"_id": self._object_id(job_id)}).deleted_count)
+        except NoSuchJobError:
+            return False
+
+    def _reset(self) -> None:
+        self._jobs.delete_many({})
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()
+
+
+def _utc_now() -> datetime:
+    """Now in UTC, cut to the milliseconds that BSON dates keep."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    """Turn a job document into Queue._decode's fields: BSON dates become milliseconds."""
+    return {key: round(value.timestamp() * 1000) if isinstance(value, datetime) else value
+            for key, value in doc.items() if value is not None}
