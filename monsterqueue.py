@@ -18,22 +18,27 @@ Only the standard library is needed to import this module: ``redis`` and
 from __future__ import annotations
 
 import abc
+import argparse
 import collections
+import contextlib
 import dataclasses
+import heapq
+import importlib
 import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 import types
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 __version__ = "0.1.0"
@@ -47,6 +52,7 @@ __all__ = [
     "JobParams",
     "JobResult",
     "JobStatus",
+    "MalformedJobError",
     "MemoryQueue",
     "MongoQueue",
     "MonsterQueueError",
@@ -56,6 +62,7 @@ __all__ = [
     "Queue",
     "QueueWaitTimeoutError",
     "RedisQueue",
+    "ServerUnavailableError",
     "Task",
 ]
 
@@ -78,7 +85,14 @@ STACK_TRACE_LIMIT = 2048
 # Defaults of the Queue options.
 DEFAULT_CONCURRENCY = 8         # worker threads per process_loop
 DEFAULT_WAIT_TIMEOUT = 30.0     # seconds enqueue_wait waits for a result
-IDLE_WAKE_INTERVAL = 1.0        # an idle worker wakes this often even if nothing is pushed
+DEFAULT_LEASE_TIMEOUT = 30.0    # seconds a claimed job stays held without a heartbeat
+DEFAULT_MAX_DELIVERIES = 5      # lost leases before a job is failed as poison
+DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds to reach a server before ServerUnavailableError
+
+# How an idle worker waits: it wakes at least this often even if nothing is
+# pushed, and backs off up to the longest pause while its server is away.
+IDLE_WAKE_INTERVAL = 1.0
+OUTAGE_PAUSES = (0.1, 5.0)
 
 
 # ---------------------------------------------------------------------------
@@ -125,6 +139,14 @@ class JobError(MonsterQueueError):
     """The task reported an error, or raised; the message is the error text."""
 
 
+class MalformedJobError(MonsterQueueError):
+    """A stored job can't be decoded; the message says what is wrong with it."""
+
+
+class ServerUnavailableError(MonsterQueueError, ConnectionError):
+    """The queue's server can't be reached; the message names its address."""
+
+
 # ---------------------------------------------------------------------------
 # The contract: JobStatus, Task, Job, Queue
 # ---------------------------------------------------------------------------
@@ -135,18 +157,30 @@ JobResult = Any
 
 @dataclasses.dataclass(frozen=True)
 class JobStatus:
-    """Where a job is in its life, with timezone-aware UTC times."""
+    """Where a job is in its life, with timezone-aware UTC times.
+
+    ``attempt`` counts runs made by retries (1 until the first retry);
+    ``scheduled`` is when a delayed or retried job becomes due.
+    """
 
     state: str
     enqueued: datetime | None
     started: datetime | None = None
     done: datetime | None = None
+    attempt: int = 1
+    scheduled: datetime | None = None
 
 
 class Task(abc.ABC):
-    """A unit of work, registered on a Queue under its ``name``."""
+    """A unit of work, registered on a Queue under its ``name``.
+
+    A task that raises or reports an error runs again up to ``max_retries``
+    times, ``retry_delay`` seconds after its first failure, doubling each time.
+    """
 
     name: str
+    max_retries: int = 0
+    retry_delay: float = 1.0
 
     @abc.abstractmethod
     def run(self, job: Job) -> None:
@@ -156,9 +190,12 @@ class Task(abc.ABC):
 class FunctionTask(Task):
     """A task made by @queue.task from a function of the job's params."""
 
-    def __init__(self, name: str, function: Callable[..., Any]) -> None:
+    def __init__(self, name: str, function: Callable[..., Any], max_retries: int = 0,
+                 retry_delay: float = 1.0) -> None:
         self.name = name
         self.function = function
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
 
     def run(self, job: Job) -> None:
         job.success(self.function(**job.params))
@@ -194,12 +231,12 @@ class Job:
         try:
             encoded = _encode(result)
         except TypeError as exc:
-            return self._report(error=f"result is not JSON-compatible: {exc}")
-        return self._report(result=encoded)
+            return self._report(None, f"result is not JSON-compatible: {exc}")
+        return self._report(encoded, None)
 
     def error(self, err: BaseException | str) -> bool:
-        """Record ``err`` as the job's error; return True if a waiter received it."""
-        return self._report(error=err if isinstance(err, str) else _describe(err))
+        """Record ``err`` as the job's error (or retry); return True if a waiter received it."""
+        return self._report(None, err if isinstance(err, str) else _describe(err))
 
     def result(self) -> JobResult:
         """Return the result; raise NoJobResultError, NoJobResultSetError or JobError."""
@@ -211,42 +248,53 @@ class Job:
             raise JobError(self._error)
         return self._result
 
-    def _report(self, result: str | None = None, error: str | None = None) -> bool:
+    def _report(self, result: str | None, error: str | None) -> bool:
+        if self._reported:
+            return False
         self._reported = True
-        received = self._queue._finish(self, result=result, error=error)
-        if received is None:
-            logger.warning("job %s was not recorded: its worker no longer holds it", self._id)
-        return bool(received)
+        return self._queue._report(self, result, error)
 
     def __repr__(self) -> str:
         return f"<Job {self._id} {self._task_name} {self._status.state}>"
 
 
-class Queue(abc.ABC):
+class Queue:
     """A job queue; ``Queue(url)`` builds the backend the URL names.
 
     Everything that is the same on every backend lives here: the task
-    registry, validation and encoding, the enqueue stack, the worker threads
-    and the shape of waiting. A backend supplies the storage primitives at
-    the end of this class, each atomic on its server.
+    registry, validation and encoding, the enqueue stack, retries, the worker
+    threads, leases' heartbeat, riding out server outages and the shape of
+    waiting. A backend supplies the storage primitives at the end of this
+    class, each atomic on its server.
     """
+
+    _server_errors: tuple[type[BaseException], ...] = ()   # the driver's "can't reach it"
+    _address = "memory"                                      # where the server is, for messages
 
     def __new__(cls, url: str | None = None, **options: Any) -> Queue:
         if cls is Queue:
             cls = _backend_for(url)
         return super().__new__(cls)
 
-    def __init__(self, url: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+    def __init__(self, url: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY,
+                 lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+                 max_deliveries: int = DEFAULT_MAX_DELIVERIES, **options: Any) -> None:
+        # Each backend takes its own options and passes the rest on: what arrives here is unknown.
+        if options:
+            raise TypeError(f"{type(self).__name__} got unexpected options: {', '.join(options)}")
+        if concurrency < 1 or lease_timeout <= 0 or max_deliveries < 1:
+            raise ValueError("concurrency, lease_timeout and max_deliveries must be positive")
         self.concurrency = concurrency
+        self.lease_timeout = lease_timeout
+        self.max_deliveries = max_deliveries
         self._tasks: dict[str, Task] = {}
         self._loop_lock = threading.Lock()        # guards _stopping and _loop_done
         self._stopping: threading.Event | None = None
         self._loop_done = threading.Event()
         self._loop_done.set()
-        self._busy = 0                            # jobs running on worker threads
-        self._idle = threading.Condition()        # signalled when _busy drops
+        self._idle = threading.Condition()        # guards _held; signalled when a job ends
+        self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads
+        self._outage = _Outage(self)
 
     # -- tasks ---------------------------------------------------------------
 
@@ -256,43 +304,53 @@ class Queue(abc.ABC):
             raise ValueError(f"task {task.name!r} is already registered")
         self._tasks[task.name] = task
 
-    def task(self, name: str | Callable[..., Any] | None = None) -> Any:
+    def task(self, name: str | Callable[..., Any] | None = None, *, max_retries: int = 0,
+             retry_delay: float = 1.0) -> Any:
         """Register a function(**params) -> result as a task: ``@q.task()`` or ``@q.task("name")``.
 
-        Returning records the value as the result; raising records the error.
+        Returning records the value as the result; raising records the error,
+        or retries up to ``max_retries`` times with exponential backoff.
         """
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             self.register_task(FunctionTask(name if isinstance(name, str) else function.__name__,
-                                            function))
+                                            function, max_retries, retry_delay))
             return function
         return register(name) if callable(name) else register
 
     # -- producing -----------------------------------------------------------
 
-    def enqueue(self, task_name: str, params: JobParams | None = None) -> Job:
-        """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON."""
-        return self._enqueue(task_name, [params], waiter_timeout=None)[0]
+    def enqueue(self, task_name: str, params: JobParams | None = None, *,
+                delay: float | None = None, eta: datetime | None = None) -> Job:
+        """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON.
 
-    def enqueue_many(self, task_name: str, params_list: Iterable[JobParams | None]) -> list[Job]:
+        With ``delay`` (seconds) or ``eta`` (an aware datetime) it starts no sooner.
+        """
+        return self._enqueue(task_name, [params], None, _delay(delay, eta))[0]
+
+    def enqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
+                     delay: float | None = None, eta: datetime | None = None) -> list[Job]:
         """Store one job per params in a few round trips; TypeError stores none of them."""
-        return self._enqueue(task_name, list(params_list), waiter_timeout=None)
+        return self._enqueue(task_name, list(params_list), None, _delay(delay, eta))
 
     def enqueue_wait(self, task_name: str, params: JobParams | None = None,
-                     timeout: float = DEFAULT_WAIT_TIMEOUT) -> Job:
+                     timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
+                     eta: datetime | None = None) -> Job:
         """Enqueue a job and return it done; QueueWaitTimeoutError after ``timeout`` seconds.
 
         On a timeout the job keeps its place and runs later; the exception
         carries it in ``job``. A worker reporting the outcome learns
         (success() returns True) whether this caller received it.
         """
-        job = self._enqueue(task_name, [params], waiter_timeout=timeout)[0]
-        done = self._await_outcome(job, max(timeout, 0.0))
+        timeout = max(timeout, 0.0)
+        job = self._enqueue(task_name, [params], timeout, _delay(delay, eta))[0]
+        with self._server():
+            done = self._await_outcome(job, timeout)
         if done is None:
             raise QueueWaitTimeoutError(job=job)
         return done
 
     def _enqueue(self, task_name: str, params_list: list[JobParams | None],
-                 waiter_timeout: float | None) -> list[Job]:
+                 waiter_timeout: float | None, delay: float) -> list[Job]:
         encoded = []
         for params in params_list:
             if params is None:
@@ -303,29 +361,41 @@ class Queue(abc.ABC):
         if not encoded:
             return []
         stack = _enqueue_stack()
-        stored = self._insert(task_name, encoded, stack, waiter_timeout)
-        return [Job(self, job_id, task_name, json.loads(params), JobStatus(JOB_STATE_ENQUEUED, enqueued),
-                    stack)
-                for (job_id, enqueued), params in zip(stored, encoded)]
+        with self._server():
+            stored = self._insert(task_name, encoded, stack, waiter_timeout, delay)
+        return [Job(self, job_id, task_name, json.loads(params),
+                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), stack)
+                for (job_id, enqueued, scheduled), params in zip(stored, encoded)]
 
     # -- reading and deleting ------------------------------------------------
 
     def retrieve_job(self, job_id: str) -> Job:
         """Return the stored job; NoSuchJobError for an unknown or malformed id."""
-        return self._decode(job_id, self._load(job_id))
+        with self._server():
+            return self._decode(job_id, self._load(job_id))
 
     def list_jobs(self) -> list[Job]:
-        """Return every stored job, oldest first."""
-        return [self._decode(job_id, fields) for job_id, fields in self._list()]
+        """Return every stored job, oldest first; jobs that can't be decoded are logged and left out."""
+        with self._server():
+            stored = self._list()
+        jobs = []
+        for job_id, fields in stored:
+            try:
+                jobs.append(self._decode(job_id, fields))
+            except MalformedJobError as exc:
+                logger.warning("%s", exc)
+        return jobs
 
     def delete_job(self, job_id: str) -> None:
         """Remove the job wherever it is; NoSuchJobError for an unknown id."""
-        if not self._delete(job_id):
-            raise NoSuchJobError()
+        with self._server():
+            if not self._delete(job_id):
+                raise NoSuchJobError()
 
     def reset_storage(self) -> None:
         """Erase every job of this queue; the queue stays usable."""
-        self._reset()
+        with self._server():
+            self._reset()
 
     def close(self) -> None:
         """Stop the worker loop if one runs and release the server connections."""
@@ -337,10 +407,24 @@ class Queue(abc.ABC):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _server(self) -> Iterator[None]:
+        """Turn the driver's connection errors into ServerUnavailableError."""
+        try:
+            yield
+        except self._server_errors as exc:
+            raise ServerUnavailableError(f"can't reach the queue's server at {self._address}: "
+                                         f"{_describe(exc)}") from exc
+
     # -- the worker ----------------------------------------------------------
 
     def process_loop(self) -> None:
-        """Claim and run jobs on ``concurrency`` threads until stop() is called."""
+        """Claim and run jobs on ``concurrency`` threads until stop() is called.
+
+        A heartbeat thread renews the leases of the running jobs and makes
+        jobs whose lease ran out (their worker died) claimable again. While
+        the server is away the loop backs off and goes on when it returns.
+        """
         with self._loop_lock:
             if self._stopping is not None:
                 raise RuntimeError("process_loop is already running on this queue")
@@ -348,6 +432,9 @@ class Queue(abc.ABC):
             self._loop_done.clear()
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="monsterqueue")
+        heartbeat = threading.Thread(target=self._beat, args=(worker, stopping),
+                                     name="monsterqueue-heartbeat", daemon=True)
+        heartbeat.start()
         turns = itertools.count()
         try:
             while not stopping.is_set():
@@ -359,12 +446,18 @@ class Queue(abc.ABC):
                 # Start at another task each time, so a backlog of one can't starve the others.
                 turn = next(turns) % len(names)
                 names = names[turn:] + names[:turn]
-                for job_id, fields in self._claim(names, free, worker, IDLE_WAKE_INTERVAL):
-                    with self._idle:
-                        self._busy += 1
-                    pool.submit(self._run, job_id, fields)
+                try:
+                    with self._server():
+                        claimed = self._claim(names, free, worker, IDLE_WAKE_INTERVAL)
+                except ServerUnavailableError as exc:
+                    stopping.wait(self._outage.failed(exc))
+                    continue
+                self._outage.recovered()
+                for job_id, fields in claimed:
+                    self._start(pool, job_id, fields)
         finally:
             pool.shutdown(wait=True)
+            heartbeat.join()
             with self._loop_lock:
                 self._stopping = None
                 self._loop_done.set()
@@ -378,44 +471,91 @@ class Queue(abc.ABC):
         stopping.set()
         with self._idle:
             self._idle.notify_all()
-        self._interrupt_claim()
+        with contextlib.suppress(*self._server_errors):
+            self._interrupt_claim()
         self._loop_done.wait()
 
     def wait(self) -> None:
         """Wait until no job is running on this queue's worker threads."""
         with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0)
+            self._idle.wait_for(lambda: not self._held)
 
     def _wait_for_free_threads(self, stopping: threading.Event) -> int:
         with self._idle:
-            self._idle.wait_for(lambda: self._busy < self.concurrency or stopping.is_set())
-            return 0 if stopping.is_set() else self.concurrency - self._busy
+            self._idle.wait_for(lambda: len(self._held) < self.concurrency or stopping.is_set())
+            return 0 if stopping.is_set() else self.concurrency - len(self._held)
 
-    def _run(self, job_id: str, fields: dict[str, Any]) -> None:
+    def _start(self, pool: ThreadPoolExecutor, job_id: str, fields: dict[str, Any]) -> None:
         try:
             job = self._decode(job_id, fields)
-        except MonsterQueueError as exc:
-            logger.error("job %s can't be decoded: %s", job_id, exc)
-            self._finish(Job(self, job_id, "", {}, JobStatus(JOB_STATE_RUNNING, None), "",
-                             delivery=_delivery_of(fields)), result=None, error=str(exc))
-            self._release_thread()
+        except MalformedJobError as exc:
+            logger.error("%s", exc)
+            job = Job(self, job_id, "", {}, JobStatus(JOB_STATE_RUNNING, None), "",
+                      delivery=_int(fields.get("delivery")))
+            job._report(None, str(exc))
             return
+        with self._idle:
+            self._held[job_id] = job
+        pool.submit(self._run, job)
+
+    def _run(self, job: Job) -> None:
         try:
             self._tasks[job.task_name].run(job)
         except BaseException as exc:  # a task must never take its worker down
             logger.exception("task %s failed on job %s", job.task_name, job.id)
-            if not job._reported:
-                job.error(exc)
+            job.error(exc)
         else:
-            if not job._reported:
-                job.error(NoJobResultSetError().args[0])
+            job.error(NoJobResultSetError().args[0])  # a no-op if the task reported
         finally:
-            self._release_thread()
+            with self._idle:
+                del self._held[job.id]
+                self._idle.notify_all()
 
-    def _release_thread(self) -> None:
-        with self._idle:
-            self._busy -= 1
-            self._idle.notify_all()
+    def _report(self, job: Job, result: str | None, error: str | None) -> bool:
+        """Record a job's outcome, or schedule its retry; True if a waiter received it.
+
+        While the server is away the report is retried until the job's lease
+        would have run out; after that the job is redelivered instead.
+        """
+        task = self._tasks.get(job.task_name)
+        attempt = job.status.attempt
+        retry_in = None
+        if task is not None and task.max_retries and error is not None:
+            if attempt <= task.max_retries:
+                retry_in = task.retry_delay * 2 ** (attempt - 1)
+                logger.warning("job %s failed on attempt %d, retrying in %.3gs: %s",
+                               job.id, attempt, retry_in, error)
+            else:
+                error = f"{error} (after {attempt} attempts)"
+        deadline = time.monotonic() + self.lease_timeout
+        while True:
+            try:
+                with self._server():
+                    if retry_in is None:
+                        received = self._finish(job, result, error)
+                    else:
+                        received = False if self._retry(job, retry_in) else None
+                break
+            except ServerUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    logger.error("job %s: outcome not recorded, it will be redelivered: %s", job.id, exc)
+                    return False
+                time.sleep(self._outage.failed(exc))
+        self._outage.recovered()
+        if received is None:
+            logger.warning("job %s: outcome not recorded, its lease was lost to another delivery", job.id)
+        return bool(received)
+
+    def _beat(self, worker: str, stopping: threading.Event) -> None:
+        """Renew this worker's leases and requeue expired ones, every third of a lease."""
+        while not stopping.wait(self.lease_timeout / 3):
+            with self._idle:
+                held = list(self._held.values())
+            try:
+                with self._server():
+                    self._heartbeat(worker, held)
+            except ServerUnavailableError as exc:
+                self._outage.failed(exc)
 
     # -- decoding stored jobs ------------------------------------------------
 
@@ -423,8 +563,9 @@ class Queue(abc.ABC):
         """Build a Job from a stored record; MalformedJobError says what is wrong with it.
 
         Every backend stores the same fields: task, params (JSON text), state,
-        enqueued/started/done (milliseconds since the epoch), result (JSON
-        text) or error (text), stack, and delivery (claims so far).
+        enqueued/started/done/due (milliseconds since the epoch), result (JSON
+        text) or error (text), stack, attempt (runs by retries) and delivery
+        (claims so far).
         """
         try:
             state = fields["state"]
@@ -436,77 +577,87 @@ class Queue(abc.ABC):
             result = fields.get("result")
             return Job(self, job_id, str(fields["task"]), params,
                        JobStatus(state, _time(fields.get("enqueued")), _time(fields.get("started")),
-                                 _time(fields.get("done"))),
-                       str(fields.get("stack", "")), delivery=_delivery_of(fields),
+                                 _time(fields.get("done")), int(fields.get("attempt", 1)),
+                                 _time(fields.get("due"))),
+                       str(fields.get("stack", "")), delivery=_int(fields.get("delivery")),
                        result=None if result is None else json.loads(result),
                        error=fields.get("error"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedJobError(f"job {job_id} is malformed: {_describe(exc)}") from None
+            raise MalformedJobError(f"job {job_id} can't be decoded: {_describe(exc)}") from None
 
     # -- storage primitives, supplied by each backend ------------------------
 
-    @abc.abstractmethod
-    def _insert(self, task_name: str, params: list[str], stack: str,
-                waiter_timeout: float | None) -> list[tuple[str, datetime]]:
-        """Store enqueued jobs, one per JSON params text, all or none; return (id, enqueued) each.
+    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
+                delay: float) -> list[tuple[str, datetime, datetime | None]]:
+        """Store jobs, one per JSON params text, all or none; return (id, enqueued, scheduled) each.
 
         ``waiter_timeout`` is set for enqueue_wait: mark the job as awaited.
+        A ``delay`` above zero keeps the jobs from being claimed until then.
         """
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
-        """Atomically take up to ``limit`` enqueued jobs of these tasks, oldest first per task.
+        """Atomically take up to ``limit`` due enqueued jobs of these tasks, oldest first per task.
 
-        Each taken job is running, with ``started``, ``worker`` and a new
-        ``delivery`` recorded in the same step. With nothing to take, wait up
-        to ``block`` seconds for new work. Return (id, stored fields) pairs.
+        Each taken job is running, with ``started``, ``worker``, a lease and a
+        new ``delivery`` recorded in the same step. With nothing to take, wait
+        up to ``block`` seconds for new work. Return (id, stored fields) pairs.
         """
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def _finish(self, job: Job, *, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         """Record the outcome if ``job`` still holds its delivery, and hand it to the waiter.
 
         Atomically: state done, done time, result or error, no longer held.
         Return True if an enqueue_wait caller was waiting (it gets the job),
         False if none was, None if the job is gone or held by another delivery.
         """
+        raise NotImplementedError
 
-    @abc.abstractmethod
+    def _retry(self, job: Job, delay: float) -> bool | None:
+        """Put a held job back, due in ``delay`` seconds, with its attempt counted; None if not held."""
+        raise NotImplementedError
+
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         """Wait up to ``timeout`` for the job's outcome and return the job done.
 
         On a timeout withdraw the waiter atomically, so that exactly one of
         this call and _finish wins: return None only if no outcome was handed.
         """
+        raise NotImplementedError
 
-    @abc.abstractmethod
+    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+        """Renew the leases of the jobs ``worker`` holds; requeue jobs whose lease ran out.
+
+        A requeued job that has been delivered max_deliveries times is done
+        with an error instead: it kills its workers, and must not loop forever.
+        """
+        raise NotImplementedError
+
     def _interrupt_claim(self) -> None:
         """Wake this queue's worker if it is blocked in _claim, so stop() returns at once."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _load(self, job_id: str) -> dict[str, Any]:
         """Return the stored fields of one job; raise NoSuchJobError."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _list(self) -> list[tuple[str, dict[str, Any]]]:
         """Return (id, stored fields) of every job, oldest first."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _delete(self, job_id: str) -> bool:
         """Remove the job and every reference to it; return False if there was none."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _reset(self) -> None:
         """Remove every job and every structure of this queue."""
-
-
-class MalformedJobError(MonsterQueueError):
-    """A stored job can't be decoded; the message says what is wrong with it."""
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------
-# Shared machinery: encoding, times, the enqueue stack, backend dispatch
+# Shared machinery: encoding, times, the enqueue stack, outages, dispatch
 # ---------------------------------------------------------------------------
 
 _json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -527,6 +678,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -538,11 +696,15 @@ def _time(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, timezone.utc)
 
 
-def _delivery_of(fields: dict[str, Any]) -> int:
-    try:
-        return int(fields.get("delivery") or 0)
-    except (TypeError, ValueError):
-        return 0
+def _delay(delay: float | None, eta: datetime | None) -> float:
+    """Seconds from now until a job may start, from enqueue's ``delay`` or ``eta``."""
+    if eta is not None:
+        if delay is not None:
+            raise ValueError("pass delay or eta, not both")
+        if eta.tzinfo is None:
+            raise ValueError("eta must be a timezone-aware datetime")
+        return max((eta - datetime.now(timezone.utc)).total_seconds(), 0.0)
+    return max(delay or 0.0, 0.0)
 
 
 _THIS_FILE = os.path.normcase(__file__)
@@ -570,6 +732,36 @@ def _enqueue_stack() -> str:
     return "".join(reversed(lines))
 
 
+class _Outage:
+    """Paces a worker while its server is away: logs once when it goes, once when it's back."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._pause = OUTAGE_PAUSES[0]
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failed call; return how long to wait before the next one."""
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+                logger.warning("%s; retrying until it answers", exc)
+            else:
+                self._pause = min(self._pause * 2, OUTAGE_PAUSES[1])
+            return self._pause
+
+    def recovered(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            if self._since is not None:
+                logger.warning("the queue's server at %s answers again after %.1fs",
+                               self._queue._address, time.monotonic() - self._since)
+            self._since = None
+            self._pause = OUTAGE_PAUSES[0]
+
+
 def _backend_for(url: str | None) -> type[Queue]:
     scheme = urlsplit(url or "").scheme
     backends: dict[str, type[Queue]] = {
@@ -585,7 +777,7 @@ def _backend_for(url: str | None) -> type[Queue]:
 def _require(module: str, extra: str) -> Any:
     """Import a backend's driver, or say how to install it."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(f"this backend needs the {module!r} package: "
                           f"pip install monsterqueue[{extra}]") from exc
@@ -596,39 +788,57 @@ def _require(module: str, extra: str) -> Any:
 # ---------------------------------------------------------------------------
 
 class MemoryQueue(Queue):
-    """A queue held in this process's memory, shared by its threads; nothing persists."""
+    """A queue held in this process's memory, shared by its threads; nothing persists.
+
+    Its workers live and die with the process, so it needs no leases.
+    """
 
     def __init__(self, url: str | None = None, **options: Any) -> None:
         super().__init__(**options)
         self._changed = threading.Condition()          # guards everything below
         self._jobs: dict[str, dict[str, Any]] = {}     # id -> stored fields, insertion ordered
         self._ready: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
+        self._scheduled: list[tuple[int, str]] = []    # heap of (due ms, id)
         self._ids = itertools.count(1)
         self._interrupted = False
 
-    def _insert(self, task_name: str, params: list[str], stack: str,
-                waiter_timeout: float | None) -> list[tuple[str, datetime]]:
+    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
+                delay: float) -> list[tuple[str, datetime, datetime | None]]:
         now = _now_ms()
+        due = now + int(delay * 1000) if delay else None
         with self._changed:
             ids = [str(next(self._ids)) for _ in params]
             for job_id, text in zip(ids, params):
                 self._jobs[job_id] = {"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED,
-                                      "enqueued": now, "stack": stack, "delivery": 0,
-                                      "waiter": waiter_timeout is not None}
-                self._ready[task_name].append(job_id)
+                                      "enqueued": now, "stack": stack, "delivery": 0, "attempt": 1,
+                                      "waiter": waiter_timeout is not None, "due": due}
+                self._make_ready(job_id, due)
             self._changed.notify_all()
         enqueued = _time(now)
         assert enqueued is not None
-        return [(job_id, enqueued) for job_id in ids]
+        return [(job_id, enqueued, _time(due)) for job_id in ids]
+
+    def _make_ready(self, job_id: str, due: int | None) -> None:
+        if due is None:
+            self._ready[self._jobs[job_id]["task"]].append(job_id)
+        else:
+            heapq.heappush(self._scheduled, (due, job_id))
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         with self._changed:
-            if not any(self._ready.get(name) for name in task_names) and not self._interrupted:
-                self._changed.wait(block)
+            if not self._interrupted and not any(self._ready.get(name) for name in task_names):
+                wait = block
+                if self._scheduled:
+                    wait = min(wait, max(self._scheduled[0][0] - _now_ms(), 0) / 1000)
+                self._changed.wait(wait)
             self._interrupted = False
-            claimed: list[tuple[str, dict[str, Any]]] = []
             now = _now_ms()
+            while self._scheduled and self._scheduled[0][0] <= now:
+                job_id = heapq.heappop(self._scheduled)[1]
+                if job_id in self._jobs:
+                    self._ready[self._jobs[job_id]["task"]].append(job_id)
+            claimed: list[tuple[str, dict[str, Any]]] = []
             for name in task_names:
                 ready = self._ready.get(name)
                 while ready and len(claimed) < limit:
@@ -639,27 +849,48 @@ class MemoryQueue(Queue):
                     claimed.append((job_id, dict(fields)))
             return claimed
 
-    def _finish(self, job: Job, *, result: str | None, error: str | None) -> bool | None:
+    def _held_fields(self, job: Job) -> dict[str, Any] | None:
+        fields = self._jobs.get(job.id)
+        if fields is None or fields["state"] != JOB_STATE_RUNNING or fields["delivery"] != job._delivery:
+            return None
+        return fields
+
+    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         with self._changed:
-            fields = self._jobs.get(job.id)
-            if fields is None or fields["state"] != JOB_STATE_RUNNING or fields["delivery"] != job._delivery:
+            fields = self._held_fields(job)
+            if fields is None:
                 return None
-            fields.update(state=JOB_STATE_DONE, done=_now_ms(), result=result, error=error)
-            fields.pop("worker", None)
+            fields.update(state=JOB_STATE_DONE, done=_now_ms(), result=result, error=error,
+                          worker=None)
             received = fields["waiter"]
             fields["waiter"] = False
             self._changed.notify_all()
             return received
 
+    def _retry(self, job: Job, delay: float) -> bool | None:
+        with self._changed:
+            fields = self._held_fields(job)
+            if fields is None:
+                return None
+            due = _now_ms() + int(delay * 1000)
+            fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
+                          attempt=fields["attempt"] + 1)
+            self._make_ready(job.id, due)
+            self._changed.notify_all()
+            return True
+
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         with self._changed:
             fields = self._jobs.get(job.id)
-            self._changed.wait_for(lambda: fields is None or fields["state"] == JOB_STATE_DONE, timeout)
+            self._changed.wait_for(lambda: fields is None or not fields["waiter"], timeout)
             if fields is None or fields["waiter"]:
                 if fields is not None:
                     fields["waiter"] = False
                 return None
             return self._decode(job.id, dict(fields))
+
+    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+        """Nothing to renew: a memory queue's jobs can't outlive their worker."""
 
     def _interrupt_claim(self) -> None:
         with self._changed:
@@ -681,7 +912,7 @@ class MemoryQueue(Queue):
             fields = self._jobs.pop(job_id, None)
             if fields is None:
                 return False
-            if fields["state"] == JOB_STATE_ENQUEUED:
+            with contextlib.suppress(ValueError):  # it may be scheduled, running or done
                 self._ready[fields["task"]].remove(job_id)
             self._changed.notify_all()
             return True
@@ -690,6 +921,7 @@ class MemoryQueue(Queue):
         with self._changed:
             self._jobs.clear()
             self._ready.clear()
+            self._scheduled.clear()
             self._changed.notify_all()
 
 
@@ -697,121 +929,210 @@ class MemoryQueue(Queue):
 # RedisQueue
 # ---------------------------------------------------------------------------
 #
-# Keys, all under one Redis Cluster hash tag so that every script touches one slot:
+# Keys, all under one Redis Cluster hash tag so that every script touches one
+# slot. The scripts take the prefix and build the keys of a job from its id.
 #
 #   {prefix}:seq            counter that numbers the jobs
 #   {prefix}:jobs           sorted set of every job id, scored by that number
-#   {prefix}:job:ID         hash of the job's fields (see Queue._decode)
-#   {prefix}:queue:TASK     list of enqueued ids of one task, FIFO
-#   {prefix}:ready:TASK     sorted set with one member while that list is non-empty:
-#                           idle workers block on it with BZPOPMIN
+#   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
+#                           waiter (the waiting caller's deadline) and worker
+#   {prefix}:queue:TASK     list of the ids of one task ready to run, FIFO
+#   {prefix}:ready:TASK     sorted set with one member while that list may be
+#                           non-empty: idle workers block on it with BZPOPMIN
+#   {prefix}:scheduled      sorted set of delayed and retried ids, scored by due time
 #   {prefix}:running        sorted set of claimed ids, scored by lease deadline
 #   {prefix}:outcome:ID     list where an enqueue_wait caller BLPOPs the outcome
 #   {prefix}:wake:WORKER    sorted set that stop() writes to wake its own worker
 #
-# Round trips per job: enqueue 1 (one script; enqueue_many is one per 1000
-# jobs); claim 1 script per batch of up to the free threads, plus one BZPOPMIN
-# when the queue is empty; finish 1 script, which also pushes the outcome to a
-# waiter; enqueue_wait 1 BLPOP that receives the whole job, plus 1 script only
-# when it times out.
+# Round trips per job: enqueue 1 (one script; enqueue_many one per 1000 jobs);
+# claim 1 script per batch of up to the free threads, plus one BZPOPMIN when
+# the queue is empty; finish 1 script, which also pushes the outcome to a
+# waiter; enqueue_wait 1 BLPOP that receives the whole job, plus 1 script
+# only when it times out. The heartbeat is one script per worker per third
+# of a lease, whatever the number of jobs it holds.
 
-# Numbers the jobs, stores them and marks their tasks ready, atomically, so a
-# job is never visible half-written. KEYS: seq, jobs, queue:TASK, ready:TASK.
-# ARGV: job key prefix, task, stack, waiter timeout in ms ('' for none), params...
-_REDIS_ENQUEUE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local n = #ARGV - 4
-local last = redis.call('INCRBY', KEYS[1], n)
-local result = {now}
-for i = 1, n do
-  local id = tostring(last - n + i)
-  redis.call('HSET', ARGV[1] .. id, 'task', ARGV[2], 'params', ARGV[4 + i], 'state', 'enqueued',
-             'enqueued', now, 'stack', ARGV[3], 'delivery', 0)
-  if ARGV[4] ~= '' then
-    redis.call('HSET', ARGV[1] .. id, 'waiter', now + tonumber(ARGV[4]))
-  end
-  redis.call('ZADD', KEYS[2], last - n + i, id)
-  redis.call('RPUSH', KEYS[3], id)
-  result[i + 1] = id
+# Shared by the scripts below: server time in ms, a type check that keeps a
+# garbage key from failing a whole script, and how a job becomes done.
+_REDIS_LIB = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
 end
-redis.call('ZADD', KEYS[4], 0, 1)
-return result
+
+local function is_job(key)
+  return redis.call('TYPE', key).ok == 'hash'
+end
+
+-- Records the outcome and hands the whole job to a waiting caller, if any:
+-- the waiter flag flips once, here or in the withdraw script, never both.
+local function finish_job(prefix, id, field, value, now)
+  local key = prefix .. 'job:' .. id
+  redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
+  redis.call('HDEL', key, 'worker')
+  redis.call('ZREM', prefix .. 'running', id)
+  local deadline = tonumber(redis.call('HGET', key, 'waiter'))
+  if not deadline or deadline == 0 then return 0 end
+  redis.call('HSET', key, 'waiter', 0)
+  local outcome = prefix .. 'outcome:' .. id
+  redis.call('RPUSH', outcome, cjson.encode(redis.call('HGETALL', key)))
+  -- The waiter pops it at once; the expiry only bounds a waiter that died.
+  redis.call('PEXPIRE', outcome, math.max(deadline - now, 0) + 60000)
+  return 1
+end
+
+local function make_ready(prefix, id, task)
+  redis.call('RPUSH', prefix .. 'queue:' .. task, id)
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+end
 """
 
-# Pops ids and records the claim in one step, so no crash can lose a popped
-# job: it is in the running set, with its lease deadline, or still queued.
-# KEYS: running, then queue:TASK and ready:TASK for each task.
-# ARGV: job key prefix, limit, worker, lease in ms.
-_REDIS_CLAIM = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local limit = tonumber(ARGV[2])
+# Numbers the jobs and stores them in one step, so no job is ever half-written.
+# KEYS: seq. ARGV: prefix, task, stack, waiter timeout ms ('' for none), delay ms, params...
+_REDIS_ENQUEUE = _REDIS_LIB + """
+local prefix, task = ARGV[1], ARGV[2]
+local now = now_ms()
+local delay = tonumber(ARGV[5])
+local n = #ARGV - 5
+local last = redis.call('INCRBY', KEYS[1], n)
+for i = 1, n do
+  local id = tostring(last - n + i)
+  local key = prefix .. 'job:' .. id
+  redis.call('HSET', key, 'task', task, 'params', ARGV[5 + i], 'state', 'enqueued',
+             'enqueued', now, 'stack', ARGV[3], 'delivery', 0, 'attempt', 1)
+  if ARGV[4] ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(ARGV[4])) end
+  redis.call('ZADD', prefix .. 'jobs', last - n + i, id)
+  if delay > 0 then
+    redis.call('HSET', key, 'due', now + delay)
+    redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
+  else
+    redis.call('RPUSH', prefix .. 'queue:' .. task, id)
+  end
+end
+-- Also for delayed jobs: it wakes a worker to learn when the first is due.
+redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+return {now, last - n + 1, delay > 0 and now + delay or false}
+"""
+
+# Moves due jobs to their queues, then pops ids and records the claim in the
+# same step, so no crash can lose a popped job: it is in the running set with
+# a lease deadline, or still queued. Returns the claimed jobs and how long
+# until the next scheduled job is due (-1 for none).
+# KEYS: running. ARGV: prefix, limit, worker, lease ms, task names...
+_REDIS_CLAIM = _REDIS_LIB + """
+local prefix, limit = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', prefix .. 'scheduled', id)
+  local key = prefix .. 'job:' .. id
+  if is_job(key) then make_ready(prefix, id, redis.call('HGET', key, 'task') or '') end
+end
 local claimed = {}
-for i = 2, #KEYS, 2 do
+for i = 5, #ARGV do
+  local queue = prefix .. 'queue:' .. ARGV[i]
   while #claimed < limit do
-    local id = redis.call('LPOP', KEYS[i])
+    local id = redis.call('LPOP', queue)
     if not id then break end
-    local key = ARGV[1] .. id
-    if redis.call('EXISTS', key) == 1 then
-      redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3])
-      redis.call('HINCRBY', key, 'delivery', 1)
+    local key = prefix .. 'job:' .. id
+    local kind = redis.call('TYPE', key).ok
+    if kind ~= 'none' and kind ~= 'hash' then
+      -- Garbage where a job should be: keep it as a job that failed, saying so.
+      redis.call('DEL', key)
+      redis.call('HSET', key, 'task', ARGV[i], 'params', '{}', 'state', 'done', 'enqueued', now,
+                 'done', now, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash')
+    elseif kind == 'hash' then
+      local delivery = (tonumber(redis.call('HGET', key, 'delivery')) or 0) + 1
+      redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
       claimed[#claimed + 1] = {id, redis.call('HGETALL', key)}
     end
   end
-  if redis.call('LLEN', KEYS[i]) > 0 then
-    redis.call('ZADD', KEYS[i + 1], 0, 1)
+  if redis.call('LLEN', queue) > 0 then
+    redis.call('ZADD', prefix .. 'ready:' .. ARGV[i], 0, 1)
   else
-    redis.call('DEL', KEYS[i + 1])
+    redis.call('DEL', prefix .. 'ready:' .. ARGV[i])
   end
 end
-return claimed
+local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
+return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1}
 """
 
-# Records the outcome only for the delivery that holds the job, and hands the
-# whole job to a waiting caller in the same step: the waiter flag flips once,
-# here or in _REDIS_WITHDRAW, never both. KEYS: job:ID, running, outcome:ID.
-# ARGV: id, delivery, 'result' or 'error', its text.
-_REDIS_FINISH = """
-local held = redis.call('HMGET', KEYS[1], 'state', 'delivery', 'waiter')
-if held[1] ~= 'running' or held[2] ~= ARGV[2] then return -1 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('HSET', KEYS[1], 'state', 'done', 'done', now, ARGV[3], ARGV[4])
-redis.call('HDEL', KEYS[1], 'worker')
-redis.call('ZREM', KEYS[2], ARGV[1])
-local deadline = tonumber(held[3])
-if not deadline or deadline == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'waiter', 0)
-redis.call('RPUSH', KEYS[3], cjson.encode(redis.call('HGETALL', KEYS[1])))
--- The waiter pops it at once; the expiry only bounds a waiter that died.
-redis.call('PEXPIRE', KEYS[3], math.max(deadline - now, 0) + 60000)
+# The guard of finish and retry: only the delivery that holds the job may end it.
+_REDIS_HELD = """
+local prefix, id = ARGV[1], ARGV[2]
+local held = redis.call('HMGET', KEYS[1], 'state', 'delivery')
+if held[1] ~= 'running' or held[2] ~= ARGV[3] then return -1 end
+"""
+
+# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text.
+_REDIS_FINISH = _REDIS_LIB + _REDIS_HELD + """
+return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms())
+"""
+
+# KEYS: job:ID. ARGV: prefix, id, delivery, delay ms.
+_REDIS_RETRY = _REDIS_LIB + _REDIS_HELD + """
+local due = now_ms() + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
+redis.call('HDEL', KEYS[1], 'started', 'worker')
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('ZREM', prefix .. 'running', id)
+redis.call('ZADD', prefix .. 'scheduled', due, id)
 return 1
 """
 
 # Withdraws a waiter that timed out, unless the outcome was handed first: then
-# returns it. KEYS: job:ID, outcome:ID.
-_REDIS_WITHDRAW = """
-local waiter = tonumber(redis.call('HGET', KEYS[1], 'waiter'))
-if waiter and waiter ~= 0 then
+# returns it. KEYS: job:ID. ARGV: prefix, id.
+_REDIS_WITHDRAW = _REDIS_LIB + """
+local outcome = ARGV[1] .. 'outcome:' .. ARGV[2]
+if is_job(KEYS[1]) and (tonumber(redis.call('HGET', KEYS[1], 'waiter')) or 0) ~= 0 then
   redis.call('HSET', KEYS[1], 'waiter', 0)
   return false
 end
-local outcome = redis.call('LPOP', KEYS[2])
-redis.call('DEL', KEYS[2])
-return outcome
+local handed = redis.call('LPOP', outcome)
+redis.call('DEL', outcome)
+return handed
 """
 
-# Removes the job from every structure that names it. KEYS: job:ID, jobs,
-# running, outcome:ID. ARGV: id, queue key prefix.
-_REDIS_DELETE = """
-local task = redis.call('HGET', KEYS[1], 'task')
-if not task then return 0 end
-redis.call('DEL', KEYS[1], KEYS[4])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('LREM', ARGV[2] .. task, 1, ARGV[1])
+# Renews the leases this worker holds, then requeues jobs whose lease ran out,
+# or fails them once they were delivered max_deliveries times.
+# KEYS: running. ARGV: prefix, lease ms, max deliveries, then id and delivery of each held job.
+_REDIS_HEARTBEAT = _REDIS_LIB + """
+local prefix = ARGV[1]
+local now = now_ms()
+for i = 4, #ARGV, 2 do
+  local key = prefix .. 'job:' .. ARGV[i]
+  if is_job(key) and redis.call('HGET', key, 'delivery') == ARGV[i + 1] then
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[i])
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = prefix .. 'job:' .. id
+  if is_job(key) and redis.call('HGET', key, 'state') == 'running' then
+    local delivery = tonumber(redis.call('HGET', key, 'delivery')) or 0
+    if delivery >= tonumber(ARGV[3]) then
+      finish_job(prefix, id, 'error', 'delivered ' .. delivery .. ' times without finishing: ' ..
+                 'its worker died or lost its lease each time', now)
+    else
+      redis.call('HSET', key, 'state', 'enqueued')
+      redis.call('HDEL', key, 'started', 'worker')
+      -- Back to the front: it was the oldest when it was claimed.
+      redis.call('LPUSH', prefix .. 'queue:' .. (redis.call('HGET', key, 'task') or ''), id)
+      redis.call('ZADD', prefix .. 'ready:' .. (redis.call('HGET', key, 'task') or ''), 0, 1)
+    end
+  end
+end
+"""
+
+# Removes the job from every structure that names it. KEYS: job:ID. ARGV: prefix, id.
+_REDIS_DELETE = _REDIS_LIB + """
+local prefix, id = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local task = is_job(KEYS[1]) and redis.call('HGET', KEYS[1], 'task')
+redis.call('DEL', KEYS[1], prefix .. 'outcome:' .. id)
+redis.call('ZREM', prefix .. 'jobs', id)
+redis.call('ZREM', prefix .. 'running', id)
+redis.call('ZREM', prefix .. 'scheduled', id)
+if task then redis.call('LREM', prefix .. 'queue:' .. task, 1, id) end
 return 1
 """
 
@@ -820,66 +1141,83 @@ class RedisQueue(Queue):
     """A queue stored in Redis (or Valkey, or a Redis Cluster), for many workers."""
 
     def __init__(self, url: str | None = None, *, client: Any = None,
-                 key_prefix: str = "monsterqueue", lease_timeout: float = 30.0,
-                 **options: Any) -> None:
+                 key_prefix: str = "monsterqueue",
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **options: Any) -> None:
         super().__init__(**options)
+        redis = _require("redis", "redis")
         if client is None:
-            redis = _require("redis", "redis")
-            client = redis.Redis.from_url(url or "redis://localhost:6379/0", decode_responses=True)
+            # No automatic retries: a retried enqueue whose reply was lost would store it twice.
+            client = redis.Redis.from_url(url or "redis://localhost:6379/0", decode_responses=True,
+                                          socket_connect_timeout=connect_timeout,
+                                          retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.client = client
-        self.lease_timeout = lease_timeout
+        self._server_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._response_error = redis.ResponseError
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        self._address = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         self._prefix = "{" + key_prefix + "}:"
         self._worker = ""
         self._enqueue_script = client.register_script(_REDIS_ENQUEUE)
         self._claim_script = client.register_script(_REDIS_CLAIM)
         self._finish_script = client.register_script(_REDIS_FINISH)
+        self._retry_script = client.register_script(_REDIS_RETRY)
         self._withdraw_script = client.register_script(_REDIS_WITHDRAW)
+        self._heartbeat_script = client.register_script(_REDIS_HEARTBEAT)
         self._delete_script = client.register_script(_REDIS_DELETE)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
 
-    def _insert(self, task_name: str, params: list[str], stack: str,
-                waiter_timeout: float | None) -> list[tuple[str, datetime]]:
-        keys = [self._key("seq"), self._key("jobs"), self._key("queue", task_name),
-                self._key("ready", task_name)]
+    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
+                delay: float) -> list[tuple[str, datetime, datetime | None]]:
         waiter = "" if waiter_timeout is None else str(int(waiter_timeout * 1000))
         stored = []
         # Batches stay well below Lua's limits on arguments and stack.
         for start in range(0, len(params), 1000):
-            now, *ids = self._enqueue_script(
-                keys, [self._key("job", ""), task_name, stack, waiter, *params[start:start + 1000]])
-            enqueued = _time(now)
-            stored += [(_text(job_id), enqueued) for job_id in ids]
-        return stored  # type: ignore[return-value]
+            batch = params[start:start + 1000]
+            now, first, due = self._enqueue_script(
+                [self._key("seq")],
+                [self._prefix, task_name, stack, waiter, int(delay * 1000), *batch])
+            enqueued, scheduled = _time(now), _time(due)
+            assert enqueued is not None
+            stored += [(str(int(first) + i), enqueued, scheduled) for i in range(len(batch))]
+        return stored
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
-        keys = [self._key("running")]
-        for name in task_names:
-            keys += [self._key("queue", name), self._key("ready", name)]
-        args = [self._key("job", ""), limit, worker, int(self.lease_timeout * 1000)]
-        claimed = self._claim_script(keys, args)
+        args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), *task_names]
+        claimed, next_due = self._claim_script([self._key("running")], args)
         if not claimed:
-            wake = self._key("wake", worker)
-            self.client.bzpopmin([*keys[2::2], wake], block)
-            claimed = self._claim_script(keys, args)
+            if 0 <= int(next_due) < block * 1000:
+                block = max(int(next_due), 1) / 1000
+            self.client.bzpopmin([*(self._key("ready", name) for name in task_names),
+                                  self._key("wake", worker)], block)
+            claimed, _ = self._claim_script([self._key("running")], args)
         return [(_text(job_id), _pairs(fields)) for job_id, fields in claimed]
 
-    def _finish(self, job: Job, *, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         outcome = ("result", result) if error is None else ("error", error)
-        received = self._finish_script(
-            [self._key("job", job.id), self._key("running"), self._key("outcome", job.id)],
-            [job.id, job._delivery, *outcome])
+        received = self._finish_script([self._key("job", job.id)],
+                                       [self._prefix, job.id, job._delivery, *outcome])
         return None if received == -1 else received == 1
 
+    def _retry(self, job: Job, delay: float) -> bool | None:
+        done = self._retry_script([self._key("job", job.id)],
+                                  [self._prefix, job.id, job._delivery, int(delay * 1000)])
+        return None if done == -1 else True
+
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        outcome_key = self._key("outcome", job.id)
-        popped = self.client.blpop([outcome_key], timeout) if timeout >= 0.001 else None
-        payload = popped[1] if popped else self._withdraw_script(
-            [self._key("job", job.id), outcome_key])
+        popped = self.client.blpop([self._key("outcome", job.id)], timeout) if timeout >= 0.001 else None
+        payload = popped[1] if popped else self._withdraw_script([self._key("job", job.id)],
+                                                                 [self._prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
+
+    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+        self._heartbeat_script(
+            [self._key("running")],
+            [self._prefix, int(self.lease_timeout * 1000), self.max_deliveries,
+             *itertools.chain.from_iterable((job.id, job._delivery) for job in held)])
 
     def _interrupt_claim(self) -> None:
         if self._worker:
@@ -887,7 +1225,10 @@ class RedisQueue(Queue):
             self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
 
     def _load(self, job_id: str) -> dict[str, Any]:
-        fields = self.client.hgetall(self._key("job", job_id))
+        try:
+            fields = self.client.hgetall(self._key("job", job_id))
+        except self._response_error:
+            raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
         if not fields:
             raise NoSuchJobError()
         return _pairs(fields)
@@ -897,17 +1238,16 @@ class RedisQueue(Queue):
         pipe = self.client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self._key("job", job_id))
-        return [(job_id, _pairs(fields)) for job_id, fields in zip(ids, pipe.execute()) if fields]
+        return [(job_id, _pairs(fields))
+                for job_id, fields in zip(ids, pipe.execute(raise_on_error=False))
+                if fields and isinstance(fields, dict)]
 
     def _delete(self, job_id: str) -> bool:
-        return self._delete_script(
-            [self._key("job", job_id), self._key("jobs"), self._key("running"),
-             self._key("outcome", job_id)],
-            [job_id, self._key("queue", "")]) == 1
+        return self._delete_script([self._key("job", job_id)], [self._prefix, job_id]) == 1
 
     def _reset(self) -> None:
-        keys = list(self.client.scan_iter(match=self._prefix.replace("{", "\\{").replace("}", "\\}") + "*",
-                                          count=1000))
+        pattern = self._prefix.replace("{", "\\{").replace("}", "\\}") + "*"
+        keys = list(self.client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(keys), 1000):
             self.client.delete(*keys[start:start + 1000])
 
@@ -932,49 +1272,58 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 #
 # One collection, COLLECTION_PREFIX_jobs, one document per job: the fields of
-# Queue._decode, with BSON dates for the times, plus ``waiter`` (an
-# enqueue_wait caller is waiting) and ``worker`` (who holds it while running).
-# The index (state, task, _id) serves the claim: equality on state, $in on the
-# task names, oldest first.
+# Queue._decode with BSON dates for the times, plus ``waiter`` (an
+# enqueue_wait caller is waiting), ``worker`` and ``lease`` (who holds it
+# while running, and until when). The index (state, task, _id) serves the
+# claim: equality on state, $in on the task names, oldest first.
 #
 # Round trips per job: enqueue 1 (insert_many for enqueue_many); claim 1
 # find_one_and_update per job; finish 1 find_one_and_update, which also flips
 # the waiter flag; enqueue_wait polls with find_one, from 5 ms backing off to
 # ``poll_interval``, plus 1 update only when it times out. Idle workers poll
-# every ``poll_interval``: a standalone server has no way to push.
+# every ``poll_interval``: a standalone server has no way to push. The
+# heartbeat is one update_many per worker per third of a lease, plus one
+# find for expired leases.
 
 class MongoQueue(Queue):
     """A queue stored in a MongoDB collection, for many workers."""
 
     def __init__(self, url: str | None = None, *, database: str | None = None,
                  collection_prefix: str = "monsterqueue", client: Any = None,
-                 poll_interval: float = 0.1, lease_timeout: float = 30.0,
+                 poll_interval: float = 0.1, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  **options: Any) -> None:
         super().__init__(**options)
         pymongo = _require("pymongo", "mongo")
+        url = url or "mongodb://localhost:27017"
         if client is None:
-            client = pymongo.MongoClient(url or "mongodb://localhost:27017", tz_aware=True)
-        database = database or (url and pymongo.uri_parser.parse_uri(url)["database"])
+            client = pymongo.MongoClient(url, tz_aware=True,
+                                         serverSelectionTimeoutMS=int(connect_timeout * 1000),
+                                         connectTimeoutMS=int(connect_timeout * 1000))
+        parsed = pymongo.uri_parser.parse_uri(url)
+        database = database or parsed["database"]
         if not database:
             raise ValueError("MongoQueue needs a database: name it in the URL "
                              "(mongodb://host/dbname) or pass database=...")
         self.client = client
         self.poll_interval = poll_interval
-        self.lease_timeout = lease_timeout
-        self._bson = _require("bson", "mongo")
+        self._server_errors = (pymongo.errors.ConnectionFailure,)
+        self._address = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"])
+        self._object_id_class = _require("bson", "mongo").ObjectId
         self._after = pymongo.ReturnDocument.AFTER
         self._jobs = client[database][f"{collection_prefix}_jobs"]
-        self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
         self._wakeup = threading.Event()
+        with self._server():
+            self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
 
-    def _insert(self, task_name: str, params: list[str], stack: str,
-                waiter_timeout: float | None) -> list[tuple[str, datetime]]:
+    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
+                delay: float) -> list[tuple[str, datetime, datetime | None]]:
         now = _utc_now()
+        due = _utc_now(delay) if delay else now
         docs = [{"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
-                 "stack": stack, "delivery": 0, "waiter": waiter_timeout is not None}
-                for text in params]
+                 "due": due, "stack": stack, "delivery": 0, "attempt": 1,
+                 "waiter": waiter_timeout is not None} for text in params]
         ids = self._jobs.insert_many(docs).inserted_ids
-        return [(str(job_id), now) for job_id in ids]
+        return [(str(job_id), now, due if delay else None) for job_id in ids]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
@@ -986,11 +1335,12 @@ class MongoQueue(Queue):
 
     def _claim_now(self, task_names: list[str], limit: int,
                    worker: str) -> list[tuple[str, dict[str, Any]]]:
-        claimed = []
+        claimed: list[tuple[str, dict[str, Any]]] = []
         while len(claimed) < limit:
             doc = self._jobs.find_one_and_update(
-                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}},
-                {"$set": {"state": JOB_STATE_RUNNING, "started": _utc_now(), "worker": worker},
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$lte": _utc_now()}},
+                {"$set": {"state": JOB_STATE_RUNNING, "started": _utc_now(), "worker": worker,
+                          "lease": _utc_now(self.lease_timeout)},
                  "$inc": {"delivery": 1}},
                 sort=[("_id", 1)], return_document=self._after)
             if doc is None:
@@ -998,39 +1348,72 @@ class MongoQueue(Queue):
             claimed.append((str(doc["_id"]), _mongo_fields(doc)))
         return claimed
 
-    def _finish(self, job: Job, *, result: str | None, error: str | None) -> bool | None:
+    def _holding(self, job: Job) -> dict[str, Any]:
+        """The filter that matches the job only while this delivery of it holds it."""
+        return {"_id": self._object_id_class(job.id), "state": JOB_STATE_RUNNING,
+                "delivery": job._delivery}
+
+    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         before = self._jobs.find_one_and_update(
-            {"_id": self._bson.ObjectId(job.id), "state": JOB_STATE_RUNNING, "delivery": job._delivery},
+            self._holding(job),
             {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
                       "waiter": False},
-             "$unset": {"worker": ""}},
+             "$unset": {"worker": "", "lease": ""}},
             projection={"waiter": True})
         return None if before is None else bool(before.get("waiter"))
+
+    def _retry(self, job: Job, delay: float) -> bool | None:
+        retried = self._jobs.update_one(
+            self._holding(job),
+            {"$set": {"state": JOB_STATE_ENQUEUED, "due": _utc_now(delay)},
+             "$unset": {"started": "", "worker": "", "lease": ""}, "$inc": {"attempt": 1}})
+        return True if retried.modified_count else None
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
         pause = 0.005
         while True:
-            doc = self._jobs.find_one({"_id": self._bson.ObjectId(job.id)})
+            doc = self._jobs.find_one({"_id": self._object_id_class(job.id)})
             if doc is not None and doc["state"] == JOB_STATE_DONE and not doc.get("waiter"):
                 return self._decode(job.id, _mongo_fields(doc))
             if time.monotonic() + pause > deadline:
                 break
             time.sleep(pause)
             pause = min(pause * 2, self.poll_interval)
-        withdrawn = self._jobs.update_one({"_id": self._bson.ObjectId(job.id), "waiter": True},
+        withdrawn = self._jobs.update_one({"_id": self._object_id_class(job.id), "waiter": True},
                                           {"$set": {"waiter": False}})
         if withdrawn.modified_count or doc is None:
             return None
         return self._decode(job.id, self._load(job.id))
 
+    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+        now = _utc_now()
+        if held:
+            self._jobs.update_many(
+                {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
+                 "state": JOB_STATE_RUNNING, "worker": worker},
+                {"$set": {"lease": _utc_now(self.lease_timeout)}})
+        for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
+                                   projection={"delivery": True}):
+            expired = {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "delivery": doc["delivery"],
+                       "lease": {"$lt": now}}
+            if doc["delivery"] >= self.max_deliveries:
+                self._jobs.update_one(expired, {
+                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False,
+                             "error": f"delivered {doc['delivery']} times without finishing: "
+                                      "its worker died or lost its lease each time"},
+                    "$unset": {"worker": "", "lease": ""}})
+            else:
+                self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED},
+                                                "$unset": {"started": "", "worker": "", "lease": ""}})
+
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
 
     def _object_id(self, job_id: str) -> Any:
-        if not self._bson.ObjectId.is_valid(job_id):
+        if not self._object_id_class.is_valid(job_id):
             raise NoSuchJobError()
-        return self._bson.ObjectId(job_id)
+        return self._object_id_class(job_id)
 
     def _load(self, job_id: str) -> dict[str, Any]:
         doc = self._jobs.find_one({"_id": self._object_id(job_id)})
@@ -1056,13 +1439,128 @@ class MongoQueue(Queue):
         self.client.close()
 
 
-def _utc_now() -> datetime:
-    """Now in UTC, cut to the milliseconds that BSON dates keep."""
-    now = datetime.now(timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+def _utc_now(later: float = 0.0) -> datetime:
+    """Now (plus ``later`` seconds) in UTC, cut to the milliseconds that BSON dates keep."""
+    return datetime.fromtimestamp((_now_ms() + int(later * 1000)) / 1000, timezone.utc)
 
 
 def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
     """Turn a job document into Queue._decode's fields: BSON dates become milliseconds."""
-    return {key: round(value.timestamp() * 1000) if isinstance(value, datetime) else value
-            for key, value in doc.items() if value is not None}
+    fields = {key: round(value.timestamp() * 1000) if isinstance(value, datetime) else value
+              for key, value in doc.items() if value is not None}
+    if fields.get("due", 0) <= fields.get("enqueued", 0):
+        fields.pop("due", None)  # every document has a due time; only a later one is a schedule
+    return fields
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m monsterqueue [demo | worker]
+# ---------------------------------------------------------------------------
+
+def _demo(url: str, jobs: int, concurrency: int) -> None:
+    """Enqueue and process ``jobs`` jobs on ``url``, showing progress, then time one enqueue_wait."""
+    # Its own keys or collection, so that reset_storage can't touch the user's jobs.
+    backend = _backend_for(url)
+    own_storage: dict[str, Any] = {RedisQueue: {"key_prefix": "monsterqueue-demo"},
+                   MongoQueue: {"collection_prefix": "monsterqueue_demo"}}.get(backend, {})
+    with backend(url, concurrency=concurrency, **own_storage) as queue:
+        queue.reset_storage()
+
+        @queue.task()
+        def square(n: int) -> int:
+            return n * n
+
+        started = time.perf_counter()
+        enqueued = queue.enqueue_many("square", ({"n": n} for n in range(jobs)))
+        enqueue_seconds = time.perf_counter() - started
+        print(f"enqueued {jobs} jobs on {url} in {enqueue_seconds:.2f}s "
+              f"({jobs / enqueue_seconds:,.0f} jobs/s)")
+        worker = threading.Thread(target=queue.process_loop, daemon=True)
+        started = time.perf_counter()
+        worker.start()
+        last = enqueued[-1].id
+        while queue.retrieve_job(last).status.state != JOB_STATE_DONE or queue._held:
+            done = jobs - sum(job.status.state != JOB_STATE_DONE for job in queue.list_jobs()[-200:])
+            elapsed = time.perf_counter() - started
+            print(f"\rprocessing: {max(done, 0):>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        print(f"\rprocessed {jobs} jobs with {concurrency} threads in {elapsed:.2f}s "
+              f"({jobs / elapsed:,.0f} jobs/s)")
+        started = time.perf_counter()
+        result = queue.enqueue_wait("square", {"n": 12}, timeout=10).result()
+        print(f"enqueue_wait round trip: {(time.perf_counter() - started) * 1000:.2f} ms "
+              f"(square of 12 = {result})")
+        queue.stop()
+        queue.reset_storage()
+
+
+def _load_queue(spec: str) -> Queue:
+    """Import MODULE:ATTRIBUTE and return the Queue it names."""
+    module_name, _, attribute = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    queue: Any = importlib.import_module(module_name)
+    for name in (attribute or "queue").split("."):
+        queue = getattr(queue, name)
+    if not isinstance(queue, Queue):
+        raise SystemExit(f"{spec} is a {type(queue).__name__}, not a monsterqueue.Queue")
+    return queue
+
+
+def _work(queue: Queue, grace: float) -> int:
+    """Run queue.process_loop until SIGTERM or SIGINT; finish running jobs within ``grace`` seconds.
+
+    A second signal, or the grace period running out, exits at once: the
+    unfinished jobs keep their lease and are delivered again when it runs out.
+    """
+    signals = itertools.count(1)
+
+    def give_up() -> None:
+        logger.error("grace period over: exiting now; unfinished jobs will be redelivered")
+        os._exit(1)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if next(signals) > 1:
+            logger.warning("second signal: exiting now; unfinished jobs will be redelivered")
+            os._exit(1)
+        logger.warning("signal %d: finishing %d running jobs (grace %gs)", signum, len(queue._held), grace)
+        threading.Thread(target=queue.stop, daemon=True).start()
+        timer = threading.Timer(grace, give_up)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.warning("worker %d runs tasks %s with %d threads", os.getpid(),
+                   ", ".join(queue._tasks) or "(none)", queue.concurrency)
+    queue.process_loop()
+    queue.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a demo by default, or a worker."""
+    parser = argparse.ArgumentParser(prog="python -m monsterqueue", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="memory://", help="queue URL for the demo (default memory://)")
+    parser.add_argument("--jobs", type=int, default=5000, help="jobs the demo runs (default 5000)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help=f"worker threads (default {DEFAULT_CONCURRENCY})")
+    commands = parser.add_subparsers(dest="command")
+    worker = commands.add_parser("worker", help="run the tasks of a queue until SIGTERM or SIGINT")
+    worker.add_argument("queue", metavar="MODULE:QUEUE", help="e.g. myapp.tasks:queue")
+    worker.add_argument("--concurrency", type=int, help="worker threads (default: the queue's)")
+    worker.add_argument("--grace", type=float, default=60.0,
+                        help="seconds running jobs get to finish after a signal (default 60)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "worker":
+        queue = _load_queue(args.queue)
+        if args.concurrency:
+            queue.concurrency = args.concurrency
+        return _work(queue, args.grace)
+    _demo(args.url, args.jobs, args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

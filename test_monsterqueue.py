@@ -692,8 +692,8 @@ def test_exactly_one_side_wins_the_wait_race(queue: Queue) -> None:
 
     original_finish = queue._finish
 
-    def finish(job: Job, **outcome: Any) -> Any:
-        received = original_finish(job, **outcome)
+    def finish(job: Job, *outcome: Any) -> Any:
+        received = original_finish(job, *outcome)
         acked.append(received)
         return received
     queue._finish = finish  # type: ignore[method-assign]
