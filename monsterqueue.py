@@ -288,8 +288,9 @@ class Queue:
         self.lease_timeout = lease_timeout
         self.max_deliveries = max_deliveries
         self._tasks: dict[str, Task] = {}
-        self._loop_lock = threading.Lock()        # guards _stopping and _loop_done
+        self._loop_lock = threading.Lock()        # guards _stopping, _loop_thread and _loop_done
         self._stopping: threading.Event | None = None
+        self._loop_thread: int | None = None
         self._loop_done = threading.Event()
         self._loop_done.set()
         self._idle = threading.Condition()        # guards _held; signalled when a job ends
@@ -429,6 +430,7 @@ class Queue:
             if self._stopping is not None:
                 raise RuntimeError("process_loop is already running on this queue")
             stopping = self._stopping = threading.Event()
+            self._loop_thread = threading.get_ident()
             self._loop_done.clear()
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="monsterqueue")
@@ -463,9 +465,13 @@ class Queue:
                 self._loop_done.set()
 
     def stop(self) -> None:
-        """End process_loop and wait for its running jobs; safe to call at any time."""
+        """End process_loop and wait for its running jobs; safe to call at any time.
+
+        Called on the loop's own thread (from a signal handler), it returns at
+        once and process_loop returns when its running jobs are done.
+        """
         with self._loop_lock:
-            stopping = self._stopping
+            stopping, loop_thread = self._stopping, self._loop_thread
         if stopping is None:
             return
         stopping.set()
@@ -473,7 +479,8 @@ class Queue:
             self._idle.notify_all()
         with contextlib.suppress(*self._server_errors):
             self._interrupt_claim()
-        self._loop_done.wait()
+        if loop_thread != threading.get_ident():
+            self._loop_done.wait()
 
     def wait(self) -> None:
         """Wait until no job is running on this queue's worker threads."""
@@ -567,23 +574,24 @@ class Queue:
         text) or error (text), stack, attempt (runs by retries) and delivery
         (claims so far).
         """
-        try:
-            state = fields["state"]
-            if state not in (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE):
-                raise ValueError(f"unknown state {state!r}")
-            params = json.loads(fields["params"])
-            if not isinstance(params, dict):
-                raise ValueError("params are not a JSON object")
-            result = fields.get("result")
-            return Job(self, job_id, str(fields["task"]), params,
-                       JobStatus(state, _time(fields.get("enqueued")), _time(fields.get("started")),
-                                 _time(fields.get("done")), int(fields.get("attempt", 1)),
-                                 _time(fields.get("due"))),
-                       str(fields.get("stack", "")), delivery=_int(fields.get("delivery")),
-                       result=None if result is None else json.loads(result),
-                       error=fields.get("error"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedJobError(f"job {job_id} can't be decoded: {_describe(exc)}") from None
+        def field(name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
+            value = fields.get(name)
+            if value is None:
+                if name in ("task", "params", "state", "enqueued"):
+                    raise MalformedJobError(f"job {job_id} can't be decoded: its {name} is missing")
+                return default
+            try:
+                return convert(value)
+            except (TypeError, ValueError) as exc:
+                raise MalformedJobError(f"job {job_id} can't be decoded: its {name} "
+                                        f"{value!r:.60} is wrong: {_describe(exc)}") from None
+
+        result = field("result", json.loads)
+        return Job(self, job_id, field("task", str), field("params", _json_object),
+                   JobStatus(field("state", _state), field("enqueued", _time), field("started", _time),
+                             field("done", _time), field("attempt", int, 1), field("due", _time)),
+                   field("stack", str, ""), delivery=_int(fields.get("delivery")),
+                   result=result, error=field("error", str))
 
     # -- storage primitives, supplied by each backend ------------------------
 
@@ -683,6 +691,19 @@ def _int(value: Any) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise TypeError("not a JSON object")
+    return value
+
+
+def _state(state: str) -> str:
+    if state not in (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE):
+        raise ValueError("not a job state")
+    return state
 
 
 def _now_ms() -> int:
@@ -1274,8 +1295,9 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # One collection, COLLECTION_PREFIX_jobs, one document per job: the fields of
 # Queue._decode with BSON dates for the times, plus ``waiter`` (an
 # enqueue_wait caller is waiting), ``worker`` and ``lease`` (who holds it
-# while running, and until when). The index (state, task, _id) serves the
-# claim: equality on state, $in on the task names, oldest first.
+# while running, and until when). The index (state, task, _id), created by
+# the first claim, serves the claim: equality on state, $in on the task
+# names, oldest first.
 #
 # Round trips per job: enqueue 1 (insert_many for enqueue_many); claim 1
 # find_one_and_update per job; finish 1 find_one_and_update, which also flips
@@ -1312,8 +1334,16 @@ class MongoQueue(Queue):
         self._after = pymongo.ReturnDocument.AFTER
         self._jobs = client[database][f"{collection_prefix}_jobs"]
         self._wakeup = threading.Event()
-        with self._server():
-            self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
+        self._indexed = False
+
+    def _create_index(self) -> None:
+        """Create the claim's index, once, when the first claim needs it.
+
+        Not when the queue is built: a producer built while the server is
+        away should fail at its first enqueue, not at import time.
+        """
+        self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
+        self._indexed = True
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
                 delay: float) -> list[tuple[str, datetime, datetime | None]]:
@@ -1327,6 +1357,8 @@ class MongoQueue(Queue):
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
+        if not self._indexed:
+            self._create_index()
         claimed = self._claim_now(task_names, limit, worker)
         if not claimed and not self._wakeup.wait(min(block, self.poll_interval)):
             claimed = self._claim_now(task_names, limit, worker)
@@ -1524,7 +1556,7 @@ def _work(queue: Queue, grace: float) -> int:
             logger.warning("second signal: exiting now; unfinished jobs will be redelivered")
             os._exit(1)
         logger.warning("signal %d: finishing %d running jobs (grace %gs)", signum, len(queue._held), grace)
-        threading.Thread(target=queue.stop, daemon=True).start()
+        queue.stop()
         timer = threading.Timer(grace, give_up)
         timer.daemon = True
         timer.start()
@@ -1563,4 +1595,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The user's module imports monsterqueue: let it find this very module, not a second copy.
+    sys.modules.setdefault("monsterqueue", sys.modules[__name__])
     sys.exit(main())

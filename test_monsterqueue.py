@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from monsterqueue import (
     Job,
     JobError,
     JobStatus,
+    MalformedJobError,
     MemoryQueue,
     MongoQueue,
     MonsterQueueError,
@@ -43,6 +45,7 @@ from monsterqueue import (
     Queue,
     QueueWaitTimeoutError,
     RedisQueue,
+    ServerUnavailableError,
     Task,
 )
 
@@ -529,6 +532,17 @@ def test_stop_returns_promptly(queue: Queue, task: TestTask) -> None:
     thread.join(5)
 
 
+def test_stop_from_a_signal_handler_on_the_loop_thread(queue: Queue, task: TestTask) -> None:
+    job = queue.enqueue("test-task", {"sleep": 0.3})
+    threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: queue.stop())
+    try:
+        queue.process_loop()  # returns once the signal's stop() and the running job are done
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert queue.retrieve_job(job.id).status.state == JOB_STATE_DONE
+
+
 def test_process_loop_runs_again_after_stop(queue: Queue, task: TestTask) -> None:
     for _ in range(2):
         with running(queue):
@@ -705,8 +719,7 @@ def test_exactly_one_side_wins_the_wait_race(queue: Queue) -> None:
                 received += 1
             except QueueWaitTimeoutError:
                 pass
-        queue.wait()
-    assert len(acked) == 40
+        assert wait_until(lambda: len(acked) == 40, 30)
     assert acked.count(True) == received
 
 
@@ -752,6 +765,76 @@ def test_context_manager_closes(backend: str, request: pytest.FixtureRequest) ->
     with make_queue(request, backend) as q:
         q.enqueue("test-task")
         q.reset_storage()
+
+
+def test_retries_until_success(queue: Queue) -> None:
+    calls: list[int] = []
+
+    @queue.task(max_retries=3, retry_delay=0.01)
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError(f"failure {len(calls)}")
+        return "third time lucky"
+
+    with running(queue):
+        job = queue.enqueue_wait("flaky", timeout=10)
+    assert job.result() == "third time lucky"
+    assert job.status.attempt == 3
+    assert len(calls) == 3
+
+
+def test_retries_run_out_with_the_final_error(queue: Queue) -> None:
+    calls: list[float] = []
+
+    @queue.task(max_retries=2, retry_delay=0.05)
+    def hopeless() -> None:
+        calls.append(time.monotonic())
+        raise ValueError(f"no luck {len(calls)}")
+
+    with running(queue):
+        job = queue.enqueue_wait("hopeless", timeout=10)
+    with pytest.raises(JobError, match=r"^ValueError: no luck 3 \(after 3 attempts\)$"):
+        job.result()
+    assert job.status.attempt == 3
+    # Exponential backoff: 0.05 s, then 0.1 s.
+    assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1
+
+
+def test_a_reported_error_is_retried_too(queue: Queue) -> None:
+    class Reporting(Task):
+        name = "reporting"
+        max_retries = 1
+        retry_delay = 0.01
+
+        def run(self, job: Job) -> None:
+            if job.status.attempt == 1:
+                assert job.error("first try fails") is False
+            else:
+                job.success(job.status.attempt)
+
+    queue.register_task(Reporting())
+    with running(queue):
+        assert queue.enqueue_wait("reporting", timeout=10).result() == 2
+
+
+def test_delayed_jobs_wait_for_their_time(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        started = time.monotonic()
+        job = queue.enqueue("test-task", {"i": 1}, delay=0.4)
+        assert job.status.scheduled is not None
+        assert job.status.scheduled - job.status.enqueued == timedelta(milliseconds=400)  # type: ignore[operator]
+        listed = queue.list_jobs()[0]
+        assert listed.status.state == JOB_STATE_ENQUEUED and listed.status.scheduled == job.status.scheduled
+        eta = datetime.now(timezone.utc) + timedelta(seconds=0.2)
+        waited = queue.enqueue_wait("test-task", {"i": 2}, timeout=5, eta=eta)
+        assert waited.status.started is not None and waited.status.started >= eta - timedelta(milliseconds=5)
+        assert wait_until(lambda: task.runs == 2)
+        assert time.monotonic() - started >= 0.4
+    assert [p["i"] for p in task.params] == [2, 1]
+    assert queue.retrieve_job(job.id).status.started >= job.status.scheduled  # type: ignore[operator]
+    with pytest.raises(ValueError):
+        queue.enqueue("test-task", delay=1, eta=eta)
 
 
 # ---------------------------------------------------------------------------
@@ -872,6 +955,7 @@ def mongo_queue(mongodb_url: str) -> Iterator[MongoQueue]:
 
 
 def test_mongodb_claim_uses_its_index(mongo_queue: MongoQueue) -> None:
+    mongo_queue._claim(["test-task"], 1, "worker", 0)
     indexes = {index["name"]: index["key"] for index in mongo_queue._jobs.list_indexes()}
     assert list(indexes["claim"].items()) == [("state", 1), ("task", 1), ("_id", 1)]
     mongo_queue.enqueue_many("test-task", [{} for _ in range(20)])
@@ -947,3 +1031,227 @@ def test_mongodb_two_worker_processes_run_each_job_exactly_once(
     seen = sorted(doc["i"] for doc in runs.find())
     runs.drop()
     assert seen == list(range(100))
+
+
+# ---------------------------------------------------------------------------
+# No job lost: real worker processes and real servers, killed (Redis and MongoDB)
+# ---------------------------------------------------------------------------
+
+FAULT_MODULE = """
+import os, sys, time
+import monsterqueue
+
+url = os.environ["MQ_URL"]
+own = {"key_prefix": "mq-fault"} if url.startswith("redis") else {"collection_prefix": "mq_fault"}
+queue = monsterqueue.Queue(url, concurrency=4, lease_timeout=float(os.environ.get("MQ_LEASE", "1")),
+                           max_deliveries=3, **own)
+
+@queue.task()
+def sleepy(seconds):
+    time.sleep(seconds)
+    return "slept"
+
+@queue.task()
+def suicide():
+    os.kill(os.getpid(), 9)
+
+@queue.task()
+def record(i):
+    with open(os.environ["MQ_RUNS"], "a") as runs:
+        runs.write(f"{i}\\n")
+    return i
+"""
+
+
+@pytest.fixture(params=["redis", "mongodb"])
+def fault_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
+    """A queue of the fault module's storage, with the means to start CLI workers of it."""
+    url = request.getfixturevalue(f"{request.param}_url")
+    return_queue = start_fault_queue(url, tmp_path)
+    yield return_queue
+    for worker in return_queue.workers:  # type: ignore[attr-defined]
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+    return_queue.reset_storage()
+    return_queue.close()
+
+
+def start_fault_queue(url: str, tmp_path: Path, lease: float = 1.0) -> Queue:
+    (tmp_path / "faultmod.py").write_text(FAULT_MODULE)
+    own: dict[str, Any] = {"key_prefix": "mq-fault"} if url.startswith("redis") else {
+        "collection_prefix": "mq_fault"}
+    queue = Queue(url, lease_timeout=lease, max_deliveries=3, **own)
+    queue.reset_storage()
+    env = {**os.environ, "MQ_URL": url, "MQ_LEASE": str(lease), "MQ_RUNS": str(tmp_path / "runs"),
+           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    queue.workers = []  # type: ignore[attr-defined]
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        worker = subprocess.Popen([sys.executable, "-m", "monsterqueue", "worker", "faultmod:queue"],
+                                  cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+        queue.workers.append(worker)  # type: ignore[attr-defined]
+        return worker
+    queue.start_worker = start_worker  # type: ignore[attr-defined]
+    return queue
+
+
+def state_of(queue: Queue, job_id: str) -> str:
+    return queue.retrieve_job(job_id).status.state
+
+
+def test_a_killed_workers_job_is_finished_by_another_within_the_lease(fault_queue: Any) -> None:
+    first = fault_queue.start_worker()
+    job = fault_queue.enqueue("sleepy", {"seconds": 2})
+    assert wait_until(lambda: state_of(fault_queue, job.id) == JOB_STATE_RUNNING, 20)
+    first.kill()
+    first.wait(10)
+    killed_at = time.monotonic()
+    fault_queue.start_worker()
+    assert wait_until(lambda: state_of(fault_queue, job.id) == JOB_STATE_DONE, 30)
+    done = fault_queue.retrieve_job(job.id)
+    assert done.result() == "slept"
+    assert done._delivery == 2
+    # Redelivered within the lease (1 s) plus a heartbeat, then 2 s of work.
+    assert time.monotonic() - killed_at < 1 + 1 + 2 + 3
+
+
+def test_sigterm_lets_the_running_job_finish_and_exits_0(fault_queue: Any) -> None:
+    worker = fault_queue.start_worker()
+    job = fault_queue.enqueue("sleepy", {"seconds": 1})
+    assert wait_until(lambda: state_of(fault_queue, job.id) == JOB_STATE_RUNNING, 20)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    done = fault_queue.retrieve_job(job.id)
+    assert done.status.state == JOB_STATE_DONE and done.result() == "slept"
+    assert done._delivery == 1
+
+
+def test_a_job_that_kills_its_worker_fails_after_max_deliveries(fault_queue: Any) -> None:
+    job = fault_queue.enqueue("suicide")
+    deaths = 0
+    for _ in range(8):
+        worker = fault_queue.start_worker()
+        try:
+            worker.wait(8)
+            deaths += 1
+        except subprocess.TimeoutExpired:
+            pass
+        if state_of(fault_queue, job.id) == JOB_STATE_DONE:
+            break
+    done = fault_queue.retrieve_job(job.id)
+    assert done.status.state == JOB_STATE_DONE
+    with pytest.raises(JobError, match="delivered 3 times without finishing"):
+        done.result()
+    assert deaths == 3
+
+
+@pytest.fixture(params=["redis", "mongodb"])
+def server_queue(request: pytest.FixtureRequest) -> Iterator[Queue]:
+    """A queue on each backend that has a server."""
+    q = make_queue(request, request.param)
+    q.reset_storage()
+    yield q
+    q.stop()
+    q.reset_storage()
+    q.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "mongodb"])
+def test_server_down_at_enqueue_is_a_clear_error_in_bounded_time(backend: str) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0" if backend == "redis" else f"mongodb://127.0.0.1:{port}/db"
+    pytest.importorskip(backend.replace("mongodb", "pymongo"))
+    queue = Queue(url, connect_timeout=1)
+    for call in (lambda: queue.enqueue("test-task", {"a": 1}), lambda: queue.retrieve_job("1" * 24),
+                 lambda: queue.enqueue_wait("test-task", timeout=1)):
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port}"):
+            call()
+        assert time.monotonic() - started < 3
+    queue.close()
+
+
+def flow_through_a_restart(queue: Any, server: Any, jobs: int, tmp_path: Path) -> dict[str, int]:
+    """Run ``jobs`` record jobs through two workers, kill the server midway, restart it, count."""
+    queue.start_worker()
+    queue.start_worker()
+    enqueued = queue.enqueue_many("record", [{"i": i} for i in range(jobs)])
+    runs = tmp_path / "runs"
+    assert wait_until(lambda: runs.exists() and len(runs.read_text().split()) >= jobs // 3, 120)
+    server.stop(kill=True)
+    time.sleep(1)
+    server.start()
+    assert wait_until(
+        lambda: all(j.status.state == JOB_STATE_DONE for j in queue.list_jobs()), 240, 0.5)
+    done = {j.id: j.result() for j in queue.list_jobs()}
+    ran = [int(line) for line in runs.read_text().split()]
+    assert sorted(done) == sorted(j.id for j in enqueued)
+    assert sorted(done.values()) == list(range(jobs))
+    assert set(ran) == set(range(jobs))
+    return {"jobs": jobs, "runs": len(ran), "lost": jobs - len(set(ran))}
+
+
+def test_redis_killed_and_restarted_loses_no_job(tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    queue = start_fault_queue(server.url, tmp_path, lease=2.0)
+    try:
+        counts = flow_through_a_restart(queue, server, 1000, tmp_path)
+        print(f"redis restart: {counts}")
+    finally:
+        for worker in queue.workers:  # type: ignore[attr-defined]
+            worker.kill()
+        queue.close()
+        server.remove()
+
+
+def test_mongodb_restarted_loses_no_job(tmp_path: Path) -> None:
+    pytest.importorskip("pymongo")
+    if os.environ.get("MONSTERQUEUE_TEST_MONGODB_URL"):
+        pytest.skip("restarts only the SecantusDB server the suite starts")
+    server = MongoServer()
+    queue = start_fault_queue(server.url, tmp_path, lease=3.0)
+    try:
+        counts = flow_through_a_restart(queue, server, 100, tmp_path)
+        print(f"mongodb restart: {counts}")
+    finally:
+        for worker in queue.workers:  # type: ignore[attr-defined]
+            worker.kill()
+        queue.close()
+        server.remove()
+
+
+def test_garbage_records_fail_with_a_reason_and_the_rest_runs(server_queue: Queue) -> None:
+    queue, task = server_queue, TestTask()
+    queue.register_task(task)
+    if isinstance(queue, RedisQueue):
+        client, prefix = queue.client, "{monsterqueue}:"
+        client.set(prefix + "job:900001", "garbage")
+        client.hset(prefix + "job:900002", mapping={"task": "test-task", "params": "{not json",
+                                                    "state": "enqueued", "enqueued": "1"})
+        client.hset(prefix + "job:900003", mapping={"task": "test-task"})
+        client.rpush(prefix + "queue:test-task", "900001", "900002", "900003")
+        client.zadd(prefix + "jobs", {"900001": 900001, "900002": 900002, "900003": 900003})
+        garbage = ["900001", "900002", "900003"]
+        reasons = ["not a hash", "its params '{not json' is wrong: JSONDecodeError", "its params is missing"]
+    elif isinstance(queue, MongoQueue):
+        now = datetime.now(timezone.utc)
+        docs = [{"task": "test-task", "state": "enqueued", "due": now, "enqueued": now, "params": 7},
+                {"task": "test-task", "state": "enqueued", "due": now, "enqueued": now}]
+        garbage = [str(i) for i in queue._jobs.insert_many(docs).inserted_ids]
+        reasons = ["its params 7 is wrong", "its params is missing"]
+    with running(queue):
+        assert queue.enqueue_wait("test-task", timeout=10).result() == "my result"
+        assert wait_until(lambda: all(stored_state(queue, i) == JOB_STATE_DONE for i in garbage))
+    for job_id, reason in zip(garbage, reasons):
+        error = queue._load(job_id).get("error", "")
+        assert reason in error, error
+    with pytest.raises(MalformedJobError, match="can't be decoded"):
+        queue.retrieve_job(garbage[-1])
+    listed = [job.id for job in queue.list_jobs()]  # what can't be decoded is logged and left out
+    assert len(listed) >= 1 and garbage[-1] not in listed
+
+
+def stored_state(queue: Queue, job_id: str) -> str:
+    return str(queue._load(job_id).get("state"))
