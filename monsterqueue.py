@@ -88,6 +88,7 @@ DEFAULT_WAIT_TIMEOUT = 30.0     # seconds enqueue_wait waits for a result
 DEFAULT_LEASE_TIMEOUT = 30.0    # seconds a claimed job stays held without a heartbeat
 DEFAULT_MAX_DELIVERIES = 5      # lost leases before a job is failed as poison
 DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds to reach a server before ServerUnavailableError
+DEFAULT_RESULT_TTL = 86400.0    # seconds a done job is kept; None keeps it
 
 # How an idle worker waits: it wakes at least this often even if nothing is
 # pushed, and backs off up to the longest pause while its server is away.
@@ -248,6 +249,15 @@ class Job:
             raise JobError(self._error)
         return self._result
 
+    def as_dict(self) -> dict[str, Any]:
+        """Return the job as JSON-compatible data, times in ISO 8601: what the CLI and web show."""
+        status = self._status
+        return {"id": self._id, "task": self._task_name, "params": self._params, "state": status.state,
+                "enqueued": _iso(status.enqueued), "started": _iso(status.started),
+                "done": _iso(status.done), "scheduled": _iso(status.scheduled),
+                "attempt": status.attempt, "result": self._result, "error": self._error,
+                "stack": self._enqueue_stack}
+
     def _report(self, result: str | None, error: str | None) -> bool:
         if self._reported:
             return False
@@ -278,7 +288,8 @@ class Queue:
 
     def __init__(self, url: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY,
                  lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
-                 max_deliveries: int = DEFAULT_MAX_DELIVERIES, **options: Any) -> None:
+                 max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+                 result_ttl: float | None = DEFAULT_RESULT_TTL, **options: Any) -> None:
         # Each backend takes its own options and passes the rest on: what arrives here is unknown.
         if options:
             raise TypeError(f"{type(self).__name__} got unexpected options: {', '.join(options)}")
@@ -287,6 +298,7 @@ class Queue:
         self.concurrency = concurrency
         self.lease_timeout = lease_timeout
         self.max_deliveries = max_deliveries
+        self.result_ttl = result_ttl
         self._tasks: dict[str, Task] = {}
         self._loop_lock = threading.Lock()        # guards _stopping, _loop_thread and _loop_done
         self._stopping: threading.Event | None = None
@@ -375,10 +387,17 @@ class Queue:
         with self._server():
             return self._decode(job_id, self._load(job_id))
 
-    def list_jobs(self) -> list[Job]:
-        """Return every stored job, oldest first; jobs that can't be decoded are logged and left out."""
+    def list_jobs(self, state: str | None = None, task_name: str | None = None,
+                  limit: int | None = None, offset: int = 0, newest_first: bool = False) -> list[Job]:
+        """Return stored jobs, oldest first, optionally of one state and task, a page at a time.
+
+        ``state`` is a JOB_STATE_* value or "failed" (done with an error). Jobs
+        that can't be decoded are logged and left out.
+        """
+        if state not in (None, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed"):
+            raise ValueError(f"unknown job state {state!r}")
         with self._server():
-            stored = self._list()
+            stored = self._list(state, task_name, limit, max(offset, 0), newest_first)
         jobs = []
         for job_id, fields in stored:
             try:
@@ -386,6 +405,30 @@ class Queue:
             except MalformedJobError as exc:
                 logger.warning("%s", exc)
         return jobs
+
+    def stats(self) -> dict[str, Any]:
+        """Return job counts per task and state, the workers alive, and jobs done per minute.
+
+        ``done_per_minute`` covers the last 15 minutes, oldest first; a
+        worker is alive while its heartbeat is less than three leases old.
+        """
+        with self._server():
+            counts, workers, per_minute = self._stats()
+        by_task: dict[str, dict[str, int]] = {}
+        for key, number in sorted(counts.items()):
+            state, _, task_name = key.partition(":")
+            by_task.setdefault(task_name, dict.fromkeys(_COUNTED_STATES, 0))[state] = number
+        return {"counts": by_task,
+                "workers": [{"id": worker, "last_seen": _iso(seen), "tasks": tasks}
+                            for worker, seen, tasks in sorted(workers)],
+                "done_per_minute": per_minute}
+
+    def retry_job(self, job_id: str) -> Job:
+        """Run a done job again from its first attempt; NoSuchJobError, ValueError if it isn't done."""
+        with self._server():
+            if not self._requeue(job_id):
+                raise ValueError(f"job {job_id} is not done: only a done job can be retried")
+        return self.retrieve_job(job_id)
 
     def delete_job(self, job_id: str) -> None:
         """Remove the job wherever it is; NoSuchJobError for an unknown id."""
@@ -554,8 +597,8 @@ class Queue:
         return bool(received)
 
     def _beat(self, worker: str, stopping: threading.Event) -> None:
-        """Renew this worker's leases and requeue expired ones, every third of a lease."""
-        while not stopping.wait(self.lease_timeout / 3):
+        """Renew this worker's leases and requeue expired ones: at once, then every third of a lease."""
+        while True:
             with self._idle:
                 held = list(self._held.values())
             try:
@@ -563,6 +606,8 @@ class Queue:
                     self._heartbeat(worker, held)
             except ServerUnavailableError as exc:
                 self._outage.failed(exc)
+            if stopping.wait(self.lease_timeout / 3):
+                return
 
     # -- decoding stored jobs ------------------------------------------------
 
@@ -617,7 +662,8 @@ class Queue:
     def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         """Record the outcome if ``job`` still holds its delivery, and hand it to the waiter.
 
-        Atomically: state done, done time, result or error, no longer held.
+        Atomically: state done, done time, result or error, no longer held,
+        and kept for ``result_ttl``, then removed by the server.
         Return True if an enqueue_wait caller was waiting (it gets the job),
         False if none was, None if the job is gone or held by another delivery.
         """
@@ -636,7 +682,8 @@ class Queue:
         raise NotImplementedError
 
     def _heartbeat(self, worker: str, held: list[Job]) -> None:
-        """Renew the leases of the jobs ``worker`` holds; requeue jobs whose lease ran out.
+        """Renew the leases of the jobs ``worker`` holds and record it alive; requeue jobs whose
+        lease ran out.
 
         A requeued job that has been delivered max_deliveries times is done
         with an error instead: it kills its workers, and must not loop forever.
@@ -651,8 +698,24 @@ class Queue:
         """Return the stored fields of one job; raise NoSuchJobError."""
         raise NotImplementedError
 
-    def _list(self) -> list[tuple[str, dict[str, Any]]]:
-        """Return (id, stored fields) of every job, oldest first."""
+    def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
+              newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
+        """Return (id, stored fields) of the jobs that match, in order, skipping ``offset``.
+
+        Without filters in enqueue order; must not read every job to return a page.
+        """
+        raise NotImplementedError
+
+    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+        """Return counts ("STATE:TASK" -> n, with "failed" apart from "done"), the workers
+        alive as (id, last seen, task names), and jobs done in each of the last 15 minutes."""
+        raise NotImplementedError
+
+    def _requeue(self, job_id: str) -> bool:
+        """Make a done job enqueued again, attempt 1, outcome cleared; False if it isn't done.
+
+        Raise NoSuchJobError.
+        """
         raise NotImplementedError
 
     def _delete(self, job_id: str) -> bool:
@@ -691,6 +754,29 @@ def _int(value: Any) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
+
+
+# Counted apart in stats: "failed" are the done jobs with an error.
+_COUNTED_STATES = (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed")
+
+
+def _matches(fields: dict[str, Any], state: str | None, task_name: str | None) -> bool:
+    """Whether stored fields pass list_jobs' filters."""
+    if task_name is not None and fields.get("task") != task_name:
+        return False
+    if state == "failed":
+        return fields.get("state") == JOB_STATE_DONE and fields.get("error") is not None
+    return state is None or fields.get("state") == state
+
+
+def _minutes() -> list[int]:
+    """The starts, in ms, of the last 15 minutes (the current one last), for stats."""
+    this_minute = _now_ms() // 60_000 * 60_000
+    return [this_minute - 60_000 * back for back in range(14, -1, -1)]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="milliseconds")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -820,6 +906,7 @@ class MemoryQueue(Queue):
         self._jobs: dict[str, dict[str, Any]] = {}     # id -> stored fields, insertion ordered
         self._ready: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
         self._scheduled: list[tuple[int, str]] = []    # heap of (due ms, id)
+        self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
         self._ids = itertools.count(1)
         self._interrupted = False
 
@@ -911,7 +998,18 @@ class MemoryQueue(Queue):
             return self._decode(job.id, dict(fields))
 
     def _heartbeat(self, worker: str, held: list[Job]) -> None:
-        """Nothing to renew: a memory queue's jobs can't outlive their worker."""
+        # No lease to renew: a memory queue's jobs can't outlive their worker.
+        now = _now_ms()
+        with self._changed:
+            self._workers[worker] = (now, sorted(self._tasks))
+            for name, (seen, _) in list(self._workers.items()):
+                if seen < now - 3 * self.lease_timeout * 1000:
+                    del self._workers[name]
+            if self.result_ttl:
+                expired = now - self.result_ttl * 1000
+                for job_id in [job_id for job_id, fields in self._jobs.items()
+                               if fields["state"] == JOB_STATE_DONE and fields["done"] < expired]:
+                    del self._jobs[job_id]
 
     def _interrupt_claim(self) -> None:
         with self._changed:
@@ -924,9 +1022,38 @@ class MemoryQueue(Queue):
                 raise NoSuchJobError()
             return dict(self._jobs[job_id])
 
-    def _list(self) -> list[tuple[str, dict[str, Any]]]:
+    def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
+              newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
         with self._changed:
-            return [(job_id, dict(fields)) for job_id, fields in self._jobs.items()]
+            jobs = reversed(self._jobs.items()) if newest_first else iter(self._jobs.items())
+            found = ((job_id, dict(fields)) for job_id, fields in jobs if _matches(fields, state, task_name))
+            return list(itertools.islice(found, offset, None if limit is None else offset + limit))
+
+    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+        minutes = _minutes()
+        per_minute = [0] * len(minutes)
+        counts: collections.Counter[str] = collections.Counter()
+        with self._changed:
+            for fields in self._jobs.values():
+                failed = fields["state"] == JOB_STATE_DONE and fields.get("error") is not None
+                counts[f"{'failed' if failed else fields['state']}:{fields['task']}"] += 1
+                if fields["state"] == JOB_STATE_DONE and fields["done"] >= minutes[0]:
+                    per_minute[(fields["done"] - minutes[0]) // 60_000] += 1
+            workers = [(worker, _time(seen), tasks) for worker, (seen, tasks) in self._workers.items()]
+        return dict(counts), workers, per_minute
+
+    def _requeue(self, job_id: str) -> bool:
+        with self._changed:
+            fields = self._jobs.get(job_id)
+            if fields is None:
+                raise NoSuchJobError()
+            if fields["state"] != JOB_STATE_DONE:
+                return False
+            fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
+                          due=None, attempt=1, delivery=0)
+            self._make_ready(job_id, None)
+            self._changed.notify_all()
+            return True
 
     def _delete(self, job_id: str) -> bool:
         with self._changed:
@@ -954,15 +1081,20 @@ class MemoryQueue(Queue):
 # slot. The scripts take the prefix and build the keys of a job from its id.
 #
 #   {prefix}:seq            counter that numbers the jobs
-#   {prefix}:jobs           sorted set of every job id, scored by that number
 #   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
 #                           waiter (the waiting caller's deadline) and worker
+#   {prefix}:jobs           sorted set of every job id, scored by its number
+#   {prefix}:enqueued       the same, of the enqueued jobs (delayed ones too)
+#   {prefix}:running        sorted set of claimed ids, scored by lease deadline
+#   {prefix}:done           sorted set of "done|failed:TASK:ID", scored by done time:
+#                           listing, and the expiry of results
+#   {prefix}:counts         hash of "STATE:TASK" -> number of jobs, for stats
 #   {prefix}:queue:TASK     list of the ids of one task ready to run, FIFO
 #   {prefix}:ready:TASK     sorted set with one member while that list may be
 #                           non-empty: idle workers block on it with BZPOPMIN
 #   {prefix}:scheduled      sorted set of delayed and retried ids, scored by due time
-#   {prefix}:running        sorted set of claimed ids, scored by lease deadline
 #   {prefix}:outcome:ID     list where an enqueue_wait caller BLPOPs the outcome
+#   {prefix}:workers        hash of worker -> "LAST_SEEN_MS TASKS_JSON"
 #   {prefix}:wake:WORKER    sorted set that stop() writes to wake its own worker
 #
 # Round trips per job: enqueue 1 (one script; enqueue_many one per 1000 jobs);
@@ -970,10 +1102,12 @@ class MemoryQueue(Queue):
 # the queue is empty; finish 1 script, which also pushes the outcome to a
 # waiter; enqueue_wait 1 BLPOP that receives the whole job, plus 1 script
 # only when it times out. The heartbeat is one script per worker per third
-# of a lease, whatever the number of jobs it holds.
+# of a lease, whatever the number of jobs it holds; it also drops expired
+# results from the indexes (their hashes expire by themselves).
 
 # Shared by the scripts below: server time in ms, a type check that keeps a
-# garbage key from failing a whole script, and how a job becomes done.
+# garbage key from failing a whole script, the counts, and the transitions
+# that more than one script makes.
 _REDIS_LIB = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -984,13 +1118,40 @@ local function is_job(key)
   return redis.call('TYPE', key).ok == 'hash'
 end
 
+local function count(prefix, state, task, n)
+  redis.call('HINCRBY', prefix .. 'counts', state .. ':' .. task, n)
+end
+
+local function done_member(key, id)
+  local outcome = redis.call('HEXISTS', key, 'error') == 1 and 'failed' or 'done'
+  return outcome .. ':' .. (redis.call('HGET', key, 'task') or '') .. ':' .. id
+end
+
+-- Makes a job claimable again, in its place by number, from running or done.
+local function requeue(prefix, id, task, front)
+  local key = prefix .. 'job:' .. id
+  redis.call('HSET', key, 'state', 'enqueued')
+  redis.call('HDEL', key, 'started', 'worker')
+  redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
+  redis.call(front and 'LPUSH' or 'RPUSH', prefix .. 'queue:' .. task, id)
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  count(prefix, 'enqueued', task, 1)
+end
+
 -- Records the outcome and hands the whole job to a waiting caller, if any:
 -- the waiter flag flips once, here or in the withdraw script, never both.
-local function finish_job(prefix, id, field, value, now)
+-- A heartbeat removes the job once its result_ttl has passed; its key's own
+-- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
+local function finish_job(prefix, id, field, value, now, keep)
   local key = prefix .. 'job:' .. id
+  local task = redis.call('HGET', key, 'task') or ''
   redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
   redis.call('HDEL', key, 'worker')
   redis.call('ZREM', prefix .. 'running', id)
+  redis.call('ZADD', prefix .. 'done', now, done_member(key, id))
+  count(prefix, 'running', task, -1)
+  count(prefix, field == 'error' and 'failed' or 'done', task, 1)
+  if keep > 0 then redis.call('PEXPIRE', key, keep) end
   local deadline = tonumber(redis.call('HGET', key, 'waiter'))
   if not deadline or deadline == 0 then return 0 end
   redis.call('HSET', key, 'waiter', 0)
@@ -999,11 +1160,6 @@ local function finish_job(prefix, id, field, value, now)
   -- The waiter pops it at once; the expiry only bounds a waiter that died.
   redis.call('PEXPIRE', outcome, math.max(deadline - now, 0) + 60000)
   return 1
-end
-
-local function make_ready(prefix, id, task)
-  redis.call('RPUSH', prefix .. 'queue:' .. task, id)
-  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
 end
 """
 
@@ -1016,12 +1172,14 @@ local delay = tonumber(ARGV[5])
 local n = #ARGV - 5
 local last = redis.call('INCRBY', KEYS[1], n)
 for i = 1, n do
-  local id = tostring(last - n + i)
+  local number = last - n + i
+  local id = tostring(number)
   local key = prefix .. 'job:' .. id
   redis.call('HSET', key, 'task', task, 'params', ARGV[5 + i], 'state', 'enqueued',
              'enqueued', now, 'stack', ARGV[3], 'delivery', 0, 'attempt', 1)
   if ARGV[4] ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(ARGV[4])) end
-  redis.call('ZADD', prefix .. 'jobs', last - n + i, id)
+  redis.call('ZADD', prefix .. 'jobs', number, id)
+  redis.call('ZADD', prefix .. 'enqueued', number, id)
   if delay > 0 then
     redis.call('HSET', key, 'due', now + delay)
     redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
@@ -1029,6 +1187,7 @@ for i = 1, n do
     redis.call('RPUSH', prefix .. 'queue:' .. task, id)
   end
 end
+count(prefix, 'enqueued', task, n)
 -- Also for delayed jobs: it wakes a worker to learn when the first is due.
 redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
 return {now, last - n + 1, delay > 0 and now + delay or false}
@@ -1038,18 +1197,23 @@ return {now, last - n + 1, delay > 0 and now + delay or false}
 # same step, so no crash can lose a popped job: it is in the running set with
 # a lease deadline, or still queued. Returns the claimed jobs and how long
 # until the next scheduled job is due (-1 for none).
-# KEYS: running. ARGV: prefix, limit, worker, lease ms, task names...
+# KEYS: running. ARGV: prefix, limit, worker, lease ms, keep ms (see finish_job), task names...
 _REDIS_CLAIM = _REDIS_LIB + """
 local prefix, limit = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', prefix .. 'scheduled', id)
   local key = prefix .. 'job:' .. id
-  if is_job(key) then make_ready(prefix, id, redis.call('HGET', key, 'task') or '') end
+  if is_job(key) then
+    local task = redis.call('HGET', key, 'task') or ''
+    redis.call('RPUSH', prefix .. 'queue:' .. task, id)
+    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  end
 end
 local claimed = {}
-for i = 5, #ARGV do
-  local queue = prefix .. 'queue:' .. ARGV[i]
+for i = 6, #ARGV do
+  local task = ARGV[i]
+  local queue = prefix .. 'queue:' .. task
   while #claimed < limit do
     local id = redis.call('LPOP', queue)
     if not id then break end
@@ -1058,19 +1222,24 @@ for i = 5, #ARGV do
     if kind ~= 'none' and kind ~= 'hash' then
       -- Garbage where a job should be: keep it as a job that failed, saying so.
       redis.call('DEL', key)
-      redis.call('HSET', key, 'task', ARGV[i], 'params', '{}', 'state', 'done', 'enqueued', now,
-                 'done', now, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash')
+      redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
+      count(prefix, 'running', task, 1)
+      finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
+                 tonumber(ARGV[5]))
     elseif kind == 'hash' then
       local delivery = (tonumber(redis.call('HGET', key, 'delivery')) or 0) + 1
       redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
+      redis.call('ZREM', prefix .. 'enqueued', id)
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
+      count(prefix, 'enqueued', task, -1)
+      count(prefix, 'running', task, 1)
       claimed[#claimed + 1] = {id, redis.call('HGETALL', key)}
     end
   end
   if redis.call('LLEN', queue) > 0 then
-    redis.call('ZADD', prefix .. 'ready:' .. ARGV[i], 0, 1)
+    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
   else
-    redis.call('DEL', prefix .. 'ready:' .. ARGV[i])
+    redis.call('DEL', prefix .. 'ready:' .. task)
   end
 end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
@@ -1084,19 +1253,23 @@ local held = redis.call('HMGET', KEYS[1], 'state', 'delivery')
 if held[1] ~= 'running' or held[2] ~= ARGV[3] then return -1 end
 """
 
-# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text.
+# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text, keep ms (see finish_job).
 _REDIS_FINISH = _REDIS_LIB + _REDIS_HELD + """
-return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms())
+return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms(), tonumber(ARGV[6]))
 """
 
 # KEYS: job:ID. ARGV: prefix, id, delivery, delay ms.
 _REDIS_RETRY = _REDIS_LIB + _REDIS_HELD + """
 local due = now_ms() + tonumber(ARGV[4])
+local task = redis.call('HGET', KEYS[1], 'task') or ''
 redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
 redis.call('HDEL', KEYS[1], 'started', 'worker')
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('ZREM', prefix .. 'running', id)
+redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
 redis.call('ZADD', prefix .. 'scheduled', due, id)
+count(prefix, 'running', task, -1)
+count(prefix, 'enqueued', task, 1)
 return 1
 """
 
@@ -1113,47 +1286,92 @@ redis.call('DEL', outcome)
 return handed
 """
 
-# Renews the leases this worker holds, then requeues jobs whose lease ran out,
-# or fails them once they were delivered max_deliveries times.
-# KEYS: running. ARGV: prefix, lease ms, max deliveries, then id and delivery of each held job.
+# Renews the leases this worker holds and records it alive; requeues jobs whose
+# lease ran out, or fails them once delivered max_deliveries times; drops
+# expired results from the indexes, and workers not seen for three leases.
+# KEYS: running. ARGV: prefix, lease ms, max deliveries, result ttl ms (0: keep),
+# worker, its tasks as JSON, then the id and delivery of each held job.
 _REDIS_HEARTBEAT = _REDIS_LIB + """
-local prefix = ARGV[1]
+local prefix, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
-for i = 4, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local key = prefix .. 'job:' .. ARGV[i]
   if is_job(key) and redis.call('HGET', key, 'delivery') == ARGV[i + 1] then
-    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[i])
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
   end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[1], id)
   local key = prefix .. 'job:' .. id
   if is_job(key) and redis.call('HGET', key, 'state') == 'running' then
+    local task = redis.call('HGET', key, 'task') or ''
     local delivery = tonumber(redis.call('HGET', key, 'delivery')) or 0
     if delivery >= tonumber(ARGV[3]) then
+      redis.call('ZADD', KEYS[1], now, id)  -- finish_job takes it out again
       finish_job(prefix, id, 'error', 'delivered ' .. delivery .. ' times without finishing: ' ..
-                 'its worker died or lost its lease each time', now)
+                 'its worker died or lost its lease each time', now, ttl > 0 and ttl + lease or 0)
     else
-      redis.call('HSET', key, 'state', 'enqueued')
-      redis.call('HDEL', key, 'started', 'worker')
+      count(prefix, 'running', task, -1)
       -- Back to the front: it was the oldest when it was claimed.
-      redis.call('LPUSH', prefix .. 'queue:' .. (redis.call('HGET', key, 'task') or ''), id)
-      redis.call('ZADD', prefix .. 'ready:' .. (redis.call('HGET', key, 'task') or ''), 0, 1)
+      requeue(prefix, id, task, true)
     end
   end
 end
+if ttl > 0 then
+  local expired = redis.call('ZRANGEBYSCORE', prefix .. 'done', '-inf', now - ttl, 'LIMIT', 0, 1000)
+  for _, member in ipairs(expired) do
+    local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
+    redis.call('ZREM', prefix .. 'done', member)
+    redis.call('ZREM', prefix .. 'jobs', id)
+    redis.call('DEL', prefix .. 'job:' .. id)
+    count(prefix, outcome, task, -1)
+  end
+end
+redis.call('HSET', prefix .. 'workers', ARGV[5], now .. ' ' .. ARGV[6])
+local workers = redis.call('HGETALL', prefix .. 'workers')
+for i = 1, #workers, 2 do
+  if (tonumber(string.match(workers[i + 1], '^%d+')) or 0) < now - 3 * lease then
+    redis.call('HDEL', prefix .. 'workers', workers[i])
+  end
+end
+"""
+
+# Makes a done job run again from its first attempt. KEYS: job:ID. ARGV: prefix, id.
+# Returns 0 for no such job, -1 for a job that isn't done.
+_REDIS_REQUEUE = _REDIS_LIB + """
+local prefix, id = ARGV[1], ARGV[2]
+if not is_job(KEYS[1]) then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'done' then return -1 end
+local member = done_member(KEYS[1], id)
+redis.call('ZREM', prefix .. 'done', member)
+count(prefix, string.match(member, '^%a+'), redis.call('HGET', KEYS[1], 'task') or '', -1)
+redis.call('HDEL', KEYS[1], 'done', 'result', 'error', 'due')
+redis.call('HSET', KEYS[1], 'attempt', 1, 'delivery', 0)
+redis.call('PERSIST', KEYS[1])
+requeue(prefix, id, redis.call('HGET', KEYS[1], 'task') or '', false)
+return 1
 """
 
 # Removes the job from every structure that names it. KEYS: job:ID. ARGV: prefix, id.
 _REDIS_DELETE = _REDIS_LIB + """
 local prefix, id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local task = is_job(KEYS[1]) and redis.call('HGET', KEYS[1], 'task')
+if is_job(KEYS[1]) then
+  local task = redis.call('HGET', KEYS[1], 'task') or ''
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'done' then
+    local member = done_member(KEYS[1], id)
+    redis.call('ZREM', prefix .. 'done', member)
+    count(prefix, string.match(member, '^%a+'), task, -1)
+  elseif state == 'enqueued' or state == 'running' then
+    count(prefix, state, task, -1)
+  end
+  redis.call('LREM', prefix .. 'queue:' .. task, 1, id)
+end
 redis.call('DEL', KEYS[1], prefix .. 'outcome:' .. id)
-redis.call('ZREM', prefix .. 'jobs', id)
-redis.call('ZREM', prefix .. 'running', id)
-redis.call('ZREM', prefix .. 'scheduled', id)
-if task then redis.call('LREM', prefix .. 'queue:' .. task, 1, id) end
+for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled'}) do
+  redis.call('ZREM', prefix .. index, id)
+end
 return 1
 """
 
@@ -1184,10 +1402,17 @@ class RedisQueue(Queue):
         self._retry_script = client.register_script(_REDIS_RETRY)
         self._withdraw_script = client.register_script(_REDIS_WITHDRAW)
         self._heartbeat_script = client.register_script(_REDIS_HEARTBEAT)
+        self._requeue_script = client.register_script(_REDIS_REQUEUE)
         self._delete_script = client.register_script(_REDIS_DELETE)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
+
+    def _ttl_ms(self) -> int:
+        return int(self.result_ttl * 1000) if self.result_ttl else 0
+
+    def _keep_ms(self) -> int:
+        return int((self.result_ttl + self.lease_timeout) * 1000) if self.result_ttl else 0
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
                 delay: float) -> list[tuple[str, datetime, datetime | None]]:
@@ -1207,7 +1432,7 @@ class RedisQueue(Queue):
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
-        args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), *task_names]
+        args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
         claimed, next_due = self._claim_script([self._key("running")], args)
         if not claimed:
             if 0 <= int(next_due) < block * 1000:
@@ -1220,7 +1445,7 @@ class RedisQueue(Queue):
     def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         outcome = ("result", result) if error is None else ("error", error)
         received = self._finish_script([self._key("job", job.id)],
-                                       [self._prefix, job.id, job._delivery, *outcome])
+                                       [self._prefix, job.id, job._delivery, *outcome, self._keep_ms()])
         return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float) -> bool | None:
@@ -1237,7 +1462,8 @@ class RedisQueue(Queue):
     def _heartbeat(self, worker: str, held: list[Job]) -> None:
         self._heartbeat_script(
             [self._key("running")],
-            [self._prefix, int(self.lease_timeout * 1000), self.max_deliveries,
+            [self._prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
+             worker, json.dumps(sorted(self._tasks)),
              *itertools.chain.from_iterable((job.id, job._delivery) for job in held)])
 
     def _interrupt_claim(self) -> None:
@@ -1254,14 +1480,49 @@ class RedisQueue(Queue):
             raise NoSuchJobError()
         return _pairs(fields)
 
-    def _list(self) -> list[tuple[str, dict[str, Any]]]:
-        ids = [_text(job_id) for job_id in self.client.zrange(self._key("jobs"), 0, -1)]
+    def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
+              newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
+        # Walk the state's index in pages, and read only the jobs of the page.
+        index = {None: "jobs", "failed": "done"}.get(state, state)
+        page = max(min(limit or 1000, 1000), 100)
+        found: list[tuple[str, dict[str, Any]]] = []
+        start = 0
+        while limit is None or len(found) < offset + limit:
+            members = [_text(m) for m in (self.client.zrevrange if newest_first else self.client.zrange)(
+                self._key(str(index)), start, start + page - 1)]
+            if not members:
+                break
+            start += page
+            if index == "done":  # members are OUTCOME:TASK:ID
+                members = [m.rsplit(":", 1)[1] for m in members
+                           if (state != "failed" or m.startswith("failed:"))
+                           and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in members:
+                pipe.hgetall(self._key("job", job_id))
+            for job_id, fields in zip(members, pipe.execute(raise_on_error=False)):
+                if isinstance(fields, dict) and fields and _matches(_pairs(fields), state, task_name):
+                    found.append((job_id, _pairs(fields)))
+        return found[offset:None if limit is None else offset + limit]
+
+    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
         pipe = self.client.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(self._key("job", job_id))
-        return [(job_id, _pairs(fields))
-                for job_id, fields in zip(ids, pipe.execute(raise_on_error=False))
-                if fields and isinstance(fields, dict)]
+        pipe.hgetall(self._key("counts"))
+        pipe.hgetall(self._key("workers"))
+        for start in _minutes():
+            pipe.zcount(self._key("done"), start, start + 59_999)
+        counts, workers, *per_minute = pipe.execute()
+        alive = []
+        for worker, seen in workers.items():
+            seen_ms, _, tasks = _text(seen).partition(" ")
+            alive.append((_text(worker), _time(seen_ms), json.loads(tasks)))
+        return {_text(k): int(v) for k, v in counts.items() if int(v)}, alive, per_minute
+
+    def _requeue(self, job_id: str) -> bool:
+        requeued = self._requeue_script([self._key("job", job_id)], [self._prefix, job_id])
+        if requeued == 0:
+            raise NoSuchJobError()
+        return requeued == 1
 
     def _delete(self, job_id: str) -> bool:
         return self._delete_script([self._key("job", job_id)], [self._prefix, job_id]) == 1
@@ -1295,13 +1556,13 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # One collection, COLLECTION_PREFIX_jobs, one document per job: the fields of
 # Queue._decode with BSON dates for the times, plus ``waiter`` (an
 # enqueue_wait caller is waiting), ``worker`` and ``lease`` (who holds it
-# while running, and until when). The index (state, task, _id), created by
-# the first claim, serves the claim: equality on state, $in on the task
-# names, oldest first.
+# while running, and until when). The index (state, task, _id), created with
+# the queue, serves the claim: equality on state, $in on the task names,
+# oldest first.
 #
 # Round trips per job: enqueue 1 (insert_many for enqueue_many); claim 1
-# find_one_and_update per job; finish 1 find_one_and_update, which also flips
-# the waiter flag; enqueue_wait polls with find_one, from 5 ms backing off to
+# find_one_and_update per job; finish 1 update_one (2 when a caller waits: the
+# second flips the waiter flag); enqueue_wait polls with find_one, from 5 ms backing off to
 # ``poll_interval``, plus 1 update only when it times out. Idle workers poll
 # every ``poll_interval``: a standalone server has no way to push. The
 # heartbeat is one update_many per worker per third of a lease, plus one
@@ -1333,16 +1594,18 @@ class MongoQueue(Queue):
         self._object_id_class = _require("bson", "mongo").ObjectId
         self._after = pymongo.ReturnDocument.AFTER
         self._jobs = client[database][f"{collection_prefix}_jobs"]
+        self._workers = client[database][f"{collection_prefix}_workers"]
         self._wakeup = threading.Event()
         self._indexed = False
+        # A queue built while its server is away (at import time, say) fails at
+        # its first enqueue instead; its first claim then creates the indexes.
+        with contextlib.suppress(*self._server_errors):
+            self._create_index()
 
     def _create_index(self) -> None:
-        """Create the claim's index, once, when the first claim needs it.
-
-        Not when the queue is built: a producer built while the server is
-        away should fail at its first enqueue, not at import time.
-        """
+        """Create the claim's index and the TTL index that deletes done jobs when ``expires`` passes."""
         self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
+        self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
         self._indexed = True
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
@@ -1386,13 +1649,16 @@ class MongoQueue(Queue):
                 "delivery": job._delivery}
 
     def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
-        before = self._jobs.find_one_and_update(
-            self._holding(job),
-            {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
-                      "waiter": False},
-             "$unset": {"worker": "", "lease": ""}},
-            projection={"waiter": True})
-        return None if before is None else bool(before.get("waiter"))
+        # The waiter flag is decided by each update's filter, not by reading it back,
+        # so that this and the waiter's withdrawal can't both win. Without a waiter,
+        # the usual case, the first update is the only one.
+        done = {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
+                         "waiter": False, **self._expiry()},
+                "$unset": {"worker": "", "lease": ""}}
+        for waiter, flag in ((False, {"$ne": True}), (True, True)):
+            if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
+                return waiter
+        return None
 
     def _retry(self, job: Job, delay: float) -> bool | None:
         retried = self._jobs.update_one(
@@ -1418,8 +1684,13 @@ class MongoQueue(Queue):
             return None
         return self._decode(job.id, self._load(job.id))
 
+    def _expiry(self) -> dict[str, datetime]:
+        return {"expires": _utc_now(self.result_ttl)} if self.result_ttl else {}
+
     def _heartbeat(self, worker: str, held: list[Job]) -> None:
         now = _utc_now()
+        self._workers.replace_one({"_id": worker}, {"seen": now, "tasks": sorted(self._tasks)}, upsert=True)
+        self._workers.delete_many({"seen": {"$lt": _utc_now(-3 * self.lease_timeout)}})
         if held:
             self._jobs.update_many(
                 {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
@@ -1431,7 +1702,7 @@ class MongoQueue(Queue):
                        "lease": {"$lt": now}}
             if doc["delivery"] >= self.max_deliveries:
                 self._jobs.update_one(expired, {
-                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False,
+                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, **self._expiry(),
                              "error": f"delivered {doc['delivery']} times without finishing: "
                                       "its worker died or lost its lease each time"},
                     "$unset": {"worker": "", "lease": ""}})
@@ -1453,9 +1724,39 @@ class MongoQueue(Queue):
             raise NoSuchJobError()
         return _mongo_fields(doc)
 
-    def _list(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(str(doc["_id"]), _mongo_fields(doc))
-                for doc in self._jobs.find().sort([("enqueued", 1), ("_id", 1)])]
+    def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
+              newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
+        query: dict[str, Any] = {} if state is None else {"state": state}
+        if state == "failed":
+            query = {"state": JOB_STATE_DONE, "error": {"$type": "string"}}
+        if task_name is not None:
+            query["task"] = task_name
+        found = self._jobs.find(query).sort("_id", -1 if newest_first else 1).skip(offset).limit(limit or 0)
+        return [(str(doc["_id"]), _mongo_fields(doc)) for doc in found]
+
+    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+        counts: dict[str, int] = {}
+        failed = {"$eq": [{"$type": "$error"}, "string"]}
+        for group in self._jobs.aggregate([{"$group": {
+                "_id": {"state": "$state", "task": "$task", "failed": failed}, "n": {"$sum": 1}}}]):
+            key = group["_id"]
+            state = "failed" if key["state"] == JOB_STATE_DONE and key["failed"] else key["state"]
+            counts[f"{state}:{key['task']}"] = counts.get(f"{state}:{key['task']}", 0) + group["n"]
+        per_minute = [self._jobs.count_documents({"state": JOB_STATE_DONE, "done": {
+                          "$gte": _time(start), "$lt": _time(start + 60_000)}})
+                      for start in _minutes()]
+        workers = [(doc["_id"], doc["seen"], doc["tasks"])
+                   for doc in self._workers.find({"seen": {"$gte": _utc_now(-3 * self.lease_timeout)}})]
+        return counts, workers, per_minute
+
+    def _requeue(self, job_id: str) -> bool:
+        requeued = self._jobs.update_one(
+            {"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
+            {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "delivery": 0, "due": _time(0)},
+             "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": ""}})
+        if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
+            raise NoSuchJobError()
+        return bool(requeued.matched_count)
 
     def _delete(self, job_id: str) -> bool:
         try:
@@ -1465,6 +1766,7 @@ class MongoQueue(Queue):
 
     def _reset(self) -> None:
         self._jobs.delete_many({})
+        self._workers.delete_many({})
 
     def close(self) -> None:
         super().close()

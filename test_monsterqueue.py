@@ -144,14 +144,24 @@ def redis_url() -> Iterator[str]:
 class MongoServer:
     """A throwaway SecantusDB server (MongoDB's wire protocol) on a port of its own."""
 
+    # Started through its Python API, which alone sets how often expired documents
+    # are deleted (the TTL monitor): every second here, as the result_ttl tests need.
+    SCRIPT = """if True:
+        import sys, threading
+        from secantus import SecantusDBServer
+        SecantusDBServer(host="127.0.0.1", port=int(sys.argv[1]), storage_path=sys.argv[2],
+                         ttl_sweep_seconds=1.0).start()
+        threading.Event().wait()
+    """
+
     def __init__(self) -> None:
-        binary = shutil.which("secantusd-py", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        if binary is None:
+        try:
+            import secantus  # noqa: F401
+        except ImportError:
             unavailable("no MongoDB server: pip install secantusdb, or set MONSTERQUEUE_TEST_MONGODB_URL")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="monsterqueue-mongo-")
-        self.args = [str(binary), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--storage-path", self.dir, "--log-level", "WARNING"]
+        self.args = [sys.executable, "-c", self.SCRIPT, str(self.port), self.dir]
         self.url = f"mongodb://127.0.0.1:{self.port}/monsterqueue_test"
         self.start()
 
@@ -837,6 +847,102 @@ def test_delayed_jobs_wait_for_their_time(queue: Queue, task: TestTask) -> None:
         queue.enqueue("test-task", delay=1, eta=eta)
 
 
+def test_list_jobs_filters_and_pages(queue: Queue, task: TestTask) -> None:
+    ok = queue.enqueue_many("test-task", [{"i": i} for i in range(6)])
+    bad = queue.enqueue("test-task", {"err": "broken"})
+    with running(queue):
+        assert wait_until(lambda: task.runs == 7)
+        queue.wait()
+    waiting = queue.enqueue_many("other", [{"i": i} for i in range(3)])
+    ids = lambda jobs: [j.id for j in jobs]  # noqa: E731
+    assert ids(queue.list_jobs()) == ids([*ok, bad, *waiting])
+    assert ids(queue.list_jobs(state=JOB_STATE_ENQUEUED)) == ids(waiting)
+    assert sorted(ids(queue.list_jobs(state=JOB_STATE_DONE))) == sorted(ids([*ok, bad]))
+    assert ids(queue.list_jobs(state="failed")) == [bad.id]
+    assert ids(queue.list_jobs(task_name="other")) == ids(waiting)
+    assert ids(queue.list_jobs(task_name="other", state=JOB_STATE_DONE)) == []
+    assert ids(queue.list_jobs(limit=2, offset=1)) == ids(ok[1:3])
+    assert ids(queue.list_jobs(newest_first=True, limit=4)) == ids([*reversed(waiting), bad])
+    page = queue.list_jobs(state=JOB_STATE_DONE, newest_first=True, limit=2, offset=1)
+    assert len(page) == 2 and page[0].status.done >= page[1].status.done  # type: ignore[operator]
+    with pytest.raises(ValueError, match="unknown job state"):
+        queue.list_jobs(state="lost")
+
+
+def test_stats_count_per_task_and_state(queue: Queue, task: TestTask) -> None:
+    queue.enqueue_many("test-task", [{} for _ in range(3)])
+    queue.enqueue("test-task", {"err": "no"})
+    with running(queue):
+        assert wait_until(lambda: task.runs == 4)
+        queue.wait()
+        stats = queue.stats()
+    queue.enqueue_many("other", [{}, {}])
+    counts = queue.stats()["counts"]
+    assert counts["test-task"] == {"enqueued": 0, "running": 0, "done": 3, "failed": 1}
+    assert counts["other"] == {"enqueued": 2, "running": 0, "done": 0, "failed": 0}
+    assert len(stats["workers"]) == 1 and stats["workers"][0]["tasks"] == ["test-task"]
+    assert stats["done_per_minute"][-1] + stats["done_per_minute"][-2] == 4
+    assert len(stats["done_per_minute"]) == 15
+    json.dumps(stats)
+
+
+def test_retry_job_runs_a_done_job_again(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        failed = queue.enqueue_wait("test-task", {"err": "once"}, timeout=5)
+        with pytest.raises(ValueError, match="not done"):
+            queue.retry_job(queue.enqueue("nobody").id)
+        retried = queue.retry_job(failed.id)
+        assert retried.status.state in (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE)
+        assert wait_until(lambda: task.runs == 2)
+        queue.wait()
+    again = queue.retrieve_job(failed.id)
+    with pytest.raises(JobError, match="once"):
+        again.result()
+    assert again.status.attempt == 1 and again._delivery == 1
+    counts = queue.stats()["counts"]["test-task"]
+    assert counts == {"enqueued": 0, "running": 0, "done": 0, "failed": 1}
+    with pytest.raises(NoSuchJobError):
+        queue.retry_job("1234567890abcdef12345678")
+
+
+def test_results_expire_after_result_ttl(new_queue: Any) -> None:
+    queue = new_queue(result_ttl=1, lease_timeout=0.6)
+    queue.reset_storage()
+    task = TestTask()
+    queue.register_task(task)
+    with running(queue):
+        done = queue.enqueue_wait("test-task", timeout=5)
+        kept = queue.enqueue("nobody")
+        assert wait_until(lambda: not job_exists(queue, done.id), 10)
+    assert [j.id for j in queue.list_jobs()] == [kept.id]
+    assert queue.stats()["counts"] == {"nobody": {"enqueued": 1, "running": 0, "done": 0, "failed": 0}}
+    if isinstance(queue, RedisQueue):  # nothing of it remains under the prefix
+        keys = set(queue.client.scan_iter("{monsterqueue}:*"))
+        assert not keys & {f"{{monsterqueue}}:job:{done.id}", f"{{monsterqueue}}:outcome:{done.id}"}
+        for index in ("jobs", "enqueued", "running", "done", "scheduled"):
+            members = queue.client.zrange(f"{{monsterqueue}}:{index}", 0, -1)
+            assert not [m for m in members if m == done.id or m.endswith(f":{done.id}")]
+
+
+def job_exists(queue: Queue, job_id: str) -> bool:
+    try:
+        queue.retrieve_job(job_id)
+        return True
+    except NoSuchJobError:
+        return False
+
+
+def test_as_dict_is_json(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        job = queue.enqueue_wait("test-task", {"a": [1, "<b>"]}, timeout=5)
+    data = job.as_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["id"] == job.id and data["task"] == "test-task" and data["params"] == {"a": [1, "<b>"]}
+    assert data["state"] == "done" and data["result"] == "my result" and data["error"] is None
+    assert data["attempt"] == 1 and data["scheduled"] is None
+    assert datetime.fromisoformat(data["done"]) == job.status.done
+
+
 # ---------------------------------------------------------------------------
 # Import without drivers
 # ---------------------------------------------------------------------------
@@ -890,7 +996,8 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     keys = sorted(redis_queue.client.scan_iter(match="*mq-test*"))
     assert all(key.startswith("{mq-test}:") for key in keys)
     kinds = {key.split(":")[1] for key in keys}
-    assert kinds == {"seq", "jobs", "job"}, keys
+    # The jobs, their indexes and the counts and workers of stats; nothing of the running bookkeeping.
+    assert kinds == {"seq", "jobs", "job", "done", "counts", "workers"}, keys
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
 
 
