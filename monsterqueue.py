@@ -1788,7 +1788,7 @@ def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Command line: python -m monsterqueue [demo | worker]
+# Command line: python -m monsterqueue [demo | worker | jobs | show | stats | enqueue | retry | delete]
 # ---------------------------------------------------------------------------
 
 def _demo(url: str, jobs: int, concurrency: int) -> None:
@@ -1814,9 +1814,9 @@ def _demo(url: str, jobs: int, concurrency: int) -> None:
         worker.start()
         last = enqueued[-1].id
         while queue.retrieve_job(last).status.state != JOB_STATE_DONE or queue._held:
-            done = jobs - sum(job.status.state != JOB_STATE_DONE for job in queue.list_jobs()[-200:])
+            done = queue.stats()["counts"].get("square", {}).get(JOB_STATE_DONE, 0)
             elapsed = time.perf_counter() - started
-            print(f"\rprocessing: {max(done, 0):>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
+            print(f"\rprocessing: {done:>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
             time.sleep(0.1)
         elapsed = time.perf_counter() - started
         print(f"\rprocessed {jobs} jobs with {concurrency} threads in {elapsed:.2f}s "
@@ -1872,28 +1872,147 @@ def _work(queue: Queue, grace: float) -> int:
     return 0
 
 
+def _open(url: str, prefix: str | None) -> Queue:
+    """Build the queue a command names, under the key or collection prefix given."""
+    backend = _backend_for(url)
+    options: dict[str, Any] = {}
+    if prefix:
+        options = {RedisQueue: {"key_prefix": prefix}, MongoQueue: {"collection_prefix": prefix}}.get(
+            backend, {})
+    return backend(url, **options)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[["" if cell is None else str(cell) for cell in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in cells)
+
+
+def _outcome(data: dict[str, Any]) -> str:
+    if data["error"] is not None:
+        return f"error: {data['error']}"
+    return "" if data["state"] != JOB_STATE_DONE else f"result: {json.dumps(data['result'])}"
+
+
+def _short(moment: str | None) -> str:
+    return "" if moment is None else moment[:23].replace("T", " ")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Run one inspection command; print a table, or JSON with --json. Return the exit code."""
+    queue = _open(args.url, args.prefix)
+    try:
+        if args.command == "jobs":
+            jobs = queue.list_jobs(args.state, args.task, args.limit, args.offset, newest_first=True)
+            page = {"jobs": [job.as_dict() for job in jobs], "offset": args.offset, "limit": args.limit}
+            print(json.dumps(page, indent=2) if args.json else _table(
+                ["ID", "TASK", "STATE", "ENQUEUED", "DONE", "ATTEMPT", "OUTCOME"],
+                [[d["id"], d["task"], d["state"], _short(d["enqueued"]), _short(d["done"]), d["attempt"],
+                  _outcome(d)[:60]] for d in page["jobs"]]))
+        elif args.command == "stats":
+            stats = queue.stats()
+            print(json.dumps(stats, indent=2) if args.json else "\n".join([
+                _table(["TASK", *(state.upper() for state in _COUNTED_STATES)],
+                       [[task, *counts.values()] for task, counts in stats["counts"].items()]),
+                f"\nworkers alive: {len(stats['workers'])}",
+                *(f"  {w['id']}  seen {_short(w['last_seen'])}  tasks {', '.join(w['tasks'])}"
+                  for w in stats["workers"]),
+                f"done per minute, last 15 minutes: {' '.join(map(str, stats['done_per_minute']))}"]))
+        elif args.command == "enqueue":
+            params = json.loads(args.params)
+            job = (queue.enqueue(args.task, params) if args.wait is None
+                   else queue.enqueue_wait(args.task, params, timeout=args.wait))
+            _show(job, args.json)
+            if job.status.state == JOB_STATE_DONE and job.as_dict()["error"] is not None:
+                return 1
+        elif args.command == "delete":
+            queue.delete_job(args.id)
+            print(json.dumps({"deleted": args.id}) if args.json else f"deleted job {args.id}")
+        else:
+            _show(queue.retry_job(args.id) if args.command == "retry" else queue.retrieve_job(args.id),
+                  args.json)
+        return 0
+    except QueueWaitTimeoutError as exc:
+        print(f"monsterqueue: {exc}: job {exc.job.id if exc.job else '?'} stays enqueued", file=sys.stderr)
+        return 1
+    except (NoSuchJobError, ValueError, TypeError) as exc:  # an unknown job, bad params or state
+        print(f"monsterqueue: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        queue.close()
+
+
+def _show(job: Job, as_json: bool) -> None:
+    data = job.as_dict()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for name in ("id", "task", "state", "enqueued", "scheduled", "started", "done", "attempt"):
+        if data[name] is not None:
+            print(f"{name + ':':11}{data[name]}")
+    print(f"{'params:':11}{json.dumps(data['params'])}")
+    if data["state"] == JOB_STATE_DONE:
+        print(f"{'error:':11}{data['error']}" if data["error"] is not None
+              else f"{'result:':11}{json.dumps(data['result'])}")
+    print("enqueued from:\n" + data["stack"].rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: a demo by default, or a worker."""
+    """The command line: a demo by default, a worker, or a look at a queue.
+
+    Exit codes: 0 done; 1 the job is unknown, not done, failed or timed out;
+    2 a usage error; 3 the URL is wrong or its server can't be reached.
+    """
     parser = argparse.ArgumentParser(prog="python -m monsterqueue", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="memory://", help="queue URL for the demo (default memory://)")
     parser.add_argument("--jobs", type=int, default=5000, help="jobs the demo runs (default 5000)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help=f"worker threads (default {DEFAULT_CONCURRENCY})")
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     worker = commands.add_parser("worker", help="run the tasks of a queue until SIGTERM or SIGINT")
     worker.add_argument("queue", metavar="MODULE:QUEUE", help="e.g. myapp.tasks:queue")
     worker.add_argument("--concurrency", type=int, help="worker threads (default: the queue's)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running jobs get to finish after a signal (default 60)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
+        sub.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return sub
+    jobs = command("jobs", "list jobs, newest first")
+    jobs.add_argument("--state", choices=[*_COUNTED_STATES])
+    jobs.add_argument("--task", help="only the jobs of this task")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    jobs.add_argument("--offset", type=int, default=0, help="skip this many first")
+    command("show", "one job: params, times, attempts, outcome, enqueue stack").add_argument("id")
+    command("stats", "counts per task and state, workers alive")
+    enqueue = command("enqueue", "enqueue a job")
+    enqueue.add_argument("task")
+    enqueue.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
+    enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait for its outcome")
+    command("retry", "run a done job again").add_argument("id")
+    command("delete", "delete a job").add_argument("id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "worker":
-        queue = _load_queue(args.queue)
-        if args.concurrency:
-            queue.concurrency = args.concurrency
-        return _work(queue, args.grace)
-    _demo(args.url, args.jobs, args.concurrency)
-    return 0
+    try:
+        if args.command == "worker":
+            queue = _load_queue(args.queue)
+            if args.concurrency:
+                queue.concurrency = args.concurrency
+            return _work(queue, args.grace)
+        if args.command is None:
+            _demo(args.url, args.jobs, args.concurrency)
+            return 0
+        return _inspect(args)
+    except (ServerUnavailableError, ImportError) as exc:
+        print(f"monsterqueue: {exc}", file=sys.stderr)
+        return 3
+    except ValueError as exc:  # a URL no backend takes
+        print(f"monsterqueue: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -944,6 +944,71 @@ def test_as_dict_is_json(queue: Queue, task: TestTask) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The command line, on the server backends
+# ---------------------------------------------------------------------------
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "monsterqueue", *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=60, check=False)
+
+
+def test_cli_inspects_and_operates_a_queue(server_queue: Queue, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("redis_url" if isinstance(server_queue, RedisQueue) else "mongodb_url")
+    task = TestTask()
+    server_queue.register_task(task)
+    with running(server_queue):
+        failed = server_queue.enqueue_wait("test-task", {"err": "<oops>"}, timeout=10)
+        added = cli("enqueue", url, "test-task", '{"n": 1}', "--wait", "10", "--json")
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["result"] == "my result"
+        waiting = server_queue.enqueue("nobody", {"x": 1})
+
+        listed = cli("jobs", url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        page = json.loads(listed.stdout)
+        # Newest first (on MongoDB, ObjectIds order jobs of two processes only to the second).
+        assert {j["id"] for j in page["jobs"]} == {waiting.id, json.loads(added.stdout)["id"], failed.id}
+        order = [j["id"] for j in page["jobs"]]
+        assert order.index(waiting.id) < order.index(failed.id)
+        assert page["jobs"][order.index(waiting.id)] == waiting.as_dict()
+        table = cli("jobs", url, "--state", "failed").stdout
+        assert failed.id in table and "error: <oops>" in table and waiting.id not in table.split("\n", 1)[1]
+
+        shown = cli("show", url, failed.id)
+        assert "error:" in shown.stdout and "<oops>" in shown.stdout
+        assert "test_cli_inspects_and_operates_a_queue" in shown.stdout  # the enqueue stack
+
+        stats = json.loads(cli("stats", url, "--json").stdout)
+        assert stats["counts"]["test-task"]["failed"] == 1 and stats["counts"]["nobody"]["enqueued"] == 1
+        assert "TASK" in cli("stats", url).stdout
+
+        retried = cli("retry", url, failed.id, "--json")
+        assert retried.returncode == 0, retried.stderr
+        assert wait_until(lambda: task.runs == 3)
+    assert cli("retry", url, waiting.id).returncode == 1  # not done
+    assert cli("delete", url, waiting.id).returncode == 0
+    gone = cli("show", url, waiting.id)
+    assert gone.returncode == 1 and gone.stderr.strip() == "monsterqueue: no job found"
+
+
+def test_cli_errors_are_one_line_with_exit_codes() -> None:
+    for args, code in ((["jobs", "ftp://nowhere"], 3), (["stats", f"redis://127.0.0.1:{free_port()}/0"], 3),
+                       (["jobs"], 2)):
+        done = cli(*args)
+        assert done.returncode == code, done
+        assert "Traceback" not in done.stderr
+        if code == 3:
+            assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("monsterqueue: ")
+
+
+def test_demo_runs_on_memory() -> None:
+    done = subprocess.run([sys.executable, "-m", "monsterqueue", "--jobs", "500"], capture_output=True,
+                          text=True, cwd=HERE, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "processed 500 jobs" in done.stdout and "enqueue_wait round trip" in done.stdout
+
+
+# ---------------------------------------------------------------------------
 # Import without drivers
 # ---------------------------------------------------------------------------
 
