@@ -1392,8 +1392,10 @@ class RedisQueue(Queue):
         self.client = client
         self._server_errors = (redis.ConnectionError, redis.TimeoutError)
         self._response_error = redis.ResponseError
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-        self._address = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
+        kwargs = getattr(pool, "connection_kwargs", {})
+        self._address = kwargs.get("path") or (
+            f"{kwargs['host']}:{kwargs.get('port', 6379)}" if "host" in kwargs else repr(pool or client))
         self._prefix = "{" + key_prefix + "}:"
         self._worker = ""
         self._enqueue_script = client.register_script(_REDIS_ENQUEUE)
@@ -1482,12 +1484,16 @@ class RedisQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
-        # Walk the state's index in pages, and read only the jobs of the page.
+        # Walk the state's index in pages and read only the jobs that can be on the page.
+        # Done members carry outcome and task, so those filters cost no read either;
+        # only a task filter on another index reads the jobs it skips.
         index = {None: "jobs", "failed": "done"}.get(state, state)
+        member_filter = index == "done" and (state == "failed" or task_name is not None)
+        exact = index == "done" or task_name is None
+        start, skip = (offset, 0) if exact and not member_filter else (0, offset)
         page = max(min(limit or 1000, 1000), 100)
         found: list[tuple[str, dict[str, Any]]] = []
-        start = 0
-        while limit is None or len(found) < offset + limit:
+        while limit is None or len(found) < limit:
             members = [_text(m) for m in (self.client.zrevrange if newest_first else self.client.zrange)(
                 self._key(str(index)), start, start + page - 1)]
             if not members:
@@ -1497,13 +1503,19 @@ class RedisQueue(Queue):
                 members = [m.rsplit(":", 1)[1] for m in members
                            if (state != "failed" or m.startswith("failed:"))
                            and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
+            if exact:
+                skipped, members = members[:skip], members[skip:]
+                skip -= len(skipped)
             pipe = self.client.pipeline(transaction=False)
             for job_id in members:
                 pipe.hgetall(self._key("job", job_id))
             for job_id, fields in zip(members, pipe.execute(raise_on_error=False)):
                 if isinstance(fields, dict) and fields and _matches(_pairs(fields), state, task_name):
-                    found.append((job_id, _pairs(fields)))
-        return found[offset:None if limit is None else offset + limit]
+                    if skip:
+                        skip -= 1
+                    else:
+                        found.append((job_id, _pairs(fields)))
+        return found[:limit]
 
     def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
         pipe = self.client.pipeline(transaction=False)

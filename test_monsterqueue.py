@@ -50,7 +50,7 @@ from monsterqueue import (
 )
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["memory", "redis", "mongodb"]
+BACKENDS = ["memory", "redis", "mongodb", "redis-cluster"]
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +207,27 @@ def mongodb_url() -> Iterator[str]:
     server.remove()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster of three masters on loopback ports, slots split by CLUSTER commands."""
+    pytest.importorskip("redis") if not os.environ.get("CI") else __import__("redis")
+    import redis
+    # Bus ports of their own: the default (port + 10000) can overflow past 65535.
+    bus_ports = [free_port() for _ in range(3)]
+    nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                         "--cluster-port", str(bus)) for bus in bus_ports]
+    clients = [redis.Redis(port=node.port, host="127.0.0.1") for node in nodes]
+    for client, (first, last) in zip(clients, ((0, 5460), (5461, 10922), (10923, 16383))):
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+    for client in clients[1:]:
+        client.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus_ports[0])
+    if not wait_until(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients), 30, 0.1):
+        unavailable("the three-node Redis Cluster did not form")
+    yield nodes
+    for node in nodes:
+        node.remove()
+
+
 def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> Queue:
     if backend == "memory":
         return MemoryQueue(**options)
@@ -214,6 +235,11 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
         return RedisQueue(request.getfixturevalue("redis_url"), **options)
     if backend == "mongodb":
         return MongoQueue(request.getfixturevalue("mongodb_url"), **options)
+    if backend == "redis-cluster":
+        from redis.cluster import RedisCluster
+        node = request.getfixturevalue("redis_cluster")[0]
+        return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True),
+                          **options)
     raise ValueError(backend)
 
 
@@ -862,6 +888,9 @@ def test_list_jobs_filters_and_pages(queue: Queue, task: TestTask) -> None:
     assert ids(queue.list_jobs(task_name="other")) == ids(waiting)
     assert ids(queue.list_jobs(task_name="other", state=JOB_STATE_DONE)) == []
     assert ids(queue.list_jobs(limit=2, offset=1)) == ids(ok[1:3])
+    assert ids(queue.list_jobs(task_name="other", offset=1)) == ids(waiting[1:])
+    assert len(queue.list_jobs(state=JOB_STATE_DONE, task_name="test-task", offset=6)) == 1
+    assert queue.list_jobs(state="failed", offset=1) == []
     assert ids(queue.list_jobs(newest_first=True, limit=4)) == ids([*reversed(waiting), bad])
     page = queue.list_jobs(state=JOB_STATE_DONE, newest_first=True, limit=2, offset=1)
     assert len(page) == 2 and page[0].status.done >= page[1].status.done  # type: ignore[operator]
@@ -1072,6 +1101,36 @@ def test_redis_delete_removes_the_job_from_its_queue(redis_queue: RedisQueue) ->
     redis_queue.delete_job(job.id)
     assert redis_queue.client.llen("{mq-test}:queue:test-task") == 0
     assert redis_queue.list_jobs() == []
+
+
+def test_redis_through_a_sentinel(tmp_path: Path) -> None:
+    import redis.sentinel
+    master = RedisServer()
+    binary = redis_server_binary()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mq 127.0.0.1 {master.port} 1\n")
+    sentinel = subprocess.Popen([str(binary), str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+    try:
+        sentinels = redis.sentinel.Sentinel([("127.0.0.1", port)], socket_timeout=1)
+        assert wait_until(lambda: master_known(sentinels), 20), "the sentinel did not start"
+        queue = RedisQueue(client=sentinels.master_for("mq", decode_responses=True))
+        queue.register_task(TestTask())
+        with running(queue):
+            assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+        assert queue.list_jobs()[0].status.state == JOB_STATE_DONE
+        queue.close()
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+        master.remove()
+
+
+def master_known(sentinels: Any) -> bool:
+    try:
+        return sentinels.discover_master("mq") is not None
+    except Exception:  # not up yet, or not monitoring yet
+        return False
 
 
 WORKER_SCRIPT = """

@@ -1,0 +1,74 @@
+"""Time list_jobs and stats with many jobs stored: python benchmarks/listing.py [--url URL] [--jobs N].
+
+Fills a queue of its own (key prefix "mq-listing") with N jobs of three tasks,
+runs a fifth of them to done (one in ten failing), then times each listing
+query as the CLI and the dashboard make it: one page of 50, newest first.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import monsterqueue  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--jobs", type=int, default=100_000)
+    args = parser.parse_args()
+    own = {"key_prefix": "mq-listing"} if args.url.startswith("redis") else {"collection_prefix": "mq_listing"}
+    queue = monsterqueue.Queue(args.url, concurrency=8, **own)
+    queue.reset_storage()
+
+    @queue.task()
+    def work(i: int) -> int:
+        if i % 10 == 0:
+            raise ValueError("one in ten fails")
+        return i
+
+    started = time.perf_counter()
+    for name in ("work", "report", "mail"):
+        queue.enqueue_many(name, ({"i": i} for i in range(args.jobs // 3)))
+    print(f"enqueued {args.jobs // 3 * 3:,} jobs in {time.perf_counter() - started:.1f}s")
+    worker = threading.Thread(target=queue.process_loop)
+    worker.start()
+    while queue.stats()["counts"]["work"]["enqueued"]:
+        time.sleep(0.5)
+    queue.stop()
+    worker.join()
+
+    queries = {
+        "list_jobs(limit=50, newest_first=True)": dict(limit=50, newest_first=True),
+        "list_jobs(limit=50, offset=5000, newest_first=True)": dict(limit=50, offset=5000, newest_first=True),
+        "list_jobs(state='enqueued', limit=50)": dict(state="enqueued", limit=50),
+        "list_jobs(state='failed', limit=50, newest_first=True)": dict(state="failed", limit=50,
+                                                                       newest_first=True),
+        "list_jobs(task_name='mail', limit=50, newest_first=True)": dict(task_name="mail", limit=50,
+                                                                          newest_first=True),
+        "list_jobs(state='done', task_name='work', limit=50)": dict(state="done", task_name="work", limit=50),
+    }
+    print(f"\n| query, {args.jobs:,} jobs stored | median ms | jobs returned |\n|---|--:|--:|")
+    for name, query in queries.items():
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            jobs = queue.list_jobs(**query)
+            times.append((time.perf_counter() - started) * 1000)
+        print(f"| `{name}` | {statistics.median(times):.1f} | {len(jobs)} |")
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        queue.stats()
+        times.append((time.perf_counter() - started) * 1000)
+    print(f"| `stats()` | {statistics.median(times):.1f} | |")
+    queue.reset_storage()
+    queue.close()
+
+
+if __name__ == "__main__":
+    main()
