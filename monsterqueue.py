@@ -1398,6 +1398,7 @@ class RedisQueue(Queue):
             f"{kwargs['host']}:{kwargs.get('port', 6379)}" if "host" in kwargs else repr(pool or client))
         self._prefix = "{" + key_prefix + "}:"
         self._worker = ""
+        self._wakeup = threading.Event()
         self._enqueue_script = client.register_script(_REDIS_ENQUEUE)
         self._claim_script = client.register_script(_REDIS_CLAIM)
         self._finish_script = client.register_script(_REDIS_FINISH)
@@ -1437,10 +1438,15 @@ class RedisQueue(Queue):
         args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
         claimed, next_due = self._claim_script([self._key("running")], args)
         if not claimed:
-            if 0 <= int(next_due) < block * 1000:
-                block = max(int(next_due), 1) / 1000
-            self.client.bzpopmin([*(self._key("ready", name) for name in task_names),
-                                  self._key("wake", worker)], block)
+            due_in = int(next_due) / 1000 if 0 <= int(next_due) < block * 1000 else None
+            if due_in is not None and due_in < 0.2:
+                # Redis times blocked clients out ten times a second, up to 100 ms late: the
+                # last stretch before a due job is waited here instead.
+                self._wakeup.wait(due_in)
+                self._wakeup.clear()
+            else:
+                self.client.bzpopmin([*(self._key("ready", name) for name in task_names),
+                                      self._key("wake", worker)], block if due_in is None else due_in - 0.2)
             claimed, _ = self._claim_script([self._key("running")], args)
         return [(_text(job_id), _pairs(fields)) for job_id, fields in claimed]
 
@@ -1469,6 +1475,7 @@ class RedisQueue(Queue):
              *itertools.chain.from_iterable((job.id, job._delivery) for job in held)])
 
     def _interrupt_claim(self) -> None:
+        self._wakeup.set()
         if self._worker:
             wake = self._key("wake", self._worker)
             self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
