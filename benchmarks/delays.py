@@ -12,7 +12,7 @@ import threading
 import time
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import monsterqueue  # noqa: E402
+import monsterqueue
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import monsterqueue  # noqa: E402
+import monsterqueue
 
 
 def main() -> None:
@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--jobs", type=int, default=100_000)
     args = parser.parse_args()
-    own = {"key_prefix": "mq-listing"} if args.url.startswith("redis") else {"collection_prefix": "mq_listing"}
+    own = ({"key_prefix": "mq-listing"} if args.url.startswith("redis")
+           else {"collection_prefix": "mq_listing"})
     queue = monsterqueue.Queue(args.url, concurrency=8, **own)
     queue.reset_storage()
 
