@@ -1386,8 +1386,10 @@ class RedisQueue(Queue):
         redis = _require("redis", "redis")
         if client is None:
             # No automatic retries: a retried enqueue whose reply was lost would store it twice.
+            # No pool limit (redis-py 8 sets 100): each enqueue_wait caller holds a connection
+            # in BLPOP, and a full pool would fail the workers that would answer them.
             client = redis.Redis.from_url(url or "redis://localhost:6379/0", decode_responses=True,
-                                          socket_connect_timeout=connect_timeout,
+                                          socket_connect_timeout=connect_timeout, max_connections=2**31,
                                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.client = client
         self._server_errors = (redis.ConnectionError, redis.TimeoutError)
