@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import abc
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import heapq
+import hmac
+import html
 import importlib
+import ipaddress
 import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -38,8 +45,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
@@ -1809,7 +1817,408 @@ def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Command line: python -m monsterqueue [demo | worker | jobs | show | stats | enqueue | retry | delete]
+# Web dashboard: python -m monsterqueue web URL
+# ---------------------------------------------------------------------------
+
+# One threaded HTTP server: pages for people, and a JSON API in the shapes of
+# the command line's --json output. Pages: / (counts, workers, throughput),
+# /jobs?state=&task=&offset=&limit= (newest first), /jobs/ID, and the forms
+# POST /jobs/ID/retry and /jobs/ID/delete. API: GET /api/jobs (same query;
+# {"jobs": [Job.as_dict()...], "offset": n, "limit": n}), /api/jobs/ID
+# (Job.as_dict()), /api/stats (Queue.stats()); POST /api/jobs/ID/retry and
+# /api/jobs/ID/delete. A POST carries the CSRF token in its form or in an
+# X-CSRF-Token header; every answer to a request let in carries the token in
+# that header: a page of another site can make a browser POST, but can't read
+# the token from any answer.
+
+WEB_REFRESH_INTERVAL = 5.0   # seconds between reloads of a page, skipped while a filter has focus
+WEB_PAGE_SIZE = 50           # jobs on a page of the list, and the API's default limit
+WEB_MAX_PAGE_SIZE = 1000     # the largest limit a page or API call may ask for
+
+_WEB_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #222; } main { padding: 4px 16px 24px; }
+header { background: #263238; color: #eceff1; padding: 8px 16px; display: flex; gap: 18px; }
+header a { color: #fff; } header span { margin-left: auto; opacity: .7; } h1 { font-size: 20px; }
+h2 { font-size: 16px; margin-top: 24px; } table { border-collapse: collapse; } th { text-align: left; }
+th, td { padding: 3px 10px; border-bottom: 1px solid #e0e0e0; vertical-align: top; } th { color: #555; }
+td.n { text-align: right; } td.n a { text-decoration: none; } td.zero { color: #bbb; }
+td.t { white-space: nowrap; } td.wrap { max-width: 34em; overflow-wrap: anywhere; }
+pre { background: #f5f5f5; padding: 8px; overflow: auto; max-height: 30em; white-space: pre-wrap; }
+.state { padding: 1px 7px; border-radius: 9px; color: #fff; background: #546e7a; font-size: 12px; }
+.running { background: #ef6c00; } .done { background: #2e7d32; } .failed, .error { color: #c62828; }
+.state.failed { background: #c62828; color: #fff; } form { display: inline; margin-right: 8px; }
+.pager a { margin-right: 16px; } svg { vertical-align: middle; background: #f1f8e9; }
+polyline { fill: none; stroke: #2e7d32; stroke-width: 2; }
+"""
+
+# Asks before a delete, and reloads the page (same URL, so same filters) now
+# and then, unless the person is typing in a filter or the tab is hidden.
+_WEB_SCRIPT = """
+for (const form of document.querySelectorAll("form[data-confirm]")) {
+  form.addEventListener("submit", (event) => {
+    if (!confirm(form.dataset.confirm)) event.preventDefault();
+  });
+}
+const refresh = Number(document.body.dataset.refresh);
+if (refresh) {
+  setInterval(() => {
+    if (!document.hidden && !document.querySelector("input:focus, select:focus")) location.reload();
+  }, refresh * 1000);
+}
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Only the page's own style and script run: were escaping ever missed, an
+# injected script or handler would still be refused by the browser.
+_WEB_CSP = (f"default-src 'none'; style-src {_csp_hash(_WEB_STYLE)}; script-src {_csp_hash(_WEB_SCRIPT)}; "
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+class _WebError(Exception):
+    """An answer other than 200: its HTTP status, and the message shown."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host``, a name or an address, is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _web_query(query: str) -> tuple[str | None, str | None, int, int]:
+    """Read state, task, offset and limit from the query string of a job list."""
+    values = dict(parse_qsl(query))
+    try:
+        offset, limit = int(values.get("offset") or 0), int(values.get("limit") or WEB_PAGE_SIZE)
+    except ValueError:
+        raise _WebError(400, "offset and limit must be whole numbers") from None
+    if offset < 0 or not 1 <= limit <= WEB_MAX_PAGE_SIZE:
+        raise _WebError(400, f"offset must be 0 or more, and limit from 1 to {WEB_MAX_PAGE_SIZE}")
+    state = values.get("state") or None
+    if state is not None and state not in _COUNTED_STATES:
+        raise _WebError(400, f"state must be one of {', '.join(_COUNTED_STATES)}")
+    return state, values.get("task") or None, offset, limit
+
+
+def _web_link(path: str, **query: Any) -> str:
+    """A URL of this site with the query values that are set, escaped for an attribute."""
+    values = urlencode({name: value for name, value in query.items() if value})
+    return html.escape(f"{path}?{values}" if values else path)
+
+
+def _web_state(job: dict[str, Any]) -> str:
+    failed = job["state"] == JOB_STATE_DONE and job["error"] is not None
+    state = html.escape("failed" if failed else job["state"])
+    return f'<span class="state {state}">{state}</span>'
+
+
+def _web_time(iso: str | None) -> str:
+    """An ISO time to the second, UTC as every time here."""
+    return html.escape(iso[:19].replace("T", " ")) if iso else ""
+
+
+def _web_short(value: Any, size: int = 90) -> str:
+    """Escape a string, or a value as JSON, cut to ``size`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return html.escape(text if len(text) <= size else text[:size - 1] + "…")
+
+
+def _web_json(value: Any) -> str:
+    return html.escape(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _web_sparkline(values: list[int], width: int = 240, height: int = 40) -> str:
+    """Draw ``values`` as a line in an inline SVG, scaled to the largest."""
+    top = max(values, default=0) or 1
+    step = width / max(len(values) - 1, 1)
+    points = " ".join(f"{i * step:.1f},{height - 2 - value / top * (height - 4):.1f}"
+                      for i, value in enumerate(values))
+    return (f'<svg width="{width}" height="{height}" role="img"><title>jobs done per minute, oldest '
+            f'first: {", ".join(map(str, values))}</title><polyline points="{points}"/></svg>')
+
+
+def _web_count(count: int, task_name: str, state: str) -> str:
+    """A cell of the overview's counts: a link to those jobs, or a quiet 0."""
+    if not count:
+        return '<td class="n zero">0</td>'
+    return f'<td class="n"><a href="{_web_link("/jobs", task=task_name, state=state)}">{int(count)}</a></td>'
+
+
+def _web_overview(stats: dict[str, Any]) -> str:
+    counts: dict[str, dict[str, int]] = stats["counts"]
+    rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{html.escape(task_name)}</a></td>'
+            + "".join(_web_count(of_task.get(state, 0), task_name, state) for state in _COUNTED_STATES)
+            + "</tr>" for task_name, of_task in counts.items()]
+    rows.append("<tr><td><b>all tasks</b></td>"
+                + "".join(_web_count(sum(of_task.get(state, 0) for of_task in counts.values()), "", state)
+                          for state in _COUNTED_STATES) + "</tr>")
+    workers = "".join(f"<tr><td>{html.escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
+                      f"<td>{html.escape(', '.join(worker['tasks']))}</td></tr>"
+                      for worker in stats["workers"])
+    done = stats["done_per_minute"]
+    return ("<h2>Jobs</h2><table><tr><th>task</th>"
+            + "".join(f"<th>{state}</th>" for state in _COUNTED_STATES) + f"</tr>{''.join(rows)}</table>"
+            f"<h2>Done per minute</h2><p>{_web_sparkline(done)} {sum(done)} in the last {len(done)} "
+            f"minutes, {done[-1] if done else 0} in this one</p>"
+            f"<h2>Workers alive: {len(stats['workers'])}</h2>"
+            + (f"<table><tr><th>worker</th><th>last seen</th><th>tasks</th></tr>{workers}</table>"
+               if workers else "<p>No worker has been seen lately.</p>"))
+
+
+def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, task: str | None,
+                  offset: int, limit: int) -> str:
+    options = "".join(f'<option value="{value}"{" selected" if value == (state or "") else ""}>'
+                      f"{value or 'any state'}</option>" for value in ("", *_COUNTED_STATES))
+    rows = "".join(
+        f'<tr><td><a href="/jobs/{quote(job["id"], safe="")}">{html.escape(job["id"])}</a></td>'
+        f'<td>{html.escape(job["task"])}</td><td>{_web_state(job)}</td>'
+        f'<td class="n">{int(job["attempt"])}</td>'
+        f'<td class="t">{_web_time(job["enqueued"])}</td>'
+        f'<td class="t">{_web_time(job["done"] or job["started"])}</td>'
+        f'<td class="wrap">{_web_short(job["params"])}</td>'
+        f'<td class="wrap error">{_web_short(job["error"]) if job["error"] is not None else ""}</td></tr>'
+        for job in jobs)
+    pages = ((offset - limit, "← newer", offset > 0), (offset + limit, "older →", more))
+    pager = [f'<a href="{_web_link("/jobs", state=state, task=task, offset=to, limit=limit)}">{text}</a>'
+             for to, text, shown in pages if shown]
+    first = f"jobs {offset + 1} to {offset + len(jobs)}" if jobs else "no jobs"
+    return (f'<form method="get" action="/jobs"><select name="state">{options}</select> '
+            f'<input name="task" placeholder="task" value="{html.escape(task or "")}"> '
+            f"<button>Filter</button></form> {first}, newest first"
+            "<table><tr><th>id</th><th>task</th><th>state</th><th>attempt</th><th>enqueued</th>"
+            f"<th>started or done</th><th>params</th><th>error</th></tr>{rows}</table>"
+            f'<p class="pager">{"".join(pager)}</p>')
+
+
+def _web_job(job: dict[str, Any], csrf_token: str) -> str:
+    path = f"/jobs/{quote(job['id'], safe='')}"
+    token = f'<input type="hidden" name="csrf" value="{html.escape(csrf_token)}">'
+    retry = f'<form method="post" action="{path}/retry">{token}<button>Retry</button></form>'
+    delete = (f'<form method="post" action="{path}/delete" data-confirm="Delete job '
+              f'{html.escape(job["id"])}?">{token}<button>Delete</button></form>')
+    times = "".join(f"<tr><th>{name}</th><td>{html.escape(str(job[name] or ''))}</td></tr>"
+                    for name in ("enqueued", "scheduled", "started", "done"))
+    if job["error"] is not None:
+        outcome = f'<h2>Error</h2><pre class="error">{html.escape(job["error"])}</pre>'
+    elif job["state"] == JOB_STATE_DONE:
+        outcome = f"<h2>Result</h2><pre>{_web_json(job['result'])}</pre>"
+    else:
+        outcome = ""
+    return (f"<p>{retry if job['state'] == JOB_STATE_DONE else ''}{delete}</p>"
+            f"<table><tr><th>task</th><td>{html.escape(job['task'])}</td></tr>"
+            f"<tr><th>state</th><td>{_web_state(job)}</td></tr>"
+            f"<tr><th>attempt</th><td>{int(job['attempt'])}</td></tr>{times}</table>"
+            f"<h2>Params</h2><pre>{_web_json(job['params'])}</pre>{outcome}"
+            f"<h2>Enqueued from</h2><pre>{html.escape(job['stack'])}</pre>")
+
+
+class _WebHandler(BaseHTTPRequestHandler):
+    """Answers one request to the dashboard; _serve_web gives it the queue and the secrets."""
+
+    server_version = f"monsterqueue/{__version__}"
+
+    def __init__(self, *args: Any, queue: Queue, credentials: bytes | None, csrf_token: str) -> None:
+        self.queue = queue
+        self.credentials = credentials    # b"USER:PASSWORD", or None for no auth
+        self.csrf_token = csrf_token
+        self.api = False                  # answer in JSON
+        self.allowed = False              # passed the access check: may see the token
+        super().__init__(*args)           # which handles the request
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("web: %s " + format, self.address_string(), *args)
+
+    def _answer(self) -> None:
+        url = urlsplit(self.path)
+        # Split before unquoting, so that an id with a quoted "/" stays one part.
+        parts = [unquote(part) for part in url.path.split("/") if part]
+        self.api = parts[:1] == ["api"]
+        route = parts[1:] if self.api else parts
+        try:
+            self._check_access()
+            if self.command == "POST":
+                self._post(route)
+            else:
+                self._get(route, url.query)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away, as it does when a page reloads: no one to answer
+        except _WebError as exc:
+            self._error(exc.status, str(exc))
+        except NoSuchJobError:
+            self._error(404, "no such job")
+        except ServerUnavailableError as exc:
+            self._error(503, str(exc))
+        except Exception:
+            logger.exception("web: %s %s failed", self.command, self.path)
+            self._error(500, "internal error: see the dashboard's log")
+
+    do_GET = do_POST = _answer
+
+    def _check_access(self) -> None:
+        """Let in a request with the credentials or, without auth, one sent to a loopback name.
+
+        The name check defeats DNS rebinding: a site whose name now points at
+        127.0.0.1 still sends its own name in the Host header.
+        """
+        if self.credentials is None:
+            try:
+                host = urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+            except ValueError:
+                host = ""
+            if not _is_loopback(host):
+                raise _WebError(403, "without --auth the dashboard answers only to a loopback name")
+        else:
+            scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
+            try:
+                given = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                given = b""
+            if scheme.lower() != "basic" or not hmac.compare_digest(given, self.credentials):
+                raise _WebError(401, "this dashboard needs its user name and password")
+        self.allowed = True
+
+    def _get(self, route: list[str], query: str) -> None:
+        if route == ["stats"] and self.api:
+            self._send_json(self.queue.stats())
+        elif route == [] and not self.api:
+            self._send_page("Overview", _web_overview(self.queue.stats()))
+        elif route == ["jobs"]:
+            state, task, offset, limit = _web_query(query)
+            # One more than a page, to know whether there is an older page.
+            jobs = [job.as_dict() for job in self.queue.list_jobs(state, task, limit + 1, offset, True)]
+            if self.api:
+                self._send_json({"jobs": jobs[:limit], "offset": offset, "limit": limit})
+            else:
+                self._send_page("Jobs", _web_job_list(jobs[:limit], len(jobs) > limit, state, task,
+                                                      offset, limit))
+        elif len(route) == 2 and route[0] == "jobs":
+            job = self.queue.retrieve_job(route[1]).as_dict()
+            if self.api:
+                self._send_json(job)
+            else:
+                self._send_page(f"Job {job['id']}", _web_job(job, self.csrf_token))
+        else:
+            raise _WebError(404, "no such page")
+
+    def _post(self, route: list[str]) -> None:
+        if len(route) != 3 or route[0] != "jobs" or route[2] not in ("retry", "delete"):
+            raise _WebError(404, "no such action")
+        # A form holds only the token: read no more than that could take.
+        body = self.rfile.read(min(_int(self.headers.get("Content-Length")), 4096))
+        form = dict(parse_qsl(body.decode(errors="replace")))
+        given = self.headers.get("X-CSRF-Token") or form.get("csrf", "")
+        if not hmac.compare_digest(given.encode(), self.csrf_token.encode()):
+            raise _WebError(403, "missing or wrong CSRF token: reload the page and try again")
+        job_id = route[1]
+        if route[2] == "delete":
+            self.queue.delete_job(job_id)
+            answer: dict[str, Any] = {"deleted": job_id}
+            where = "/jobs"
+        else:
+            try:
+                answer = self.queue.retry_job(job_id).as_dict()
+            except ValueError as exc:
+                raise _WebError(409, str(exc)) from None
+            where = f"/jobs/{quote(job_id, safe='')}"
+        if self.api:
+            self._send_json(answer)
+        else:
+            self._send(303, "text/plain", b"", {"Location": where})
+
+    def _send_page(self, title: str, body: str, status: int = 200, headers: dict[str, str] | None = None,
+                   refresh: bool = True) -> None:
+        where = f"{type(self.queue).__name__} at {self.queue._address}"
+        page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                f"<title>{html.escape(title)} · monsterqueue</title><style>{_WEB_STYLE}</style></head>"
+                f'<body data-refresh="{WEB_REFRESH_INTERVAL if refresh else 0:g}"><header><b>monsterqueue</b>'
+                f'<a href="/">Overview</a><a href="/jobs">Jobs</a><span>{html.escape(where)}, times in UTC'
+                f"</span></header><main><h1>{html.escape(title)}</h1>{body}</main>"
+                f"<script>{_WEB_SCRIPT}</script></body></html>")
+        self._send(status, "text/html; charset=utf-8", page.encode(), headers)
+
+    def _send_json(self, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self._send(status, "application/json", json.dumps(value).encode(), headers)
+
+    def _error(self, status: int, message: str) -> None:
+        # A 401 asks the browser for the user name and password.
+        headers = {"WWW-Authenticate": 'Basic realm="monsterqueue", charset="UTF-8"'} if status == 401 else {}
+        if self.api:
+            self._send_json({"error": message}, status, headers)
+        else:
+            # Not reloaded: it may answer a POST, which a reload would send again.
+            self._send_page(f"{status} {self.responses[status][0]}",
+                            f'<p class="error">{html.escape(message)}</p>', status, headers, refresh=False)
+
+    def _send(self, status: int, content_type: str, body: bytes, headers: dict[str, str] | None) -> None:
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)),
+                            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                            "Content-Security-Policy": _WEB_CSP, **(headers or {})}.items():
+            self.send_header(name, value)
+        if self.allowed:
+            self.send_header("X-CSRF-Token", self.csrf_token)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _WebServer(ThreadingHTTPServer):
+    """The dashboard's threaded server, on IPv6 when its host is an IPv6 address or name."""
+
+    def __init__(self, host: str, port: int, handler: Callable[..., BaseHTTPRequestHandler]) -> None:
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        super().__init__((host, port), handler)
+
+
+def _serve_web(queue: Queue, host: str, port: int, auth: str | None) -> ThreadingHTTPServer:
+    """Bind the dashboard of ``queue`` to host:port and return its server, not yet serving.
+
+    The caller runs serve_forever() (on a thread, in tests) and ends it with
+    shutdown() and server_close(); port 0 takes a free port, which
+    server_port tells. ``auth`` is USER:PASSWORD for HTTP basic auth,
+    required on any host but a loopback one: ValueError otherwise. Each
+    server draws its own CSRF token.
+    """
+    if auth is not None and ":" not in auth:
+        raise ValueError("--auth must be USER:PASSWORD")
+    if auth is None and not _is_loopback(host):
+        raise ValueError(f"refusing to serve the dashboard on {host} without --auth USER:PASSWORD "
+                         "(or MONSTERQUEUE_WEB_AUTH): only a loopback host may go without")
+    handler = functools.partial(_WebHandler, queue=queue, credentials=None if auth is None else auth.encode(),
+                                csrf_token=secrets.token_urlsafe(32))
+    return _WebServer(host, port, handler)
+
+
+def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -> int:
+    """Serve the dashboard of a queue until SIGINT; return 2 if the host or port is refused."""
+    auth = auth or os.environ.get("MONSTERQUEUE_WEB_AUTH") or None
+    queue = _open(url, prefix)
+    try:
+        server = _serve_web(queue, host, port, auth)
+    except (ValueError, OSError) as exc:
+        print(f"monsterqueue: {exc}", file=sys.stderr)
+        return 2
+    logger.warning("dashboard of %s on http://%s:%d/%s", queue._address, f"[{host}]" if ":" in host else host,
+                   server.server_port, " with basic auth" if auth else "")
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    server.server_close()
+    queue.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m monsterqueue [demo | worker | web | jobs | show | stats | enqueue | retry | delete]
 # ---------------------------------------------------------------------------
 
 def _demo(url: str, jobs: int, concurrency: int) -> None:
@@ -2018,9 +2427,18 @@ def main(argv: list[str] | None = None) -> int:
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait for its outcome")
     command("retry", "run a done job again").add_argument("id")
     command("delete", "delete a job").add_argument("id")
+    web = commands.add_parser("web", help="serve the dashboard and its JSON API until SIGINT")
+    web.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
+    web.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=int, default=8778, help="port to listen on (default 8778)")
+    web.add_argument("--auth", metavar="USER:PASSWORD", help="require HTTP basic auth, as any host but a "
+                     "loopback one does (default: $MONSTERQUEUE_WEB_AUTH)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.command == "web":
+            return _web(args.url, args.prefix, args.host, args.port, args.auth)
         if args.command == "worker":
             queue = _load_queue(args.queue)
             if args.concurrency:

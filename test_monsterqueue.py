@@ -7,9 +7,11 @@ set, a backend that can't be reached fails the run; elsewhere it is skipped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +21,8 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -1487,3 +1491,412 @@ def test_garbage_records_fail_with_a_reason_and_the_rest_runs(server_queue: Queu
 
 def stored_state(queue: Queue, job_id: str) -> str:
     return str(queue._load(job_id).get("state"))
+
+
+# ---------------------------------------------------------------------------
+# Web dashboard
+# ---------------------------------------------------------------------------
+
+XSS = "<script>window.pwned = true</script>"
+
+
+@pytest.fixture
+def web_queue(queue: Queue) -> Queue:
+    """A queue with a done job, a failed one with markup in its params and error, and an enqueued one."""
+    @queue.task()
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task()
+    def boom(note: str) -> None:
+        raise RuntimeError(f"<b>boom</b> {note}")
+
+    done = queue.enqueue("add", {"a": 1, "b": 2})
+    failed = queue.enqueue("boom", {"note": XSS})
+    with running(queue):
+        assert wait_until(lambda: all(queue.retrieve_job(job.id).status.state == JOB_STATE_DONE
+                                      for job in (done, failed)))
+    queue.enqueue("add", {"a": 2, "b": 3})
+    return queue
+
+
+def job_id(queue: Queue, state: str) -> str:
+    """The id of the one job of ``state`` ("failed" included) in web_queue."""
+    jobs = queue.list_jobs(state=state)
+    assert len(jobs) == 1, jobs
+    return jobs[0].id
+
+
+class Site:
+    """A dashboard served on a thread, and a urllib client that follows no redirect."""
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    def __init__(self, queue: Queue, auth: str | None = None, host: str = "127.0.0.1") -> None:
+        self.server = monsterqueue._serve_web(queue, host, 0, auth)
+        self.url = f"http://{host}:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.opener = urllib.request.build_opener(self._NoRedirect)
+
+    def request(self, path: str, form: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any, str]:
+        """GET, or POST ``form``; return status, headers and body, whatever the status."""
+        data = None if form is None else urllib.parse.urlencode(form).encode()
+        request = urllib.request.Request(self.url + path, data, headers or {},
+                                         method="GET" if form is None else "POST")
+        try:
+            with self.opener.open(request, timeout=10) as response:
+                return response.status, response.headers, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.headers, exc.read().decode()
+
+    def json(self, path: str, form: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        status, _, body = self.request(path, form, headers)
+        return status, json.loads(body)
+
+    def token(self, headers: dict[str, str] | None = None) -> str:
+        status, answer_headers, _ = self.request("/api/stats", headers=headers)
+        assert status == 200
+        return str(answer_headers["X-CSRF-Token"])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """Serve dashboards with Site(queue, auth); each is shut down after the test."""
+    sites: list[Site] = []
+
+    def start(queue: Queue, auth: str | None = None) -> Site:
+        sites.append(Site(queue, auth))
+        return sites[-1]
+    yield start
+    for site in sites:
+        site.close()
+
+
+@pytest.fixture
+def web(web_queue: Queue, serve: Any) -> Site:
+    return serve(web_queue)
+
+
+def basic(credentials: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
+def ids_in(page: str) -> list[str]:
+    """The job ids a job list page links to, in order."""
+    return re.findall(r'href="/jobs/([^"?/]+)"', page)
+
+
+def test_web_overview_shows_counts_workers_and_throughput(web_queue: Queue, web: Site) -> None:
+    status, headers, page = web.request("/")
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src 'sha256-" in headers["Content-Security-Policy"]
+    assert re.search(r'href="/jobs\?task=add&amp;state=enqueued">1</a>', page)
+    assert re.search(r'href="/jobs\?task=add&amp;state=done">1</a>', page)
+    assert re.search(r'href="/jobs\?task=boom&amp;state=failed">1</a>', page)
+    assert "<polyline points=" in page and "Workers alive" in page
+    assert 'data-refresh="5"' in page
+
+
+def test_web_job_list_is_newest_first_filtered_and_paged(web_queue: Queue, web: Site) -> None:
+    newest_first = [job.id for job in reversed(web_queue.list_jobs())]
+    status, _, page = web.request("/jobs")
+    assert status == 200 and ids_in(page) == newest_first
+    assert ids_in(web.request("/jobs?state=failed")[2]) == [job_id(web_queue, "failed")]
+    _, _, page = web.request("/jobs?task=add")
+    assert ids_in(page) == [job.id for job in reversed(web_queue.list_jobs(task_name="add"))]
+    assert '<option value="failed" selected>' in web.request("/jobs?state=failed")[2]
+    assert 'value="add"' in page
+    _, _, first = web.request("/jobs?limit=2")
+    assert ids_in(first) == newest_first[:2]
+    assert 'href="/jobs?offset=2&amp;limit=2">older' in first and "← newer" not in first
+    _, _, last = web.request("/jobs?limit=2&offset=2")
+    assert ids_in(last) == newest_first[2:]
+    assert 'href="/jobs?limit=2">← newer' in last and "older →" not in last
+    too_many = monsterqueue.WEB_MAX_PAGE_SIZE + 1
+    for wrong in ("limit=0", "limit=x", "offset=-1", "state=lost", f"limit={too_many}"):
+        assert web.request(f"/jobs?{wrong}")[0] == 400, wrong
+
+
+def test_web_job_page_shows_params_times_outcome_and_stack(web_queue: Queue, web: Site) -> None:
+    failed = web_queue.retrieve_job(job_id(web_queue, "failed"))
+    status, _, page = web.request(f"/jobs/{failed.id}")
+    assert status == 200
+    assert "RuntimeError: &lt;b&gt;boom&lt;/b&gt;" in page
+    assert "&quot;note&quot;: &quot;&lt;script&gt;" in page
+    assert failed.as_dict()["enqueued"] in page and failed.as_dict()["done"] in page
+    assert Path(__file__).name in page  # the enqueue stack
+    assert f'action="/jobs/{failed.id}/retry"' in page and f'action="/jobs/{failed.id}/delete"' in page
+    done = next(job for job in web_queue.list_jobs(state=JOB_STATE_DONE) if job.id != failed.id)
+    _, _, page = web.request(f"/jobs/{done.id}")
+    assert "<h2>Result</h2><pre>3</pre>" in page
+    enqueued = job_id(web_queue, JOB_STATE_ENQUEUED)
+    _, _, page = web.request(f"/jobs/{enqueued}")
+    assert "/retry" not in page and "/delete" in page and "<h2>Result" not in page
+    assert web.request("/jobs/999999999")[0] == 404
+    assert web.request("/nowhere")[0] == 404
+
+
+def test_web_escapes_every_value_of_a_job(web_queue: Queue, serve: Any) -> None:
+    web_queue.enqueue('<img src=x onerror="alert(1)">', {"<i>key</i>": XSS})
+    web = serve(web_queue)
+    for path in ("/", "/jobs", "/jobs?task=<img", *(f"/jobs/{job.id}" for job in web_queue.list_jobs())):
+        _, _, page = web.request(path.replace("<", "%3C"))
+        assert "<script>window" not in page and "<img" not in page and "<b>boom" not in page, path
+        assert "<i>" not in page, path
+    assert "&lt;script&gt;window.pwned = true&lt;/script&gt;" in web.request("/jobs")[2]
+
+
+def test_web_api_returns_the_shapes_of_the_cli(web_queue: Queue, web: Site) -> None:
+    status, answer = web.json("/api/jobs")
+    assert status == 200 and answer["offset"] == 0 and answer["limit"] == monsterqueue.WEB_PAGE_SIZE
+    assert answer["jobs"] == [job.as_dict() for job in reversed(web_queue.list_jobs())]
+    status, answer = web.json("/api/jobs?state=failed&task=boom&limit=1&offset=0")
+    assert answer == {"jobs": [web_queue.retrieve_job(job_id(web_queue, "failed")).as_dict()],
+                      "offset": 0, "limit": 1}
+    oldest_add = web_queue.list_jobs(task_name="add")[0]
+    assert web.json("/api/jobs?task=add&offset=1")[1]["jobs"] == [oldest_add.as_dict()]
+    failed = job_id(web_queue, "failed")
+    assert web.json(f"/api/jobs/{failed}") == (200, web_queue.retrieve_job(failed).as_dict())
+    status, stats = web.json("/api/stats")
+    expected = web_queue.stats()
+    assert status == 200 and stats["counts"] == expected["counts"] and stats["workers"] == expected["workers"]
+    assert len(stats["done_per_minute"]) == 15 and sum(stats["done_per_minute"]) >= 2
+    assert web.json("/api/jobs/999999999") == (404, {"error": "no such job"})
+    assert web.json("/api/jobs?state=lost")[0] == 400
+    assert web.json("/api/nowhere")[0] == 404
+
+
+def test_web_retry_and_delete_with_forms_and_the_api(web_queue: Queue, web: Site) -> None:
+    token = web.token()
+    failed, enqueued = job_id(web_queue, "failed"), job_id(web_queue, JOB_STATE_ENQUEUED)
+    status, headers, _ = web.request(f"/jobs/{failed}/retry", {"csrf": token})
+    assert status == 303 and headers["Location"] == f"/jobs/{failed}"
+    assert web_queue.retrieve_job(failed).status.state == JOB_STATE_ENQUEUED
+    status, answer = web.json(f"/api/jobs/{failed}/retry", {}, {"X-CSRF-Token": token})
+    assert status == 409 and "not done" in answer["error"]
+    status, headers, _ = web.request(f"/jobs/{enqueued}/delete", {"csrf": token})
+    assert status == 303 and headers["Location"] == "/jobs"
+    with pytest.raises(NoSuchJobError):
+        web_queue.retrieve_job(enqueued)
+    done = web_queue.list_jobs(state=JOB_STATE_DONE)[0].id
+    status, answer = web.json(f"/api/jobs/{done}/retry", {}, {"X-CSRF-Token": token})
+    assert status == 200 and answer == web_queue.retrieve_job(done).as_dict()
+    assert answer["state"] == JOB_STATE_ENQUEUED and answer["result"] is None
+    with_token = {"X-CSRF-Token": token}
+    assert web.json(f"/api/jobs/{done}/delete", {}, with_token) == (200, {"deleted": done})
+    assert web.json(f"/api/jobs/{done}/delete", {}, with_token) == (404, {"error": "no such job"})
+    assert web.json("/api/jobs/1/explode", {}, with_token)[0] == 404
+
+
+def test_web_posts_without_the_csrf_token_change_nothing(web_queue: Queue, web: Site) -> None:
+    failed = job_id(web_queue, "failed")
+    before = web_queue.retrieve_job(failed).as_dict()
+    wrong = web.token()[::-1]
+    for action in ("retry", "delete"):
+        assert web.request(f"/jobs/{failed}/{action}", {})[0] == 403
+        assert web.request(f"/jobs/{failed}/{action}", {"csrf": wrong})[0] == 403
+        assert web.request(f"/jobs/{failed}/{action}", {"csrf": "é"})[0] == 403
+        assert web.json(f"/api/jobs/{failed}/{action}", {})[0] == 403
+        assert web.json(f"/api/jobs/{failed}/{action}", {}, {"X-CSRF-Token": wrong})[0] == 403
+    assert web_queue.retrieve_job(failed).as_dict() == before
+
+
+def test_web_basic_auth(web_queue: Queue, serve: Any) -> None:
+    web = serve(web_queue, "admin:s3cr:et")
+    status, headers, _ = web.request("/")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic ")
+    assert "X-CSRF-Token" not in headers
+    for wrong in ("admin:wrong", "admin:s3cr", "", "admin:s3cr:et "):
+        assert web.request("/jobs", headers=basic(wrong))[0] == 401, wrong
+    assert web.request("/", headers={"Authorization": "Basic !!!"})[0] == 401
+    assert web.json("/api/stats")[0] == 401
+    status, headers, _ = web.request("/", headers=basic("admin:s3cr:et"))
+    assert status == 200 and headers["X-CSRF-Token"]
+    token = web.token(basic("admin:s3cr:et"))
+    failed = job_id(web_queue, "failed")
+    assert web.request(f"/jobs/{failed}/retry", {"csrf": token})[0] == 401
+    assert web.request(f"/jobs/{failed}/retry", {"csrf": token}, basic("admin:s3cr:et"))[0] == 303
+
+
+def test_web_without_auth_answers_only_to_loopback_names(web_queue: Queue, web: Site) -> None:
+    # A site whose name was made to point at 127.0.0.1 (DNS rebinding) sends its own name.
+    assert web.request("/", headers={"Host": "evil.example:8778"})[0] == 403
+    assert web.request("/api/stats", headers={"Host": "127.0.0.1.evil.example"})[0] == 403
+    for host in ("localhost:8778", "127.0.0.1", "[::1]:8778", "LOCALHOST"):
+        assert web.request("/", headers={"Host": host})[0] == 200, host
+
+
+def test_web_refuses_a_non_loopback_host_without_auth() -> None:
+    web_queue = MemoryQueue()
+    for host in ("0.0.0.0", "::", "192.0.2.1", "example.com"):
+        with pytest.raises(ValueError, match="without --auth"):
+            monsterqueue._serve_web(web_queue, host, 0, None)
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        monsterqueue._serve_web(web_queue, "127.0.0.1", 0, "admin")
+    monsterqueue._serve_web(web_queue, "0.0.0.0", 0, "admin:secret").server_close()
+    monsterqueue._serve_web(web_queue, "::1", 0, None).server_close()
+    done = subprocess.run([sys.executable, "-m", "monsterqueue", "web", "memory://", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, cwd=HERE, timeout=60,
+                          env={**os.environ, "MONSTERQUEUE_WEB_AUTH": ""})
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "refusing" in done.stderr and "--auth" in done.stderr
+
+
+def test_web_command_takes_auth_from_the_environment() -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "monsterqueue", "web", "memory://", "--port", str(port)],
+                              cwd=HERE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MONSTERQUEUE_WEB_AUTH": "admin:secret"})
+    try:
+        assert server.stderr is not None
+        assert f"on http://127.0.0.1:{port}/ with basic auth" in server.stderr.readline()
+        site = f"http://127.0.0.1:{port}/"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(site, timeout=10)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(site, headers=basic("admin:secret")),
+                                    timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.send_signal(2)  # SIGINT, as Ctrl-C
+        assert server.wait(10) == 0
+
+
+# -- in a real browser -------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium from Debian's packages driven by Selenium; no browser is downloaded."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("no Selenium: pip install selenium")
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        unavailable(f"no {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        options.add_argument(flag)
+    # With the driver's path given, Selenium Manager (which would download one) is not run.
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: Any, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import alert_is_present
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def reloading(seconds: float) -> None:
+        """Make the pages served from now on reload every ``seconds`` (0: never): no reload races a click."""
+        monkeypatch.setattr(monsterqueue, "WEB_REFRESH_INTERVAL", seconds)
+
+    reloading(0)
+    q = RedisQueue(redis_url, key_prefix="mq-test-web")
+    q.reset_storage()
+    broken, release = threading.Event(), threading.Event()
+    broken.set()
+
+    @q.task()
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @q.task()
+    def flaky(note: str) -> str:
+        if broken.is_set():
+            raise RuntimeError("the service is down")
+        return "fine now"
+
+    @q.task()
+    def slow() -> None:
+        release.wait(30)
+
+    q.enqueue_many("add", [{"a": i, "b": i} for i in range(3)])
+    failing = q.enqueue("flaky", {"note": XSS})
+    q.enqueue("slow")
+    unhandled = q.enqueue("report", {"month": "2024-05"})   # no worker runs it: stays enqueued
+    worker = threading.Thread(target=q.process_loop, daemon=True)
+    worker.start()
+    try:
+        assert wait_until(lambda: len(q.list_jobs(state="failed")) == 1
+                          and len(q.list_jobs(state=JOB_STATE_RUNNING)) == 1, 20)
+        site = serve(q)
+        wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
+                                                              StaleElementReferenceException))
+
+        browser.get(site.url + "/")
+        assert "Overview" in browser.title
+        row = browser.find_element(By.XPATH, "//tr[td/a[text()='flaky']]")
+        assert [cell.text for cell in row.find_elements(By.TAG_NAME, "td")] == ["flaky", "0", "0", "0", "1"]
+        assert browser.find_elements(By.CSS_SELECTOR, "svg polyline")
+
+        browser.find_element(By.LINK_TEXT, "Jobs").click()
+        Select(browser.find_element(By.NAME, "state")).select_by_value("failed")
+        browser.find_element(By.XPATH, "//button[text()='Filter']").click()
+        wait.until(lambda d: "state=failed" in d.current_url)
+        rows = browser.find_elements(By.XPATH, "//table/tbody/tr[td]")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [failing.id]
+        assert XSS in rows[0].text                                  # shown as text, not run
+        assert browser.execute_script("return window.pwned") is None
+
+        # The page reloads itself and keeps its filter.
+        reloading(0.5)
+        browser.refresh()
+        browser.execute_script("window.marker = 1")
+        wait.until(lambda d: d.execute_script("return window.marker") is None)
+        assert "state=failed" in browser.current_url
+        assert Select(browser.find_element(By.NAME, "state")).first_selected_option.text == "failed"
+        reloading(0)
+        browser.get(browser.current_url)
+
+        browser.find_element(By.LINK_TEXT, failing.id).click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == f"Job {failing.id}")
+        assert "the service is down" in browser.find_element(By.CSS_SELECTOR, "pre.error").text
+        broken.clear()
+        reloading(0.5)   # the job page the retry leads to reloads until the job is done
+        browser.find_element(By.XPATH, "//button[text()='Retry']").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".state").text == "done")
+        assert '"fine now"' in browser.find_element(By.XPATH, "//h2[text()='Result']/following::pre").text
+        reloading(0)
+
+        browser.get(f"{site.url}/jobs/{unhandled.id}")
+        browser.find_element(By.XPATH, "//button[text()='Delete']").click()
+        wait.until(alert_is_present()).accept()
+        wait.until(lambda d: d.current_url == site.url + "/jobs")
+        with pytest.raises(NoSuchJobError):
+            q.retrieve_job(unhandled.id)
+
+        browser.get(site.url + "/")
+        shot = tmp_path / "dashboard.png"
+        assert browser.save_screenshot(str(shot))
+        with capsys.disabled():
+            print(f"\nscreenshot of the dashboard in Chromium: {shot}")
+    finally:
+        release.set()
+        q.stop()
+        worker.join(10)
+        q.reset_storage()
+        q.close()
