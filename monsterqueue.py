@@ -1092,6 +1092,7 @@ class MemoryQueue(Queue):
 #   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
 #                           waiter (the waiting caller's deadline) and worker
 #   {prefix}:jobs           sorted set of every job id, scored by its number
+#   {prefix}:task:TASK      the same, of one task's jobs
 #   {prefix}:enqueued       the same, of the enqueued jobs (delayed ones too)
 #   {prefix}:running        sorted set of claimed ids, scored by lease deadline
 #   {prefix}:done           sorted set of "done|failed:TASK:ID", scored by done time:
@@ -1187,6 +1188,7 @@ for i = 1, n do
              'enqueued', now, 'stack', ARGV[3], 'delivery', 0, 'attempt', 1)
   if ARGV[4] ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(ARGV[4])) end
   redis.call('ZADD', prefix .. 'jobs', number, id)
+  redis.call('ZADD', prefix .. 'task:' .. task, number, id)
   redis.call('ZADD', prefix .. 'enqueued', number, id)
   if delay > 0 then
     redis.call('HSET', key, 'due', now + delay)
@@ -1331,6 +1333,7 @@ if ttl > 0 then
     local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
     redis.call('ZREM', prefix .. 'done', member)
     redis.call('ZREM', prefix .. 'jobs', id)
+    redis.call('ZREM', prefix .. 'task:' .. task, id)
     redis.call('DEL', prefix .. 'job:' .. id)
     count(prefix, outcome, task, -1)
   end
@@ -1375,6 +1378,7 @@ if is_job(KEYS[1]) then
     count(prefix, state, task, -1)
   end
   redis.call('LREM', prefix .. 'queue:' .. task, 1, id)
+  redis.call('ZREM', prefix .. 'task:' .. task, id)
 end
 redis.call('DEL', KEYS[1], prefix .. 'outcome:' .. id)
 for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled'}) do
@@ -1501,18 +1505,23 @@ class RedisQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
-        # Walk the state's index in pages and read only the jobs that can be on the page.
-        # Done members carry outcome and task, so those filters cost no read either;
-        # only a task filter on another index reads the jobs it skips.
-        index = {None: "jobs", "failed": "done"}.get(state, state)
+        # Walk an index in pages and read only the jobs that can be on the page. Done
+        # members carry outcome and task, so those filters cost no read; a task and
+        # another state walk the smaller of their two indexes, reading to filter.
+        index = {None: "jobs", "failed": "done"}.get(state) or str(state)
         member_filter = index == "done" and (state == "failed" or task_name is not None)
         exact = index == "done" or task_name is None
+        if task_name is not None and index != "done":
+            by_task = f"task:{task_name}"
+            exact = index == "jobs"
+            if exact or self.client.zcard(self._key(by_task)) < self.client.zcard(self._key(index)):
+                index = by_task
         start, skip = (offset, 0) if exact and not member_filter else (0, offset)
         page = max(min(limit or 1000, 1000), 100)
         found: list[tuple[str, dict[str, Any]]] = []
         while limit is None or len(found) < limit:
             members = [_text(m) for m in (self.client.zrevrange if newest_first else self.client.zrange)(
-                self._key(str(index)), start, start + page - 1)]
+                self._key(index), start, start + page - 1)]
             if not members:
                 break
             start += page

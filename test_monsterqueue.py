@@ -1096,7 +1096,7 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     assert all(key.startswith("{mq-test}:") for key in keys)
     kinds = {key.split(":")[1] for key in keys}
     # The jobs, their indexes and the counts and workers of stats; nothing of the running bookkeeping.
-    assert kinds == {"seq", "jobs", "job", "done", "counts", "workers"}, keys
+    assert kinds == {"seq", "jobs", "task", "job", "done", "counts", "workers"}, keys
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
 
 

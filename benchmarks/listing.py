@@ -35,7 +35,8 @@ def main() -> None:
     started = time.perf_counter()
     for name in ("work", "report", "mail"):
         queue.enqueue_many(name, ({"i": i} for i in range(args.jobs // 3)))
-    print(f"enqueued {args.jobs // 3 * 3:,} jobs in {time.perf_counter() - started:.1f}s")
+    queue.enqueue_many("rare", ({"i": i} for i in range(10)))
+    print(f"enqueued {args.jobs // 3 * 3 + 10:,} jobs in {time.perf_counter() - started:.1f}s")
     worker = threading.Thread(target=queue.process_loop)
     worker.start()
     while queue.stats()["counts"]["work"]["enqueued"]:
@@ -52,6 +53,9 @@ def main() -> None:
         "list_jobs(task_name='mail', limit=50, newest_first=True)": dict(task_name="mail", limit=50,
                                                                           newest_first=True),
         "list_jobs(state='done', task_name='work', limit=50)": dict(state="done", task_name="work", limit=50),
+        "list_jobs(task_name='rare', limit=50), 10 such jobs": dict(task_name="rare", limit=50),
+        "list_jobs(state='enqueued', task_name='rare', limit=50)": dict(state="enqueued", task_name="rare",
+                                                                         limit=50),
     }
     print(f"\n| query, {args.jobs:,} jobs stored | median ms | jobs returned |\n|---|--:|--:|")
     for name, query in queries.items():
