@@ -1139,45 +1139,6 @@ def master_known(sentinels: Any) -> bool:
         return False
 
 
-WORKER_SCRIPT = """
-import sys, monsterqueue
-q = monsterqueue.RedisQueue(sys.argv[1], key_prefix="mq-test", concurrency=4)
-
-@q.task()
-def count(i):
-    q.client.hincrby("mq-test-runs", str(i), 1)
-    return i
-
-import signal, threading
-signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=q.stop).start())
-print("ready", flush=True)
-q.process_loop()
-"""
-
-
-def test_redis_two_worker_processes_run_each_job_exactly_once(
-        redis_queue: RedisQueue, redis_url: str) -> None:
-    client = redis_queue.client
-    client.delete("mq-test-runs")
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, redis_url], cwd=HERE,
-                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
-        jobs = redis_queue.enqueue_many("count", [{"i": i} for i in range(500)])
-        assert wait_until(lambda: client.hlen("mq-test-runs") == 500, 60)
-        assert wait_until(lambda: all(j.status.state == JOB_STATE_DONE for j in redis_queue.list_jobs()))
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.wait(10)
-    runs = client.hgetall("mq-test-runs")
-    client.delete("mq-test-runs")
-    assert sorted(map(int, runs)) == list(range(500))
-    assert set(runs.values()) == {"1"}
-    assert {redis_queue.retrieve_job(j.id).result() for j in jobs} == set(range(500))
-
-
 # ---------------------------------------------------------------------------
 # MongoDB only
 # ---------------------------------------------------------------------------
@@ -1232,43 +1193,6 @@ def test_mongodb_a_worker_that_does_not_hold_the_job_cannot_finish_it(mongo_queu
     assert mongo_queue.retrieve_job(job_id).result() == "mine"
     assert stale.error("late") is False
     assert mongo_queue.retrieve_job(job_id).result() == "mine"
-
-
-MONGO_WORKER_SCRIPT = """
-import sys, monsterqueue
-q = monsterqueue.MongoQueue(sys.argv[1], collection_prefix="mq_test", concurrency=4)
-runs = q._jobs.database["mq_test_runs"]
-
-@q.task()
-def count(i):
-    runs.insert_one({"i": i})
-    return i
-
-import signal, threading
-signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=q.stop).start())
-print("ready", flush=True)
-q.process_loop()
-"""
-
-
-def test_mongodb_two_worker_processes_run_each_job_exactly_once(
-        mongo_queue: MongoQueue, mongodb_url: str) -> None:
-    runs = mongo_queue._jobs.database["mq_test_runs"]
-    runs.delete_many({})
-    workers = [subprocess.Popen([sys.executable, "-c", MONGO_WORKER_SCRIPT, mongodb_url], cwd=HERE,
-                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
-        mongo_queue.enqueue_many("count", [{"i": i} for i in range(100)])
-        assert wait_until(lambda: mongo_queue._jobs.count_documents({"state": JOB_STATE_DONE}) == 100, 120)
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.wait(10)
-    seen = sorted(doc["i"] for doc in runs.find())
-    runs.drop()
-    assert seen == list(range(100))
 
 
 # ---------------------------------------------------------------------------
@@ -1336,6 +1260,25 @@ def start_fault_queue(url: str, tmp_path: Path, lease: float = 1.0) -> Queue:
 
 def state_of(queue: Queue, job_id: str) -> str:
     return queue.retrieve_job(job_id).status.state
+
+
+@pytest.mark.parametrize(("backend", "jobs"), [("redis", 500), ("mongodb", 100)])
+def test_two_worker_processes_run_each_job_exactly_once(backend: str, jobs: int, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    queue = start_fault_queue(request.getfixturevalue(f"{backend}_url"), tmp_path, lease=10.0)
+    try:
+        queue.start_worker()  # type: ignore[attr-defined]
+        queue.start_worker()  # type: ignore[attr-defined]
+        queue.enqueue_many("record", [{"i": i} for i in range(jobs)])
+        assert wait_until(lambda: queue.stats()["counts"]["record"]["done"] == jobs, 120, 0.2)
+        ran = sorted(int(line) for line in (tmp_path / "runs").read_text().split())
+        assert ran == list(range(jobs))
+        assert {job.result() for job in queue.list_jobs()} == set(range(jobs))
+    finally:
+        for worker in queue.workers:  # type: ignore[attr-defined]
+            worker.kill()
+        queue.reset_storage()
+        queue.close()
 
 
 def test_a_killed_workers_job_is_finished_by_another_within_the_lease(fault_queue: Any) -> None:
