@@ -101,6 +101,7 @@ DEFAULT_RESULT_TTL = 86400.0    # seconds a done job is kept; None keeps it
 # How an idle worker waits: it wakes at least this often even if nothing is
 # pushed, and backs off up to the longest pause while its server is away.
 IDLE_WAKE_INTERVAL = 1.0
+CLAIM_LINGER = 0.002            # seconds the loop waits for more free threads to claim for
 OUTAGE_PAUSES = (0.1, 5.0)
 
 
@@ -541,6 +542,12 @@ class Queue:
     def _wait_for_free_threads(self, stopping: threading.Event) -> int:
         with self._idle:
             self._idle.wait_for(lambda: len(self._held) < self.concurrency or stopping.is_set())
+            # Short jobs free their threads one at a time: wait a moment for half of them,
+            # to claim them in one round trip and wake this loop once, not once per job.
+            batch = max(self.concurrency // 2, 1)
+            if self.concurrency - len(self._held) < batch:
+                self._idle.wait_for(lambda: self.concurrency - len(self._held) >= batch
+                                    or stopping.is_set(), CLAIM_LINGER)
             return 0 if stopping.is_set() else self.concurrency - len(self._held)
 
     def _start(self, pool: ThreadPoolExecutor, job_id: str, fields: dict[str, Any]) -> None:
@@ -567,7 +574,9 @@ class Queue:
         finally:
             with self._idle:
                 del self._held[job.id]
-                self._idle.notify_all()
+                # Wake the loop when it may be waiting: for a first free thread or for a batch.
+                if self.concurrency - len(self._held) in (1, max(self.concurrency // 2, 1)) or not self._held:
+                    self._idle.notify_all()
 
     def _report(self, job: Job, result: str | None, error: str | None) -> bool:
         """Record a job's outcome, or schedule its retry; True if a waiter received it.
@@ -1153,15 +1162,17 @@ end
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
 local function finish_job(prefix, id, field, value, now, keep)
   local key = prefix .. 'job:' .. id
-  local task = redis.call('HGET', key, 'task') or ''
+  local got = redis.call('HMGET', key, 'task', 'waiter')
+  local task, outcome = got[1] or '', field == 'error' and 'failed' or 'done'
   redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
   redis.call('HDEL', key, 'worker')
   redis.call('ZREM', prefix .. 'running', id)
-  redis.call('ZADD', prefix .. 'done', now, done_member(key, id))
+  -- As done_member: a running job has no error field (requeue clears it).
+  redis.call('ZADD', prefix .. 'done', now, outcome .. ':' .. task .. ':' .. id)
   count(prefix, 'running', task, -1)
-  count(prefix, field == 'error' and 'failed' or 'done', task, 1)
+  count(prefix, outcome, task, 1)
   if keep > 0 then redis.call('PEXPIRE', key, keep) end
-  local deadline = tonumber(redis.call('HGET', key, 'waiter'))
+  local deadline = tonumber(got[2])
   if not deadline or deadline == 0 then return 0 end
   redis.call('HSET', key, 'waiter', 0)
   local outcome = prefix .. 'outcome:' .. id
@@ -1224,6 +1235,7 @@ local claimed = {}
 for i = 6, #ARGV do
   local task = ARGV[i]
   local queue = prefix .. 'queue:' .. task
+  local before = #claimed
   while #claimed < limit do
     local id = redis.call('LPOP', queue)
     if not id then break end
@@ -1237,14 +1249,18 @@ for i = 6, #ARGV do
       finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
                  tonumber(ARGV[5]))
     elseif kind == 'hash' then
-      local delivery = (tonumber(redis.call('HGET', key, 'delivery')) or 0) + 1
+      -- Only what the worker can't know: it set task, state, started and worker itself.
+      local f = redis.call('HMGET', key, 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack')
+      local delivery = (tonumber(f[1]) or 0) + 1
       redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
       redis.call('ZREM', prefix .. 'enqueued', id)
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
-      count(prefix, 'enqueued', task, -1)
-      count(prefix, 'running', task, 1)
-      claimed[#claimed + 1] = {id, redis.call('HGETALL', key)}
+      claimed[#claimed + 1] = {id, task, delivery, f[2], f[3], f[4], f[5], f[6]}
     end
+  end
+  if #claimed > before then
+    count(prefix, 'enqueued', task, before - #claimed)
+    count(prefix, 'running', task, #claimed - before)
   end
   if redis.call('LLEN', queue) > 0 then
     redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
@@ -1253,7 +1269,7 @@ for i = 6, #ARGV do
   end
 end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
-return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1}
+return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1, now}
 """
 
 # The guard of finish and retry: only the delivery that holds the job may end it.
@@ -1413,14 +1429,20 @@ class RedisQueue(Queue):
         self._prefix = "{" + key_prefix + "}:"
         self._worker = ""
         self._wakeup = threading.Event()
-        self._enqueue_script = client.register_script(_REDIS_ENQUEUE)
-        self._claim_script = client.register_script(_REDIS_CLAIM)
-        self._finish_script = client.register_script(_REDIS_FINISH)
-        self._retry_script = client.register_script(_REDIS_RETRY)
-        self._withdraw_script = client.register_script(_REDIS_WITHDRAW)
-        self._heartbeat_script = client.register_script(_REDIS_HEARTBEAT)
-        self._requeue_script = client.register_script(_REDIS_REQUEUE)
-        self._delete_script = client.register_script(_REDIS_DELETE)
+        # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
+        # (pool checkout with a poll of the socket, retries, events): run the scripts
+        # on connections this queue keeps instead. Other clients (cluster) go through it.
+        self._connections = _Connections(client, redis)
+        script = self._connections.script if self._connections.usable else client.register_script
+        self._command = self._connections.command if self._connections.usable else client.execute_command
+        self._enqueue_script = script(_REDIS_ENQUEUE)
+        self._claim_script = script(_REDIS_CLAIM)
+        self._finish_script = script(_REDIS_FINISH)
+        self._retry_script = script(_REDIS_RETRY)
+        self._withdraw_script = script(_REDIS_WITHDRAW)
+        self._heartbeat_script = script(_REDIS_HEARTBEAT)
+        self._requeue_script = script(_REDIS_REQUEUE)
+        self._delete_script = script(_REDIS_DELETE)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -1450,7 +1472,7 @@ class RedisQueue(Queue):
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
         args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
-        claimed, next_due = self._claim_script([self._key("running")], args)
+        claimed, next_due, now = self._claim_script([self._key("running")], args)
         if not claimed:
             due_in = int(next_due) / 1000 if 0 <= int(next_due) < block * 1000 else None
             if due_in is not None and due_in < 0.2:
@@ -1459,10 +1481,14 @@ class RedisQueue(Queue):
                 self._wakeup.wait(due_in)
                 self._wakeup.clear()
             else:
-                self.client.bzpopmin([*(self._key("ready", name) for name in task_names),
-                                      self._key("wake", worker)], block if due_in is None else due_in - 0.2)
-            claimed, _ = self._claim_script([self._key("running")], args)
-        return [(_text(job_id), _pairs(fields)) for job_id, fields in claimed]
+                self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
+                              self._key("wake", worker), block if due_in is None else due_in - 0.2)
+            claimed, _, now = self._claim_script([self._key("running")], args)
+        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack")
+        return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
+                                 **{name: _text(value) for name, value in zip(names, job[1:])
+                                    if value is not None}})
+                for job in claimed]
 
     def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
         outcome = ("result", result) if error is None else ("error", error)
@@ -1476,7 +1502,7 @@ class RedisQueue(Queue):
         return None if done == -1 else True
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        popped = self.client.blpop([self._key("outcome", job.id)], timeout) if timeout >= 0.001 else None
+        popped = self._command("BLPOP", self._key("outcome", job.id), timeout) if timeout >= 0.001 else None
         payload = popped[1] if popped else self._withdraw_script([self._key("job", job.id)],
                                                                  [self._prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
@@ -1573,7 +1599,78 @@ class RedisQueue(Queue):
 
     def close(self) -> None:
         super().close()
+        self._connections.close()
         self.client.close()
+
+
+class _Connections:
+    """Connections taken once from a plain redis.Redis client's pool and kept, one per
+    concurrent caller, to run scripts with EVALSHA without redis-py's per-command costs."""
+
+    def __init__(self, client: Any, redis: Any) -> None:
+        pool = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", {})
+        self.usable = (isinstance(client, redis.Redis) and pool is not None
+                       and getattr(client, "connection", None) is None
+                       and kwargs.get("encoding", "utf-8").lower().replace("-", "") == "utf8")
+        self._pool: Any = pool
+        self._no_script = redis.exceptions.NoScriptError
+        self._response_error = redis.ResponseError
+        self._pid = os.getpid()
+        self._spare: list[Any] = []
+
+    def script(self, text: str) -> Callable[[list[str], list[Any]], Any]:
+        sha = hashlib.sha1(text.encode()).hexdigest()
+
+        def run(keys: list[str], args: list[Any]) -> Any:
+            return self.command("EVALSHA", sha, len(keys), *keys, *args, script=text)
+        return run
+
+    def command(self, *args: Any, script: str | None = None) -> Any:
+        """Send one command and return its raw reply; ``script`` is loaded if EVALSHA misses."""
+        if self._pid != os.getpid():  # forked: never share the parent's sockets
+            self._pid, self._spare = os.getpid(), []
+        try:
+            conn = self._spare.pop()
+        except IndexError:
+            conn = self._pool.get_connection()
+        try:
+            command = _resp(args)
+            conn.send_packed_command((command,))
+            try:
+                reply = conn.read_response()
+            except self._no_script:  # the server restarted or its scripts were flushed
+                if script is None:
+                    raise
+                conn.send_packed_command((_resp(["SCRIPT", "LOAD", script]),))
+                conn.read_response()
+                conn.send_packed_command((command,))
+                reply = conn.read_response()
+        except self._response_error:
+            self._spare.append(conn)  # the error reply was read: the connection is clean
+            raise
+        except BaseException:
+            conn.disconnect()  # a reply may be unread: reconnect on the next call
+            self._spare.append(conn)
+            raise
+        self._spare.append(conn)
+        return reply
+
+    def close(self) -> None:
+        spare, self._spare = self._spare, []
+        if self._pid == os.getpid():
+            for conn in spare:
+                self._pool.release(conn)
+
+
+def _resp(args: Iterable[Any]) -> bytes:
+    """Pack a command in RESP, as redis-py's encoder does for str and int arguments."""
+    args = list(args)
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg if isinstance(arg, bytes) else repr(arg).encode()
+        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(parts)
 
 
 def _text(value: Any) -> str:

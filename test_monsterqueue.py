@@ -1102,6 +1102,23 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
 
 
+def test_redis_scripts_survive_a_script_flush_and_a_bytes_client(redis_queue: RedisQueue,
+                                                                 redis_url: str) -> None:
+    import redis
+    redis_queue.register_task(TestTask())
+    with running(redis_queue):
+        assert redis_queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+        redis_queue.client.script_flush()  # as a server restart would
+        assert redis_queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+    raw = RedisQueue(client=redis.Redis.from_url(redis_url), key_prefix="mq-test")  # replies in bytes
+    raw.register_task(TestTask())
+    with running(raw):
+        job = raw.enqueue_wait("test-task", {"a": "é"}, timeout=5)
+    assert (job.result(), job.params) == ("my result", {"a": "é"})
+    assert raw.list_jobs()[-1].id == job.id
+    raw.close()
+
+
 def test_redis_delete_removes_the_job_from_its_queue(redis_queue: RedisQueue) -> None:
     job = redis_queue.enqueue("test-task")
     redis_queue.delete_job(job.id)
