@@ -1633,7 +1633,10 @@ class _Connections:
         try:
             conn = self._spare.pop()
         except IndexError:
-            conn = self._pool.get_connection()
+            try:
+                conn = self._pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                conn = self._pool.get_connection(args[0])
         try:
             command = _resp(args)
             conn.send_packed_command((command,))
