@@ -45,8 +45,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
@@ -2132,7 +2131,16 @@ def _web_job(job: dict[str, Any], csrf_token: str) -> str:
             f"<h2>Enqueued from</h2><pre>{html.escape(job['stack'])}</pre>")
 
 
-class _WebHandler(BaseHTTPRequestHandler):
+# http.server costs producers and workers ~25 ms and ~1 MB to import: only a
+# dashboard imports it, and mixes _WebHandler into its request handler then.
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler as _RequestHandler
+    from http.server import ThreadingHTTPServer
+else:
+    _RequestHandler = object
+
+
+class _WebHandler(_RequestHandler):
     """Answers one request to the dashboard; _serve_web gives it the queue and the secrets."""
 
     server_version = f"monsterqueue/{__version__}"
@@ -2281,14 +2289,6 @@ class _WebHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _WebServer(ThreadingHTTPServer):
-    """The dashboard's threaded server, on IPv6 when its host is an IPv6 address or name."""
-
-    def __init__(self, host: str, port: int, handler: Callable[..., BaseHTTPRequestHandler]) -> None:
-        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        super().__init__((host, port), handler)
-
-
 def _serve_web(queue: Queue, host: str, port: int, auth: str | None) -> ThreadingHTTPServer:
     """Bind the dashboard of ``queue`` to host:port and return its server, not yet serving.
 
@@ -2303,9 +2303,14 @@ def _serve_web(queue: Queue, host: str, port: int, auth: str | None) -> Threadin
     if auth is None and not _is_loopback(host):
         raise ValueError(f"refusing to serve the dashboard on {host} without --auth USER:PASSWORD "
                          "(or MONSTERQUEUE_WEB_AUTH): only a loopback host may go without")
-    handler = functools.partial(_WebHandler, queue=queue, credentials=None if auth is None else auth.encode(),
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(type("WebHandler", (_WebHandler, BaseHTTPRequestHandler), {}), queue=queue,
+                                credentials=None if auth is None else auth.encode(),
                                 csrf_token=secrets.token_urlsafe(32))
-    return _WebServer(host, port, handler)
+    # On IPv6 when the host is an IPv6 address or name.
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return type("WebServer", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
 
 
 def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -> int:
