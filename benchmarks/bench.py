@@ -20,6 +20,7 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import py_compile
 import select
 import signal
 import statistics
@@ -60,6 +61,18 @@ def check_dedicated_db(url):
 
 def total_calls(ctl):
     return sum(v["calls"] for v in ctl.info("commandstats").values())
+
+
+# Redis counts the commands a script runs as well as the script call itself, so
+# commands/job isn't round trips for peers that use Lua: the script calls are
+# shown apart (each one round trip, whatever it runs inside).
+SCRIPT_COMMANDS = ("cmdstat_eval", "cmdstat_evalsha", "cmdstat_eval_ro", "cmdstat_evalsha_ro",
+                   "cmdstat_fcall")
+
+
+def script_calls(ctl):
+    stats = ctl.info("commandstats")
+    return sum(stats.get(name, {}).get("calls", 0) for name in SCRIPT_COMMANDS)
 
 
 class Worker:
@@ -109,7 +122,12 @@ def run_cycle(name, url, args):
     if hasattr(client, "reset"):
         client.reset()
     worker = None
-    n, out = args.jobs, {"note": ""}
+    n, out = args.jobs, {"note": "", "batch": None}
+    if hasattr(client, "enqueue_batch"):  # the peers have no batch enqueue that returns jobs
+        t = time.perf_counter()
+        client.enqueue_batch(n)
+        out["batch"] = n / (time.perf_counter() - t)
+        client.reset()
     try:
         worker = Worker(module, variant, url, args.threads)
         if ctl:
@@ -139,7 +157,9 @@ def run_cycle(name, url, args):
             out["note"] = "stragglers"
         out["process"] = n / elapsed
 
-        out["cmds"] = out["enq_cmds"] = None
+        out["cmds"] = out["enq_cmds"] = out["scripts"] = None
+        if ctl:
+            out["scripts"] = script_calls(ctl) / n
         if ctl:
             # What one done() poll costs in commands (minus the first INFO).
             before = total_calls(ctl)
@@ -213,6 +233,13 @@ def main():
         except importlib.metadata.PackageNotFoundError:  # monsterqueue run from the checkout
             versions[p] = getattr(sys.modules.get(dist), "__version__", "?")
 
+    # The peers run from site-packages, compiled to bytecode when pip installed them.
+    # Give monsterqueue, run from this checkout, the same: where PYTHONDONTWRITEBYTECODE
+    # is set, each worker would compile it at import, and that peak inflates its RSS.
+    checkout = os.path.join(os.path.dirname(HERE), "monsterqueue.py")
+    if os.path.exists(checkout):
+        py_compile.compile(checkout, doraise=True)
+
     results = {p: [] for p in peers}
     failed = {}
     for r in range(args.repeats):
@@ -243,13 +270,16 @@ def main():
     print(f"\n{args.jobs} jobs, {args.threads} worker threads, medians of {args.repeats} repeats "
           f"({args.samples} round trips each); Redis {redis_version}, Python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs\n")
-    print("| peer | version | enqueue jobs/s | processing jobs/s | enqueue_wait p50 ms | enqueue_wait p95 ms "
-          "| Redis cmds/job (enqueue + processing) | worker peak RSS MB |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|")
+    print("| peer | version | enqueue jobs/s | enqueue_many jobs/s | processing jobs/s | enqueue_wait p50 ms "
+          "| enqueue_wait p95 ms | Redis cmds/job (enqueue + processing) | of which Lua calls/job "
+          "| worker peak RSS MB |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for p in peers:
-        print(f"| {p} | {versions[p]} | {fmt(med(p, 'enqueue'), ',.0f')} | {fmt(med(p, 'process'), ',.0f')} "
+        print(f"| {p} | {versions[p]} | {fmt(med(p, 'enqueue'), ',.0f')} | {fmt(med(p, 'batch'), ',.0f')} "
+              f"| {fmt(med(p, 'process'), ',.0f')} "
               f"| {fmt(med(p, 'p50'), '.2f')} | {fmt(med(p, 'p95'), '.2f')} "
-              f"| {fmt_cmds(med(p, 'cmds'), med(p, 'enq_cmds'))} | {fmt(med(p, 'rss'), '.1f')} |")
+              f"| {fmt_cmds(med(p, 'cmds'), med(p, 'enq_cmds'))} | {fmt(med(p, 'scripts'), '.2f')} "
+              f"| {fmt(med(p, 'rss'), '.1f')} |")
     print("\nConfigurations:")
     for p in peers:
         module, variant, _ = PEERS[p]

@@ -35,6 +35,9 @@ class Client(SyncClient):
     def enqueue(self, i):
         self.ids.append(self.q.enqueue("noop", {"i": i}).id)
 
+    def enqueue_batch(self, n):
+        self.q.enqueue_many("noop", [{"i": i} for i in range(n)])
+
     def enqueue_wait(self, i):
         assert self.q.enqueue_wait("noop", {"i": i}, timeout=5.0).result() == task_result(i)
 
