@@ -1181,6 +1181,41 @@ def test_mongodb_claim_uses_its_index(mongo_queue: MongoQueue) -> None:
     assert "claim" in json.dumps(plan, default=str)
 
 
+def test_mongodb_round_trips_per_job(mongodb_url: str) -> None:
+    """Enqueue 1, claim 1, finish 1: counted by pymongo's command monitoring."""
+    import pymongo
+    from pymongo import monitoring
+
+    class Commands(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            self.names.append(event.command_name)
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    commands = Commands()
+    client = pymongo.MongoClient(mongodb_url, tz_aware=True, event_listeners=[commands])
+    queue = MongoQueue(client=client, database="monsterqueue_test", collection_prefix="mq_trips")
+    queue.reset_storage()
+    def sent(call: Any) -> tuple[Any, list[str]]:
+        commands.names.clear()
+        return call(), list(commands.names)
+
+    _, enqueue = sent(lambda: queue.enqueue("test-task"))
+    claimed, claim = sent(lambda: queue._claim(["test-task"], 1, "worker", 0))
+    _, finish = sent(lambda: queue._decode(*claimed[0]).success("done"))
+    steps = {"enqueue": enqueue, "claim": claim, "finish": finish}
+    assert steps == {"enqueue": ["insert"], "claim": ["findAndModify"], "finish": ["update"]}
+    queue.reset_storage()
+    queue.close()
+
+
 def test_mongodb_database_comes_from_the_url_or_the_argument(mongodb_url: str) -> None:
     host = mongodb_url.rsplit("/", 1)[0]
     with pytest.raises(ValueError, match="database"):
