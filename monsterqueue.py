@@ -509,6 +509,7 @@ class Queue:
                 for job_id, fields in claimed:
                     self._start(pool, job_id, fields)
         finally:
+            stopping.set()  # also when an error ends the loop: the heartbeat must end with it
             pool.shutdown(wait=True)
             heartbeat.join()
             with self._loop_lock:
