@@ -89,6 +89,10 @@ JOB_STATE_DONE = "done"
 # Bytes of the enqueuing caller's stack kept on each job, innermost frames first.
 STACK_TRACE_LIMIT = 2048
 
+# The error recorded for a task that returned without reporting; result() raises
+# NoJobResultSetError for it.
+NO_RESULT_SET = "task didn't set job result"
+
 # Defaults of the Queue options.
 DEFAULT_CONCURRENCY = 8         # worker threads per process_loop
 DEFAULT_WAIT_TIMEOUT = 30.0     # seconds enqueue_wait waits for a result
@@ -122,7 +126,7 @@ class NoJobResultError(MonsterQueueError):
 class NoJobResultSetError(MonsterQueueError):
     """The task returned without calling success() or error()."""
 
-    def __init__(self, message: str = "task didn't set job result") -> None:
+    def __init__(self, message: str = NO_RESULT_SET) -> None:
         super().__init__(message)
 
 
@@ -240,7 +244,8 @@ class Job:
         try:
             encoded = _encode(result)
         except TypeError as exc:
-            return self._report(None, f"result is not JSON-compatible: {exc}")
+            # Not retried: the task would return the same thing again.
+            return self._report(None, f"result is not JSON-compatible: {exc}", retryable=False)
         return self._report(encoded, None)
 
     def error(self, err: BaseException | str) -> bool:
@@ -251,7 +256,7 @@ class Job:
         """Return the result; raise NoJobResultError, NoJobResultSetError or JobError."""
         if self._status.state != JOB_STATE_DONE:
             raise NoJobResultError()
-        if self._error == NoJobResultSetError().args[0]:
+        if self._error == NO_RESULT_SET:
             raise NoJobResultSetError()
         if self._error is not None:
             raise JobError(self._error)
@@ -266,11 +271,11 @@ class Job:
                 "attempt": status.attempt, "result": self._result, "error": self._error,
                 "stack": self._enqueue_stack}
 
-    def _report(self, result: str | None, error: str | None) -> bool:
+    def _report(self, result: str | None, error: str | None, retryable: bool = True) -> bool:
         if self._reported:
             return False
         self._reported = True
-        return self._queue._report(self, result, error)
+        return self._queue._report(self, result, error, retryable)
 
     def __repr__(self) -> str:
         return f"<Job {self._id} {self._task_name} {self._status.state}>"
@@ -308,7 +313,8 @@ class Queue:
         self.max_deliveries = max_deliveries
         self.result_ttl = result_ttl
         self._tasks: dict[str, Task] = {}
-        self._loop_lock = threading.Lock()        # guards _stopping, _loop_thread and _loop_done
+        # Reentrant: stop() may run in a signal handler on a thread that holds it.
+        self._loop_lock = threading.RLock()       # guards _stopping, _loop_thread and _loop_done
         self._stopping: threading.Event | None = None
         self._loop_thread: int | None = None
         self._loop_done = threading.Event()
@@ -364,8 +370,14 @@ class Queue:
         """
         timeout = max(timeout, 0.0)
         job = self._enqueue(task_name, [params], timeout, _delay(delay, eta))[0]
-        with self._server():
-            done = self._await_outcome(job, timeout)
+        try:
+            with self._server():
+                done = self._await_outcome(job, timeout)
+        except BaseException:
+            # Withdraw, if the server lets us, so that no worker reports a hand-off nobody got.
+            with contextlib.suppress(Exception):
+                self._await_outcome(job, 0)
+            raise
         if done is None:
             raise QueueWaitTimeoutError(job=job)
         return done
@@ -404,8 +416,12 @@ class Queue:
         """
         if state not in (None, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed"):
             raise ValueError(f"unknown job state {state!r}")
+        if (limit is not None and limit < 0) or offset < 0:
+            raise ValueError("limit and offset can't be negative")
+        if limit == 0:
+            return []
         with self._server():
-            stored = self._list(state, task_name, limit, max(offset, 0), newest_first)
+            stored = self._list(state, task_name, limit, offset, newest_first)
         jobs = []
         for job_id, fields in stored:
             try:
@@ -505,6 +521,10 @@ class Queue:
                 except ServerUnavailableError as exc:
                     stopping.wait(self._outage.failed(exc))
                     continue
+                except Exception:  # a server error (out of memory, say): back off, don't die
+                    logger.exception("claiming jobs failed; retrying")
+                    stopping.wait(IDLE_WAKE_INTERVAL)
+                    continue
                 self._outage.recovered()
                 for job_id, fields in claimed:
                     self._start(pool, job_id, fields)
@@ -557,7 +577,7 @@ class Queue:
             logger.error("%s", exc)
             job = Job(self, job_id, "", {}, JobStatus(JOB_STATE_RUNNING, None), "",
                       delivery=_int(fields.get("delivery")))
-            job._report(None, str(exc))
+            job._report(None, str(exc), retryable=False)
             return
         with self._idle:
             self._held[job_id] = job
@@ -570,15 +590,17 @@ class Queue:
             logger.exception("task %s failed on job %s", job.task_name, job.id)
             job.error(exc)
         else:
-            job.error(NoJobResultSetError().args[0])  # a no-op if the task reported
+            job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
         finally:
             with self._idle:
-                del self._held[job.id]
+                # A retried job may be claimed again before this run ends: leave its new run's entry.
+                if self._held.get(job.id) is job:
+                    del self._held[job.id]
                 # Wake the loop when it may be waiting: for a first free thread or for a batch.
                 if self.concurrency - len(self._held) in (1, max(self.concurrency // 2, 1)) or not self._held:
                     self._idle.notify_all()
 
-    def _report(self, job: Job, result: str | None, error: str | None) -> bool:
+    def _report(self, job: Job, result: str | None, error: str | None, retryable: bool) -> bool:
         """Record a job's outcome, or schedule its retry; True if a waiter received it.
 
         While the server is away the report is retried until the job's lease
@@ -587,7 +609,7 @@ class Queue:
         task = self._tasks.get(job.task_name)
         attempt = job.status.attempt
         retry_in = None
-        if task is not None and task.max_retries and error is not None:
+        if task is not None and task.max_retries and error is not None and retryable:
             if attempt <= task.max_retries:
                 retry_in = task.retry_delay * 2 ** (attempt - 1)
                 logger.warning("job %s failed on attempt %d, retrying in %.3gs: %s",
@@ -610,7 +632,8 @@ class Queue:
                 time.sleep(self._outage.failed(exc))
         self._outage.recovered()
         if received is None:
-            logger.warning("job %s: outcome not recorded, its lease was lost to another delivery", job.id)
+            logger.warning("job %s: outcome not recorded: the job was deleted, or its lease was lost "
+                           "to another delivery", job.id)
         return bool(received)
 
     def _beat(self, worker: str, stopping: threading.Event) -> None:
@@ -623,6 +646,8 @@ class Queue:
                     self._heartbeat(worker, held)
             except ServerUnavailableError as exc:
                 self._outage.failed(exc)
+            except Exception:  # an out-of-memory server, a bad record: leases must go on
+                logger.exception("heartbeat of worker %s failed; retrying", worker)
             if stopping.wait(self.lease_timeout / 3):
                 return
 
@@ -1067,7 +1092,7 @@ class MemoryQueue(Queue):
             if fields["state"] != JOB_STATE_DONE:
                 return False
             fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
-                          due=None, attempt=1, delivery=0)
+                          due=None, attempt=1)
             self._make_ready(job_id, None)
             self._changed.notify_all()
             return True
@@ -1087,6 +1112,7 @@ class MemoryQueue(Queue):
             self._jobs.clear()
             self._ready.clear()
             self._scheduled.clear()
+            self._workers.clear()
             self._changed.notify_all()
 
 
@@ -1175,6 +1201,9 @@ local function finish_job(prefix, id, field, value, now, keep)
   local deadline = tonumber(got[2])
   if not deadline or deadline == 0 then return 0 end
   redis.call('HSET', key, 'waiter', 0)
+  -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
+  -- down, still settles a late withdrawal as a timeout.
+  if now > deadline + 10000 then return 0 end
   local outcome = prefix .. 'outcome:' .. id
   redis.call('RPUSH', outcome, cjson.encode(redis.call('HGETALL', key)))
   -- The waiter pops it at once; the expiry only bounds a waiter that died.
@@ -1241,7 +1270,14 @@ for i = 6, #ARGV do
     if not id then break end
     local key = prefix .. 'job:' .. id
     local kind = redis.call('TYPE', key).ok
-    if kind ~= 'none' and kind ~= 'hash' then
+    if kind ~= 'hash' then
+      redis.call('ZREM', prefix .. 'enqueued', id)
+      count(prefix, 'enqueued', task, -1)
+    end
+    if kind == 'none' then  -- its hash is gone: nothing left to run or to show
+      redis.call('ZREM', prefix .. 'jobs', id)
+      redis.call('ZREM', prefix .. 'task:' .. task, id)
+    elseif kind ~= 'hash' then
       -- Garbage where a job should be: keep it as a job that failed, saying so.
       redis.call('DEL', key)
       redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
@@ -1294,6 +1330,7 @@ redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('ZREM', prefix .. 'running', id)
 redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
 redis.call('ZADD', prefix .. 'scheduled', due, id)
+redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)  -- an idle worker learns when it is due
 count(prefix, 'running', task, -1)
 count(prefix, 'enqueued', task, 1)
 return 1
@@ -1331,11 +1368,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
   local key = prefix .. 'job:' .. id
   if is_job(key) and redis.call('HGET', key, 'state') == 'running' then
     local task = redis.call('HGET', key, 'task') or ''
-    local delivery = tonumber(redis.call('HGET', key, 'delivery')) or 0
-    if delivery >= tonumber(ARGV[3]) then
+    -- Lost leases are counted apart from deliveries: retries deliver a job again too.
+    local lost = redis.call('HINCRBY', key, 'lost', 1)
+    if lost >= tonumber(ARGV[3]) then
       redis.call('ZADD', KEYS[1], now, id)  -- finish_job takes it out again
-      finish_job(prefix, id, 'error', 'delivered ' .. delivery .. ' times without finishing: ' ..
-                 'its worker died or lost its lease each time', now, ttl > 0 and ttl + lease or 0)
+      finish_job(prefix, id, 'error', 'delivered ' .. redis.call('HGET', key, 'delivery') ..
+                 ' times without finishing: its worker died or lost its lease ' .. lost .. ' times',
+                 now, ttl > 0 and ttl + lease or 0)
     else
       count(prefix, 'running', task, -1)
       -- Back to the front: it was the oldest when it was claimed.
@@ -1348,10 +1387,12 @@ if ttl > 0 then
   for _, member in ipairs(expired) do
     local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
     redis.call('ZREM', prefix .. 'done', member)
-    redis.call('ZREM', prefix .. 'jobs', id)
-    redis.call('ZREM', prefix .. 'task:' .. task, id)
-    redis.call('DEL', prefix .. 'job:' .. id)
-    count(prefix, outcome, task, -1)
+    if id then  -- not a member this library wrote: dropped above, nothing more to undo
+      redis.call('ZREM', prefix .. 'jobs', id)
+      redis.call('ZREM', prefix .. 'task:' .. task, id)
+      redis.call('DEL', prefix .. 'job:' .. id)
+      count(prefix, outcome, task, -1)
+    end
   end
 end
 redis.call('HSET', prefix .. 'workers', ARGV[5], now .. ' ' .. ARGV[6])
@@ -1372,8 +1413,8 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'done' then return -1 end
 local member = done_member(KEYS[1], id)
 redis.call('ZREM', prefix .. 'done', member)
 count(prefix, string.match(member, '^%a+'), redis.call('HGET', KEYS[1], 'task') or '', -1)
-redis.call('HDEL', KEYS[1], 'done', 'result', 'error', 'due')
-redis.call('HSET', KEYS[1], 'attempt', 1, 'delivery', 0)
+redis.call('HDEL', KEYS[1], 'done', 'result', 'error', 'due', 'lost')
+redis.call('HSET', KEYS[1], 'attempt', 1)
 redis.call('PERSIST', KEYS[1])
 requeue(prefix, id, redis.call('HGET', KEYS[1], 'task') or '', false)
 return 1
@@ -1592,8 +1633,12 @@ class RedisQueue(Queue):
         return self._delete_script([self._key("job", job_id)], [self._prefix, job_id]) == 1
 
     def _reset(self) -> None:
-        pattern = self._prefix.replace("{", "\\{").replace("}", "\\}") + "*"
-        keys = list(self.client.scan_iter(match=pattern, count=1000))
+        # Glob characters in the prefix match only themselves.
+        pattern = "".join("\\" + c if c in "*?[]\\{}^-" else c for c in self._prefix) + "*"
+        # The counter stays: a job id must never be reused, or a worker still running
+        # an erased job would record its outcome on a new one.
+        keys = [key for key in self.client.scan_iter(match=pattern, count=1000)
+                if _text(key) != self._key("seq")]
         for start in range(0, len(keys), 1000):
             self.client.delete(*keys[start:start + 1000])
 
@@ -1698,9 +1743,10 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # the queue, serves the claim: equality on state, $in on the task names,
 # oldest first.
 #
-# Round trips per job: enqueue 1 (insert_many for enqueue_many); claim 1
+# Round trips per job: enqueue 1 (insert_many, also for enqueue_many); claim 1
 # find_one_and_update per job; finish 1 update_one (2 when a caller waits: the
-# second flips the waiter flag); enqueue_wait polls with find_one, from 5 ms backing off to
+# second flips the waiter flag; 3 if the caller withdrew in between);
+# enqueue_wait polls with find_one, from 5 ms backing off to
 # ``poll_interval``, plus 1 update only when it times out. Idle workers poll
 # every ``poll_interval``: a standalone server has no way to push. The
 # heartbeat is one update_many per worker per third of a lease, plus one
@@ -1793,7 +1839,9 @@ class MongoQueue(Queue):
         done = {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
                          "waiter": False, **self._expiry()},
                 "$unset": {"worker": "", "lease": ""}}
-        for waiter, flag in ((False, {"$ne": True}), (True, True)):
+        # A waiter that withdraws between the first two leaves the flag false for good,
+        # so the third then matches.
+        for waiter, flag in ((False, {"$ne": True}), (True, True), (False, {"$ne": True})):
             if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
                 return waiter
         return None
@@ -1820,7 +1868,10 @@ class MongoQueue(Queue):
                                           {"$set": {"waiter": False}})
         if withdrawn.modified_count or doc is None:
             return None
-        return self._decode(job.id, self._load(job.id))
+        try:
+            return self._decode(job.id, self._load(job.id))
+        except NoSuchJobError:  # deleted meanwhile
+            return None
 
     def _expiry(self) -> dict[str, datetime]:
         return {"expires": _utc_now(self.result_ttl)} if self.result_ttl else {}
@@ -1835,17 +1886,20 @@ class MongoQueue(Queue):
                  "state": JOB_STATE_RUNNING, "worker": worker},
                 {"$set": {"lease": _utc_now(self.lease_timeout)}})
         for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
-                                   projection={"delivery": True}):
+                                   projection={"delivery": True, "lost": True}):
             expired = {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "delivery": doc["delivery"],
                        "lease": {"$lt": now}}
-            if doc["delivery"] >= self.max_deliveries:
+            # Lost leases are counted apart from deliveries: retries deliver a job again too.
+            lost = doc.get("lost", 0) + 1
+            if lost >= self.max_deliveries:
                 self._jobs.update_one(expired, {
-                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, **self._expiry(),
+                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, "lost": lost,
+                             **self._expiry(),
                              "error": f"delivered {doc['delivery']} times without finishing: "
-                                      "its worker died or lost its lease each time"},
+                                      f"its worker died or lost its lease {lost} times"},
                     "$unset": {"worker": "", "lease": ""}})
             else:
-                self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED},
+                self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
 
     def _interrupt_claim(self) -> None:
@@ -1890,8 +1944,8 @@ class MongoQueue(Queue):
     def _requeue(self, job_id: str) -> bool:
         requeued = self._jobs.update_one(
             {"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
-            {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "delivery": 0, "due": _time(0)},
-             "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": ""}})
+            {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": _time(0)},
+             "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": ""}})
         if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
             raise NoSuchJobError()
         return bool(requeued.matched_count)
@@ -2384,7 +2438,7 @@ def _load_queue(spec: str) -> Queue:
     for name in (attribute or "queue").split("."):
         queue = getattr(queue, name)
     if not isinstance(queue, Queue):
-        raise SystemExit(f"{spec} is a {type(queue).__name__}, not a monsterqueue.Queue")
+        raise TypeError(f"it is a {type(queue).__name__}, not a monsterqueue.Queue")
     return queue
 
 
@@ -2483,7 +2537,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except QueueWaitTimeoutError as exc:
         print(f"monsterqueue: {exc}: job {exc.job.id if exc.job else '?'} stays enqueued", file=sys.stderr)
         return 1
-    except (NoSuchJobError, ValueError, TypeError) as exc:  # an unknown job, bad params or state
+    except (NoSuchJobError, MalformedJobError, ValueError, TypeError) as exc:  # a bad job, params or state
         print(f"monsterqueue: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -2519,7 +2573,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     worker = commands.add_parser("worker", help="run the tasks of a queue until SIGTERM or SIGINT")
     worker.add_argument("queue", metavar="MODULE:QUEUE", help="e.g. myapp.tasks:queue")
-    worker.add_argument("--concurrency", type=int, help="worker threads (default: the queue's)")
+    worker.add_argument("--concurrency", type=int, dest="threads",
+                        help="worker threads (default: the queue's)")
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running jobs get to finish after a signal (default 60)")
 
@@ -2555,9 +2610,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "web":
             return _web(args.url, args.prefix, args.host, args.port, args.auth)
         if args.command == "worker":
-            queue = _load_queue(args.queue)
-            if args.concurrency:
-                queue.concurrency = args.concurrency
+            try:
+                queue = _load_queue(args.queue)
+            except (ImportError, AttributeError, TypeError) as exc:
+                print(f"monsterqueue: can't load {args.queue}: {exc}", file=sys.stderr)
+                return 2
+            if args.threads:
+                queue.concurrency = args.threads
             return _work(queue, args.grace)
         if args.command is None:
             _demo(args.url, args.jobs, args.concurrency)

@@ -625,11 +625,13 @@ def test_a_raising_task_records_its_error_and_the_worker_goes_on(
 
 
 def test_reset_storage_keeps_the_queue_usable(queue: Queue, task: TestTask) -> None:
-    queue.enqueue("test-task")
+    erased = queue.enqueue("test-task")
     queue.reset_storage()
     assert queue.list_jobs() == []
     with running(queue):
-        assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+        again = queue.enqueue_wait("test-task", timeout=5)
+        assert again.result() == "my result"
+    assert again.id != erased.id  # a late worker of the erased job can't touch the new one
     assert task.runs == 1
 
 
@@ -860,6 +862,21 @@ def test_a_reported_error_is_retried_too(queue: Queue) -> None:
         assert queue.enqueue_wait("reporting", timeout=10).result() == 2
 
 
+def test_a_task_that_sets_no_result_is_not_retried(queue: Queue) -> None:
+    class Silent(NoReturnTask):
+        name = "silent"
+        max_retries = 3
+        retry_delay = 0.01
+
+    task = Silent()
+    queue.register_task(task)
+    with running(queue):
+        job = queue.enqueue_wait("silent", timeout=5)
+    with pytest.raises(NoJobResultSetError):
+        job.result()
+    assert task.runs == 1
+
+
 def test_delayed_jobs_wait_for_their_time(queue: Queue, task: TestTask) -> None:
     with running(queue):
         started = time.monotonic()
@@ -933,7 +950,7 @@ def test_retry_job_runs_a_done_job_again(queue: Queue, task: TestTask) -> None:
     again = queue.retrieve_job(failed.id)
     with pytest.raises(JobError, match="once"):
         again.result()
-    assert again.status.attempt == 1 and again._delivery == 1
+    assert again.status.attempt == 1 and again._delivery == 2  # a delivery number never repeats
     counts = queue.stats()["counts"]["test-task"]
     assert counts == {"enqueued": 0, "running": 0, "done": 0, "failed": 1}
     with pytest.raises(NoSuchJobError):
@@ -1388,6 +1405,30 @@ def server_queue(request: pytest.FixtureRequest) -> Iterator[Queue]:
     q.stop()
     q.reset_storage()
     q.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "mongodb"])
+def test_retries_do_not_count_as_lost_leases(backend: str, request: pytest.FixtureRequest) -> None:
+    queue = make_queue(request, backend, lease_timeout=0.3, max_deliveries=2)
+    queue.reset_storage()
+    try:
+        job = queue.enqueue("flaky")
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)
+        assert queue._retry(queue._decode(job_id, fields), 0)  # delivery 1 failed and is retried
+        time.sleep(0.01)
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)  # delivery 2
+        time.sleep(0.4)
+        queue._heartbeat("another-worker", [])  # delivery 2's lease ran out: the first loss
+        again = queue.retrieve_job(job.id)
+        assert again.status.state == JOB_STATE_ENQUEUED and again._delivery == 2
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)  # delivery 3
+        time.sleep(0.4)
+        queue._heartbeat("another-worker", [])  # the second loss: max_deliveries
+        with pytest.raises(JobError, match=r"delivered 3 times without finishing: .* lease 2 times"):
+            queue.retrieve_job(job.id).result()
+    finally:
+        queue.reset_storage()
+        queue.close()
 
 
 @pytest.mark.parametrize("backend", ["redis", "mongodb"])
