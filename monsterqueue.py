@@ -873,7 +873,7 @@ def _enqueue_stack() -> str:
     while frame is not None:
         code = frame.f_code
         line = f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n'
-        size += len(line)
+        size += len(line.encode())
         if size > STACK_TRACE_LIMIT:
             break
         lines.append(line)
