@@ -1453,6 +1453,7 @@ class RedisQueue(Queue):
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **options: Any) -> None:
         super().__init__(**options)
         redis = _require("redis", "redis")
+        self._owns_client = client is None  # close() leaves a client passed in to its owner
         if client is None:
             # No automatic retries: a retried enqueue whose reply was lost would store it twice.
             # No pool limit (redis-py 8 sets 100): each enqueue_wait caller holds a connection
@@ -1645,7 +1646,8 @@ class RedisQueue(Queue):
     def close(self) -> None:
         super().close()
         self._connections.close()
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
 
 
 class _Connections:
@@ -1762,6 +1764,7 @@ class MongoQueue(Queue):
         super().__init__(**options)
         pymongo = _require("pymongo", "mongo")
         url = url or "mongodb://localhost:27017"
+        self._owns_client = client is None  # close() leaves a client passed in to its owner
         if client is None:
             client = pymongo.MongoClient(url, tz_aware=True,
                                          serverSelectionTimeoutMS=int(connect_timeout * 1000),
@@ -1962,7 +1965,8 @@ class MongoQueue(Queue):
 
     def close(self) -> None:
         super().close()
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
 
 
 def _utc_now(later: float = 0.0) -> datetime:

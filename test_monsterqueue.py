@@ -809,6 +809,13 @@ def test_context_manager_closes(backend: str, request: pytest.FixtureRequest) ->
     with make_queue(request, backend) as q:
         q.enqueue("test-task")
         q.reset_storage()
+    if not isinstance(q, MemoryQueue):  # a client passed in stays open for its owner
+        owner = make_queue(request, backend)
+        database = {"database": "monsterqueue_test"} if isinstance(owner, MongoQueue) else {}
+        type(owner)(client=owner.client, **database).close()
+        owner.enqueue("test-task")
+        owner.reset_storage()
+        owner.close()
 
 
 def test_retries_until_success(queue: Queue) -> None:
