@@ -228,6 +228,8 @@ def redis_cluster() -> Iterator[list[RedisServer]]:
     for client in clients[1:]:
         client.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus_ports[0])
     if not wait_until(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients), 30, 0.1):
+        for node in nodes:
+            node.remove()
         unavailable("the three-node Redis Cluster did not form")
     yield nodes
     for node in nodes:
