@@ -802,12 +802,17 @@ def _int(value: Any) -> int:
 _COUNTED_STATES = (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed")
 
 
+def _failed(job: dict[str, Any]) -> bool:
+    """Whether a job, as stored fields or as_dict(), is done with an error."""
+    return job.get("state") == JOB_STATE_DONE and job.get("error") is not None
+
+
 def _matches(fields: dict[str, Any], state: str | None, task_name: str | None) -> bool:
     """Whether stored fields pass list_jobs' filters."""
     if task_name is not None and fields.get("task") != task_name:
         return False
     if state == "failed":
-        return fields.get("state") == JOB_STATE_DONE and fields.get("error") is not None
+        return _failed(fields)
     return state is None or fields.get("state") == state
 
 
@@ -1077,8 +1082,7 @@ class MemoryQueue(Queue):
         counts: collections.Counter[str] = collections.Counter()
         with self._changed:
             for fields in self._jobs.values():
-                failed = fields["state"] == JOB_STATE_DONE and fields.get("error") is not None
-                counts[f"{'failed' if failed else fields['state']}:{fields['task']}"] += 1
+                counts[f"{'failed' if _failed(fields) else fields['state']}:{fields['task']}"] += 1
                 if fields["state"] == JOB_STATE_DONE and fields["done"] >= minutes[0]:
                     per_minute[(fields["done"] - minutes[0]) // 60_000] += 1
             workers = [(worker, _time(seen), tasks) for worker, (seen, tasks) in self._workers.items()]
@@ -1603,12 +1607,15 @@ class RedisQueue(Queue):
             pipe = self.client.pipeline(transaction=False)
             for job_id in members:
                 pipe.hgetall(self._key("job", job_id))
-            for job_id, fields in zip(members, pipe.execute(raise_on_error=False)):
-                if isinstance(fields, dict) and fields and _matches(_pairs(fields), state, task_name):
+            for job_id, stored in zip(members, pipe.execute(raise_on_error=False)):
+                if not isinstance(stored, dict) or not stored:
+                    continue  # deleted or expired since it was indexed, or not a hash
+                fields = _pairs(stored)
+                if _matches(fields, state, task_name):
                     if skip:
                         skip -= 1
                     else:
-                        found.append((job_id, _pairs(fields)))
+                        found.append((job_id, fields))
         return found[:limit]
 
     def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
@@ -2085,8 +2092,7 @@ def _web_link(path: str, **query: Any) -> str:
 
 
 def _web_state(job: dict[str, Any]) -> str:
-    failed = job["state"] == JOB_STATE_DONE and job["error"] is not None
-    state = html.escape("failed" if failed else job["state"])
+    state = html.escape("failed" if _failed(job) else job["state"])
     return f'<span class="state {state}">{state}</span>'
 
 
@@ -2394,13 +2400,19 @@ def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -
 # Command line: python -m monsterqueue [demo | worker | web | jobs | show | stats | enqueue | retry | delete]
 # ---------------------------------------------------------------------------
 
+def _open(url: str, prefix: str | None, **options: Any) -> Queue:
+    """Build the queue a command names, under the key or collection prefix given."""
+    backend = _backend_for(url)
+    if prefix:
+        options.update({RedisQueue: {"key_prefix": prefix}, MongoQueue: {"collection_prefix": prefix}}.get(
+            backend, {}))
+    return backend(url, **options)
+
+
 def _demo(url: str, jobs: int, concurrency: int) -> None:
     """Enqueue and process ``jobs`` jobs on ``url``, showing progress, then time enqueue_wait."""
     # Its own keys or collection, so that reset_storage can't touch the user's jobs.
-    backend = _backend_for(url)
-    own_storage: dict[str, Any] = {RedisQueue: {"key_prefix": "monsterqueue-demo"},
-                   MongoQueue: {"collection_prefix": "monsterqueue_demo"}}.get(backend, {})
-    with backend(url, concurrency=concurrency, **own_storage) as queue:
+    with _open(url, "monsterqueue_demo", concurrency=concurrency) as queue:
         queue.reset_storage()
 
         @queue.task()
@@ -2477,16 +2489,6 @@ def _work(queue: Queue, grace: float) -> int:
     return 0
 
 
-def _open(url: str, prefix: str | None) -> Queue:
-    """Build the queue a command names, under the key or collection prefix given."""
-    backend = _backend_for(url)
-    options: dict[str, Any] = {}
-    if prefix:
-        options = {RedisQueue: {"key_prefix": prefix}, MongoQueue: {"collection_prefix": prefix}}.get(
-            backend, {})
-    return backend(url, **options)
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers, *[["" if cell is None else str(cell) for cell in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -2529,7 +2531,7 @@ def _inspect(args: argparse.Namespace) -> int:
             job = (queue.enqueue(args.task, params) if args.wait is None
                    else queue.enqueue_wait(args.task, params, timeout=args.wait))
             _show(job, args.json)
-            if job.status.state == JOB_STATE_DONE and job.as_dict()["error"] is not None:
+            if _failed(job.as_dict()):
                 return 1
         elif args.command == "delete":
             queue.delete_job(args.id)
