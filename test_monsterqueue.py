@@ -1904,7 +1904,8 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         browser.execute_script("window.marker = 1")
         wait.until(lambda d: d.execute_script("return window.marker") is None)
         assert "state=failed" in browser.current_url
-        assert Select(browser.find_element(By.NAME, "state")).first_selected_option.text == "failed"
+        # Read in one script: an element found first may be replaced by the next reload.
+        assert browser.execute_script("return document.querySelector('select[name=state]').value") == "failed"
         reloading(0)
         browser.get(browser.current_url)
 
@@ -1914,8 +1915,12 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         broken.clear()
         reloading(0.5)   # the job page the retry leads to reloads until the job is done
         browser.find_element(By.XPATH, "//button[text()='Retry']").click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".state").text == "done")
-        assert '"fine now"' in browser.find_element(By.XPATH, "//h2[text()='Result']/following::pre").text
+        wait.until(lambda d: d.execute_script(
+            "const state = document.querySelector('.state'); return state && state.textContent") == "done")
+        result = browser.execute_script(
+            "const pre = document.evaluate(\"//h2[text()='Result']/following::pre\", document, null,"
+            " XPathResult.FIRST_ORDERED_NODE_TYPE, null).singleNodeValue; return pre && pre.textContent")
+        assert result is not None and '"fine now"' in result
         reloading(0)
 
         browser.get(f"{site.url}/jobs/{unhandled.id}")
