@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -33,6 +34,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -40,21 +42,24 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
+    "DEFAULT_TIME_LIMIT",
     "JOB_STATE_DONE",
     "JOB_STATE_ENQUEUED",
     "JOB_STATE_RUNNING",
     "STACK_TRACE_LIMIT",
     "Job",
+    "JobCancelledError",
     "JobError",
     "JobParams",
     "JobResult",
@@ -66,11 +71,13 @@ __all__ = [
     "NoJobResultError",
     "NoJobResultSetError",
     "NoSuchJobError",
+    "OutcomeUnknownError",
     "Queue",
     "QueueWaitTimeoutError",
     "RedisQueue",
     "ServerUnavailableError",
     "Task",
+    "TimeLimitExceeded",
 ]
 
 logger = logging.getLogger("monsterqueue")
@@ -86,12 +93,17 @@ JOB_STATE_ENQUEUED = "enqueued"
 JOB_STATE_RUNNING = "running"
 JOB_STATE_DONE = "done"
 
-# Bytes of the enqueuing caller's stack kept on each job, innermost frames first.
+# Bytes of the enqueuing caller's stack kept on each job, innermost frames first,
+# and of the traceback of a failed attempt, innermost frames and the error kept.
 STACK_TRACE_LIMIT = 2048
+TRACEBACK_LIMIT = 8192
 
 # The error recorded for a task that returned without reporting; result() raises
 # NoJobResultSetError for it.
 NO_RESULT_SET = "task didn't set job result"
+
+# How the error of a cancelled job starts; result() raises JobCancelledError for it.
+CANCELLED = "cancelled"
 
 # Defaults of the Queue options.
 DEFAULT_CONCURRENCY = 8         # worker threads per process_loop
@@ -100,12 +112,29 @@ DEFAULT_LEASE_TIMEOUT = 30.0    # seconds a claimed job stays held without a hea
 DEFAULT_MAX_DELIVERIES = 5      # lost leases before a job is failed as poison
 DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds to reach a server before ServerUnavailableError
 DEFAULT_RESULT_TTL = 86400.0    # seconds a done job is kept; None keeps it
+DEFAULT_TIME_LIMIT = 600.0      # seconds a run may take, like Dramatiq's ten minutes; None: no limit
 
 # How an idle worker waits: it wakes at least this often even if nothing is
 # pushed, and backs off up to the longest pause while its server is away.
 IDLE_WAKE_INTERVAL = 1.0
 CLAIM_LINGER = 0.002            # seconds the loop waits for more free threads to claim for
 OUTAGE_PAUSES = (0.1, 5.0)
+
+# A running job's progress reaches the server at most this often, whatever the
+# rate at which its task sets it; its last value is stored with the outcome.
+PROGRESS_INTERVAL = 1.0
+
+# Bulk retry and delete change at most this many jobs per server call, so that
+# no call holds a single-threaded server for long.
+BULK_BATCH = 500
+
+# The upper bounds, in seconds, of the buckets of the run-time and queue-wait
+# histograms that the finish step keeps per task (the last bucket is +Inf).
+HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
+_BUCKETS_MS = [round(bound * 1000) for bound in HISTOGRAM_BUCKETS]
+
+# enqueue's default time_limit: the task's own applies.
+_TASKS_OWN: Any = object()
 
 
 # ---------------------------------------------------------------------------
@@ -152,12 +181,31 @@ class JobError(MonsterQueueError):
     """The task reported an error, or raised; the message is the error text."""
 
 
+class JobCancelledError(JobError):
+    """The job was cancelled with Queue.cancel_job; raised inside a running task to stop it."""
+
+
+class TimeLimitExceeded(MonsterQueueError):
+    """Raised inside a task that ran past its time limit; the job is recorded as failed."""
+
+
 class MalformedJobError(MonsterQueueError):
     """A stored job can't be decoded; the message says what is wrong with it."""
 
 
 class ServerUnavailableError(MonsterQueueError, ConnectionError):
-    """The queue's server can't be reached; the message names its address."""
+    """The queue's server can't be reached; the message names its address.
+
+    Nothing was stored: the request never reached the server.
+    """
+
+
+class OutcomeUnknownError(ServerUnavailableError):
+    """A request reached the queue's server but its answer never came back.
+
+    It may have been carried out: an enqueue retried after this error may
+    store the job twice.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +214,8 @@ class ServerUnavailableError(MonsterQueueError, ConnectionError):
 
 JobParams = dict[str, Any]
 JobResult = Any
+# What a backend's _stats returns: see Queue._stats.
+_Stats = tuple[dict[str, int], list[tuple[str, "datetime | None", list[str]]], list[int], dict[str, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +239,14 @@ class Task(abc.ABC):
 
     A task that raises or reports an error runs again up to ``max_retries``
     times, ``retry_delay`` seconds after its first failure, doubling each time.
+    A run that takes longer than ``time_limit`` seconds (None: no limit) is
+    interrupted with TimeLimitExceeded and recorded as failed.
     """
 
     name: str
     max_retries: int = 0
     retry_delay: float = 1.0
+    time_limit: float | None = DEFAULT_TIME_LIMIT
 
     @abc.abstractmethod
     def run(self, job: Job) -> None:
@@ -204,11 +257,12 @@ class FunctionTask(Task):
     """A task made by @queue.task from a function of the job's params."""
 
     def __init__(self, name: str, function: Callable[..., Any], max_retries: int = 0,
-                 retry_delay: float = 1.0) -> None:
+                 retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT) -> None:
         self.name = name
         self.function = function
         self.max_retries = max_retries
         self.retry_delay = retry_delay
+        self.time_limit = time_limit
 
     def run(self, job: Job) -> None:
         job.success(self.function(**job.params))
@@ -219,7 +273,8 @@ class Job:
 
     def __init__(self, queue: Queue, job_id: str, task_name: str, params: JobParams,
                  status: JobStatus, enqueue_stack: str, *, delivery: int = 0,
-                 result: JobResult = None, error: str | None = None) -> None:
+                 result: JobResult = None, error: str | None = None, progress: Any = None,
+                 traceback: str | None = None, time_limit: float | None = None) -> None:
         self._queue = queue
         self._id = job_id
         self._task_name = task_name
@@ -229,7 +284,16 @@ class Job:
         self._delivery = delivery        # which claim of the job this object holds
         self._result = result
         self._error = error
+        self._progress = progress
+        self._progress_text: str | None = None   # set_progress's last value, as stored
+        self._traceback = traceback
+        self._time_limit = time_limit    # the job's own limit (0: none); None: its task's
         self._reported = False           # success() or error() was called
+        # Kept by the worker that runs it:
+        self._thread: int | None = None  # the thread inside the task's run()
+        self._began = 0.0                # time.monotonic() when its run began
+        self._deadline = math.inf        # time.monotonic() at which its time is up
+        self._interrupted = False        # timed out or cancelled: its thread was replaced
 
     id = property(lambda self: self._id, doc="The job's id, unique in its queue.")
     task_name = property(lambda self: self._task_name, doc="The name of the task that runs it.")
@@ -238,6 +302,10 @@ class Job:
     status = property(lambda self: self._status, doc="Its JobStatus when this object was read.")
     enqueue_stack = property(lambda self: self._enqueue_stack,
                              doc="The enqueuing caller's stack, innermost frames kept.")
+    progress = property(lambda self: self._progress,
+                        doc="The last value given to set_progress, or None.")
+    traceback = property(lambda self: self._traceback,
+                         doc="The traceback of the exception that failed the last attempt, or None.")
 
     def success(self, result: JobResult = None) -> bool:
         """Record ``result`` (JSON-compatible); return True if a waiter received it."""
@@ -249,17 +317,31 @@ class Job:
         return self._report(encoded, None)
 
     def error(self, err: BaseException | str) -> bool:
-        """Record ``err`` as the job's error (or retry); return True if a waiter received it."""
-        return self._report(None, err if isinstance(err, str) else _describe(err))
+        """Record ``err`` as the job's error (or retry); return True if a waiter received it.
+
+        An exception's traceback is kept too, in ``traceback``.
+        """
+        if isinstance(err, str):
+            return self._report(None, err)
+        return self._report(None, _describe(err), traceback=_traceback_of(err))
+
+    def set_progress(self, value: Any) -> None:
+        """Record how far the running job got: any JSON value; TypeError if it isn't one.
+
+        Call it as often as you like: the server gets the latest value about
+        once a second, and the last one with the outcome.
+        """
+        self._progress_text = _encode(value)
+        self._progress = value
 
     def result(self) -> JobResult:
-        """Return the result; raise NoJobResultError, NoJobResultSetError or JobError."""
+        """Return the result; raise NoJobResultError, NoJobResultSetError, JobCancelledError or JobError."""
         if self._status.state != JOB_STATE_DONE:
             raise NoJobResultError()
         if self._error == NO_RESULT_SET:
             raise NoJobResultSetError()
         if self._error is not None:
-            raise JobError(self._error)
+            raise (JobCancelledError if self._error.startswith(CANCELLED) else JobError)(self._error)
         return self._result
 
     def as_dict(self) -> dict[str, Any]:
@@ -269,13 +351,16 @@ class Job:
                 "enqueued": _iso(status.enqueued), "started": _iso(status.started),
                 "done": _iso(status.done), "scheduled": _iso(status.scheduled),
                 "attempt": status.attempt, "result": self._result, "error": self._error,
-                "stack": self._enqueue_stack}
+                "progress": self._progress, "traceback": self._traceback, "stack": self._enqueue_stack}
 
-    def _report(self, result: str | None, error: str | None, retryable: bool = True) -> bool:
-        if self._reported:
-            return False
-        self._reported = True
-        return self._queue._report(self, result, error, retryable)
+    def _report(self, result: str | None, error: str | None, retryable: bool = True,
+                traceback: str | None = None) -> bool:
+        # The task's thread and the worker that interrupts it may both report: one wins.
+        with self._queue._report_lock:
+            if self._reported:
+                return False
+            self._reported = True
+        return self._queue._report(self, result, error, retryable, traceback)
 
     def __repr__(self) -> str:
         return f"<Job {self._id} {self._task_name} {self._status.state}>"
@@ -321,47 +406,59 @@ class Queue:
         self._loop_done.set()
         self._idle = threading.Condition()        # guards _held; signalled when a job ends
         self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads
+        self._report_lock = threading.Lock()      # guards Job._reported
+        self._wake_timer = threading.Event()      # a job with an earlier deadline started
+        self._next_deadline = math.inf            # time.monotonic() the timer thread wakes at
         self._outage = _Outage(self)
 
     # -- tasks ---------------------------------------------------------------
 
     def register_task(self, task: Task) -> None:
-        """Make ``task`` runnable by this queue's workers; ValueError on a duplicate name."""
+        """Make ``task`` runnable by this queue's workers; ValueError on a duplicate or empty name."""
+        _check_task_name(task.name)
         if task.name in self._tasks:
             raise ValueError(f"task {task.name!r} is already registered")
         self._tasks[task.name] = task
 
     def task(self, name: str | Callable[..., Any] | None = None, *, max_retries: int = 0,
-             retry_delay: float = 1.0) -> Any:
+             retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT) -> Any:
         """Register a function(**params) -> result as a task: ``@q.task()`` or ``@q.task("name")``.
 
         Returning records the value as the result; raising records the error,
-        or retries up to ``max_retries`` times with exponential backoff.
+        or retries up to ``max_retries`` times with exponential backoff. A run
+        longer than ``time_limit`` seconds is interrupted (None: no limit).
         """
+        _check_time_limit(time_limit)
+
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             self.register_task(FunctionTask(name if isinstance(name, str) else function.__name__,
-                                            function, max_retries, retry_delay))
+                                            function, max_retries, retry_delay, time_limit))
             return function
         return register(name) if callable(name) else register
 
     # -- producing -----------------------------------------------------------
 
     def enqueue(self, task_name: str, params: JobParams | None = None, *,
-                delay: float | None = None, eta: datetime | None = None) -> Job:
+                delay: float | None = None, eta: datetime | None = None,
+                time_limit: float | object | None = _TASKS_OWN) -> Job:
         """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON.
 
-        With ``delay`` (seconds) or ``eta`` (an aware datetime) it starts no sooner.
+        With ``delay`` (seconds) or ``eta`` (an aware datetime) it starts no
+        sooner. ``time_limit`` (seconds, None for none) overrides the task's.
+        A server that took the request but never answered raises
+        OutcomeUnknownError: the job may be stored.
         """
-        return self._enqueue(task_name, [params], None, _delay(delay, eta))[0]
+        return self._enqueue(task_name, [params], None, _delay(delay, eta), time_limit)[0]
 
     def enqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
-                     delay: float | None = None, eta: datetime | None = None) -> list[Job]:
+                     delay: float | None = None, eta: datetime | None = None,
+                     time_limit: float | object | None = _TASKS_OWN) -> list[Job]:
         """Store one job per params in a few round trips; TypeError stores none of them."""
-        return self._enqueue(task_name, list(params_list), None, _delay(delay, eta))
+        return self._enqueue(task_name, list(params_list), None, _delay(delay, eta), time_limit)
 
     def enqueue_wait(self, task_name: str, params: JobParams | None = None,
                      timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
-                     eta: datetime | None = None) -> Job:
+                     eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN) -> Job:
         """Enqueue a job and return it done; QueueWaitTimeoutError after ``timeout`` seconds.
 
         On a timeout the job keeps its place and runs later; the exception
@@ -369,7 +466,7 @@ class Queue:
         (success() returns True) whether this caller received it.
         """
         timeout = max(timeout, 0.0)
-        job = self._enqueue(task_name, [params], timeout, _delay(delay, eta))[0]
+        job = self._enqueue(task_name, [params], timeout, _delay(delay, eta), time_limit)[0]
         try:
             with self._server():
                 done = self._await_outcome(job, timeout)
@@ -383,7 +480,10 @@ class Queue:
         return done
 
     def _enqueue(self, task_name: str, params_list: list[JobParams | None],
-                 waiter_timeout: float | None, delay: float) -> list[Job]:
+                 waiter_timeout: float | None, delay: float, time_limit: float | object | None) -> list[Job]:
+        _check_task_name(task_name)
+        # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
+        limit = None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0)
         encoded = []
         for params in params_list:
             if params is None:
@@ -395,9 +495,9 @@ class Queue:
             return []
         stack = _enqueue_stack()
         with self._server():
-            stored = self._insert(task_name, encoded, stack, waiter_timeout, delay)
+            stored = self._insert(task_name, encoded, stack, waiter_timeout, delay, limit)
         return [Job(self, job_id, task_name, json.loads(params),
-                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), stack)
+                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), stack, time_limit=limit)
                 for (job_id, enqueued, scheduled), params in zip(stored, encoded)]
 
     # -- reading and deleting ------------------------------------------------
@@ -431,13 +531,19 @@ class Queue:
         return jobs
 
     def stats(self) -> dict[str, Any]:
-        """Return job counts per task and state, the workers alive, and jobs done per minute.
+        """Return job counts per task and state, the workers alive, jobs done per minute, and
+        per task the jobs finished and failed ever, with run-time and queue-wait histograms.
 
         ``done_per_minute`` covers the last 15 minutes, oldest first; a
         worker is alive while its heartbeat is less than three leases old.
+        ``metrics[task]`` has ``finished`` and ``failed`` (counters that never
+        go down, not even when results expire), and ``run_seconds`` and
+        ``wait_seconds`` (enqueued or due -> started): each a histogram with
+        ``count``, ``sum``, cumulative ``buckets`` as [upper bound, jobs] and
+        the ``p50``, ``p95`` and ``p99`` estimated from them.
         """
         with self._server():
-            counts, workers, per_minute = self._stats()
+            counts, workers, per_minute, metrics = self._stats()
         by_task: dict[str, dict[str, int]] = {}
         for key, number in sorted(counts.items()):
             state, _, task_name = key.partition(":")
@@ -445,7 +551,8 @@ class Queue:
         return {"counts": by_task,
                 "workers": [{"id": worker, "last_seen": _iso(seen), "tasks": tasks}
                             for worker, seen, tasks in sorted(workers)],
-                "done_per_minute": per_minute}
+                "done_per_minute": per_minute,
+                "metrics": _task_metrics(metrics)}
 
     def retry_job(self, job_id: str) -> Job:
         """Run a done job again from its first attempt; NoSuchJobError, ValueError if it isn't done."""
@@ -453,6 +560,36 @@ class Queue:
             if not self._requeue(job_id):
                 raise ValueError(f"job {job_id} is not done: only a done job can be retried")
         return self.retrieve_job(job_id)
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job that isn't done and return it; NoSuchJobError, ValueError for a done job.
+
+        An enqueued or delayed job is done at once and never runs. A running
+        one is interrupted by its worker, which learns of it from its next
+        heartbeat (a third of ``lease_timeout``), with JobCancelledError raised
+        in its thread. Either way it ends done with an error that starts with
+        "cancelled", and is listed and counted with the failed jobs.
+        """
+        with self._server():
+            if not self._cancel(job_id):
+                raise ValueError(f"job {job_id} is done: only a job that isn't done can be cancelled")
+        return self.retrieve_job(job_id)
+
+    def retry_jobs(self, task_name: str | None = None) -> int:
+        """Run every failed job (of one task, or of all) again from its first attempt; return how many."""
+        with self._server():
+            return self._bulk("retry", "failed", task_name)
+
+    def delete_jobs(self, state: str, task_name: str | None = None) -> int:
+        """Delete every job in ``state`` (of one task, or of all); return how many.
+
+        ``state`` is "enqueued", "done" (the failed jobs too, as list_jobs
+        shows them) or "failed"; ValueError for any other.
+        """
+        if state not in (JOB_STATE_ENQUEUED, JOB_STATE_DONE, "failed"):
+            raise ValueError(f"delete_jobs takes state enqueued, done or failed, not {state!r}")
+        with self._server():
+            return self._bulk("delete", state, task_name)
 
     def delete_job(self, job_id: str) -> None:
         """Remove the job wherever it is; NoSuchJobError for an unknown id."""
@@ -477,21 +614,32 @@ class Queue:
 
     @contextlib.contextmanager
     def _server(self) -> Iterator[None]:
-        """Turn the driver's connection errors into ServerUnavailableError."""
+        """Turn the driver's connection errors into ServerUnavailableError, or OutcomeUnknownError
+        when the request was sent and no answer came."""
         try:
             yield
         except self._server_errors as exc:
+            if self._answer_lost(exc):
+                raise OutcomeUnknownError(
+                    f"the queue's server at {self._address} was sent the request but did not answer "
+                    f"({exc}): it may have been carried out, and retrying it may do it twice") from exc
             raise ServerUnavailableError(f"can't reach the queue's server at {self._address}: "
-                                         f"{_describe(exc)}") from exc
+                                         f"{_describe(exc)}; the request was not sent") from exc
+
+    def _answer_lost(self, exc: BaseException) -> bool:
+        """Whether a driver's error came after the request was sent (its outcome is unknown)."""
+        return False
 
     # -- the worker ----------------------------------------------------------
 
     def process_loop(self) -> None:
         """Claim and run jobs on ``concurrency`` threads until stop() is called.
 
-        A heartbeat thread renews the leases of the running jobs and makes
-        jobs whose lease ran out (their worker died) claimable again. While
-        the server is away the loop backs off and goes on when it returns.
+        A heartbeat thread renews the leases of the running jobs, makes jobs
+        whose lease ran out (their worker died) claimable again, interrupts
+        cancelled jobs and stores progress; a timer thread interrupts jobs at
+        their time limit. While the server is away the loop backs off and goes
+        on when it returns.
         """
         with self._loop_lock:
             if self._stopping is not None:
@@ -500,10 +648,16 @@ class Queue:
             self._loop_thread = threading.get_ident()
             self._loop_done.clear()
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="monsterqueue")
-        heartbeat = threading.Thread(target=self._beat, args=(worker, stopping),
-                                     name="monsterqueue-heartbeat", daemon=True)
-        heartbeat.start()
+        self._inbox: SimpleQueue[Job | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        for _ in range(self.concurrency):
+            self._add_thread(None)
+        drained = threading.Event()  # set once the last running job has ended
+        helpers = [threading.Thread(target=target, args=(worker, drained), name=f"monsterqueue-{name}",
+                                    daemon=True)
+                   for name, target in (("heartbeat", self._beat), ("timer", self._time))]
+        for helper in helpers:
+            helper.start()
         turns = itertools.count()
         try:
             while not stopping.is_set():
@@ -527,11 +681,24 @@ class Queue:
                     continue
                 self._outage.recovered()
                 for job_id, fields in claimed:
-                    self._start(pool, job_id, fields)
+                    self._start(job_id, fields)
         finally:
-            stopping.set()  # also when an error ends the loop: the heartbeat must end with it
-            pool.shutdown(wait=True)
-            heartbeat.join()
+            stopping.set()  # also when an error ends the loop
+            # Leases and time limits go on while the running jobs finish.
+            self.wait()
+            with self._idle:
+                threads = list(self._threads)
+            for _ in threads:
+                self._inbox.put(None)
+            for thread in threads:
+                thread.join()
+            drained.set()
+            self._wake_timer.set()
+            for helper in helpers:
+                helper.join()
+            # Else it is dropped three leases later.
+            with contextlib.suppress(Exception), self._server():
+                self._retire(worker)
             with self._loop_lock:
                 self._stopping = None
                 self._loop_done.set()
@@ -570,7 +737,7 @@ class Queue:
                                     or stopping.is_set(), CLAIM_LINGER)
             return 0 if stopping.is_set() else self.concurrency - len(self._held)
 
-    def _start(self, pool: ThreadPoolExecutor, job_id: str, fields: dict[str, Any]) -> None:
+    def _start(self, job_id: str, fields: dict[str, Any]) -> None:
         try:
             job = self._decode(job_id, fields)
         except MalformedJobError as exc:
@@ -579,15 +746,54 @@ class Queue:
                       delivery=_int(fields.get("delivery")))
             job._report(None, str(exc), retryable=False)
             return
+        limit = self._time_limit_of(job)
         with self._idle:
+            if limit:
+                job._deadline = time.monotonic() + limit
             self._held[job_id] = job
-        pool.submit(self._run, job)
+        if job._deadline < self._next_deadline:
+            self._wake_timer.set()
+        self._inbox.put(job)
+
+    def _add_thread(self, interrupted: tuple[Job, str, bool, str | None] | None) -> None:
+        """Start a worker thread; one that replaces an interrupted job's thread records its outcome."""
+        thread = threading.Thread(target=self._serve, args=(interrupted,), name="monsterqueue", daemon=True)
+        with self._idle:
+            self._threads.append(thread)
+        thread.start()
+
+    def _serve(self, interrupted: tuple[Job, str, bool, str | None] | None) -> None:
+        """Run the jobs handed to this thread until it is handed None, or replaced."""
+        if interrupted is not None:
+            job, error, retryable, stack = interrupted
+            self._report(job, None, error, retryable, stack)
+        while True:
+            next_job = self._inbox.get()
+            if next_job is None:
+                return
+            job = next_job
+            # One raised just as the task ended: the interrupting side records the outcome.
+            with contextlib.suppress(TimeLimitExceeded, JobCancelledError):
+                self._run(job)
+            if job._interrupted:
+                return  # another thread took this one's place
 
     def _run(self, job: Job) -> None:
+        with self._idle:
+            if job._interrupted:  # cancelled or timed out before it began
+                return
+            job._thread = threading.get_ident()
+        job._began = time.monotonic()
+        logger.info("job %s (%s) started", job.id, job.task_name)
         try:
-            self._tasks[job.task_name].run(job)
+            try:
+                self._tasks[job.task_name].run(job)
+            finally:
+                with self._idle:  # from here on no interrupt can be raised in this thread
+                    job._thread = None
         except BaseException as exc:  # a task must never take its worker down
-            logger.exception("task %s failed on job %s", job.task_name, job.id)
+            if not job._interrupted:
+                logger.exception("task %s failed on job %s", job.task_name, job.id)
             job.error(exc)
         else:
             job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
@@ -600,7 +806,55 @@ class Queue:
                 if self.concurrency - len(self._held) in (1, max(self.concurrency // 2, 1)) or not self._held:
                     self._idle.notify_all()
 
-    def _report(self, job: Job, result: str | None, error: str | None, retryable: bool) -> bool:
+    def _interrupt(self, job: Job, exception: type[BaseException], error: str, retryable: bool) -> None:
+        """Raise ``exception`` in a running job's thread, and replace that thread with one that
+        records ``error`` as the job's outcome.
+
+        The exception is raised when the thread next runs Python code: a task
+        blocked in C (a long sleep, a socket read) keeps its thread until it
+        returns, but not its place: its outcome is recorded now, and whatever it
+        reports later is discarded.
+        """
+        with self._idle:
+            with self._report_lock:
+                if self._held.get(job.id) is not job or job._reported:
+                    return  # it ended, or reported its outcome, meanwhile
+                job._reported = True
+            del self._held[job.id]
+            job._interrupted = True
+            stack = None
+            if job._thread is not None:
+                frame = sys._current_frames().get(job._thread)
+                if frame is not None:
+                    stack = _bounded_traceback(
+                        ["Traceback (most recent call last):\n", *traceback.format_stack(frame),
+                         f"{error}\n"])
+                _raise_in_thread(job._thread, exception)
+                self._threads = [thread for thread in self._threads if thread.ident != job._thread]
+            self._idle.notify_all()
+        logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
+        self._add_thread((job, error, retryable, stack))
+
+    def _time(self, worker: str, drained: threading.Event) -> None:
+        """Interrupt each running job at its time limit, until the loop has drained."""
+        while not drained.is_set():
+            self._wake_timer.clear()
+            with self._idle:
+                now = time.monotonic()
+                late = [job for job in self._held.values() if job._deadline <= now]
+                self._next_deadline = min((job._deadline for job in self._held.values()
+                                           if job._deadline > now), default=math.inf)
+            for job in late:
+                self._interrupt(job, TimeLimitExceeded, "TimeLimitExceeded: the job ran past its time "
+                                f"limit of {self._time_limit_of(job):g}s", True)
+            self._wake_timer.wait(min(self._next_deadline - now, IDLE_WAKE_INTERVAL))
+
+    def _time_limit_of(self, job: Job) -> float | None:
+        """The job's own time limit if it was enqueued with one, else its task's."""
+        return self._tasks[job.task_name].time_limit if job._time_limit is None else job._time_limit
+
+    def _report(self, job: Job, result: str | None, error: str | None, retryable: bool,
+                traceback: str | None = None) -> bool:
         """Record a job's outcome, or schedule its retry; True if a waiter received it.
 
         While the server is away the report is retried until the job's lease
@@ -621,9 +875,9 @@ class Queue:
             try:
                 with self._server():
                     if retry_in is None:
-                        received = self._finish(job, result, error)
+                        received = self._finish(job, result, error, traceback)
                     else:
-                        received = False if self._retry(job, retry_in) else None
+                        received = False if self._retry(job, retry_in, traceback) else None
                 break
             except ServerUnavailableError as exc:
                 if time.monotonic() > deadline:
@@ -634,21 +888,38 @@ class Queue:
         if received is None:
             logger.warning("job %s: outcome not recorded: the job was deleted, or its lease was lost "
                            "to another delivery", job.id)
+        elif retry_in is None and logger.isEnabledFor(logging.INFO):
+            logger.info("job %s (%s) %s in %.3fs", job.id, job.task_name,
+                        "succeeded" if error is None else f"failed: {error:.200}",
+                        time.monotonic() - (job._began or time.monotonic()))
         return bool(received)
 
-    def _beat(self, worker: str, stopping: threading.Event) -> None:
-        """Renew this worker's leases and requeue expired ones: at once, then every third of a lease."""
+    def _beat(self, worker: str, drained: threading.Event) -> None:
+        """Every third of a lease: renew this worker's leases, requeue expired ones and interrupt
+        the jobs cancelled meanwhile. Every PROGRESS_INTERVAL: store the progress set since."""
+        next_beat = 0.0
+        stored: dict[str, str] = {}  # job id -> the progress text last stored
         while True:
             with self._idle:
-                held = list(self._held.values())
+                held = {job.id: job for job in self._held.values()}
+            progress = {job: job._progress_text for job in held.values()
+                        if job._progress_text is not None and job._progress_text is not stored.get(job.id)}
             try:
                 with self._server():
-                    self._heartbeat(worker, held)
+                    if progress:
+                        self._save_progress(progress)
+                    stored = {job_id: stored[job_id] for job_id in held if job_id in stored}
+                    stored.update((job.id, text) for job, text in progress.items())
+                    if time.monotonic() >= next_beat:
+                        next_beat = time.monotonic() + self.lease_timeout / 3
+                        for job_id in self._heartbeat(worker, list(held.values())):
+                            self._interrupt(held[job_id], JobCancelledError, f"{CANCELLED} while running",
+                                            False)
             except ServerUnavailableError as exc:
                 self._outage.failed(exc)
             except Exception:  # an out-of-memory server, a bad record: leases must go on
                 logger.exception("heartbeat of worker %s failed; retrying", worker)
-            if stopping.wait(self.lease_timeout / 3):
+            if drained.wait(min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))):
                 return
 
     # -- decoding stored jobs ------------------------------------------------
@@ -658,8 +929,9 @@ class Queue:
 
         Every backend stores the same fields: task, params (JSON text), state,
         enqueued/started/done/due (milliseconds since the epoch), result (JSON
-        text) or error (text), stack, attempt (runs by retries) and delivery
-        (claims so far).
+        text) or error (text), stack, attempt (runs by retries), delivery
+        (claims so far), and when set: progress (JSON text), traceback, and
+        time_limit (seconds, 0 for none).
         """
         def field(name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
             value = fields.get(name)
@@ -678,16 +950,18 @@ class Queue:
                    JobStatus(field("state", _state), field("enqueued", _time), field("started", _time),
                              field("done", _time), field("attempt", int, 1), field("due", _time)),
                    field("stack", str, ""), delivery=_int(fields.get("delivery")),
-                   result=result, error=field("error", str))
+                   result=result, error=field("error", str), progress=field("progress", json.loads),
+                   traceback=field("traceback", str) or None, time_limit=field("time_limit", float))
 
     # -- storage primitives, supplied by each backend ------------------------
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float) -> list[tuple[str, datetime, datetime | None]]:
+                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
         """Store jobs, one per JSON params text, all or none; return (id, enqueued, scheduled) each.
 
         ``waiter_timeout`` is set for enqueue_wait: mark the job as awaited.
         A ``delay`` above zero keeps the jobs from being claimed until then.
+        A ``time_limit`` that isn't None is stored as the jobs' own.
         """
         raise NotImplementedError
 
@@ -695,24 +969,51 @@ class Queue:
                block: float) -> list[tuple[str, dict[str, Any]]]:
         """Atomically take up to ``limit`` due enqueued jobs of these tasks, oldest first per task.
 
+        A job in a task's queue that is no longer enqueued (cancelled) is dropped.
+
         Each taken job is running, with ``started``, ``worker``, a lease and a
         new ``delivery`` recorded in the same step. With nothing to take, wait
         up to ``block`` seconds for new work. Return (id, stored fields) pairs.
         """
         raise NotImplementedError
 
-    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None,
+                traceback: str | None) -> bool | None:
         """Record the outcome if ``job`` still holds its delivery, and hand it to the waiter.
 
-        Atomically: state done, done time, result or error, no longer held,
-        and kept for ``result_ttl``, then removed by the server.
+        Atomically: state done, done time, result or error, the traceback (or
+        none), the job's last progress if it set any, no longer held, kept for
+        ``result_ttl`` then removed by the server, and the task's metrics
+        (finished, failed, run time and queue wait: see _task_metrics).
         Return True if an enqueue_wait caller was waiting (it gets the job),
         False if none was, None if the job is gone or held by another delivery.
         """
         raise NotImplementedError
 
-    def _retry(self, job: Job, delay: float) -> bool | None:
-        """Put a held job back, due in ``delay`` seconds, with its attempt counted; None if not held."""
+    def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
+        """Put a held job back, due in ``delay`` seconds, with its attempt counted and the
+        traceback of the failed attempt; None if not held."""
+        raise NotImplementedError
+
+    def _save_progress(self, progress: dict[Job, str]) -> None:
+        """Store each running job's progress (JSON text), where that delivery still holds it."""
+        raise NotImplementedError
+
+    def _cancel(self, job_id: str) -> bool:
+        """Cancel a job atomically; False if it is done already, NoSuchJobError if there is none.
+
+        An enqueued (or delayed) job becomes done with the error "cancelled
+        before it ran", as _finish would record it, and is never claimed; a
+        running one is marked, for _heartbeat to tell its worker.
+        """
+        raise NotImplementedError
+
+    def _bulk(self, action: str, state: str, task_name: str | None) -> int:
+        """Apply ``action`` ("retry" as _requeue, or "delete" as _delete) to every job in
+        ``state`` (as list_jobs reads it), of one task or all; return how many.
+
+        Each server call changes at most BULK_BATCH jobs, each checked atomically.
+        """
         raise NotImplementedError
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
@@ -723,13 +1024,18 @@ class Queue:
         """
         raise NotImplementedError
 
-    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+    def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         """Renew the leases of the jobs ``worker`` holds and record it alive; requeue jobs whose
-        lease ran out.
+        lease ran out; return the ids of the held jobs that were cancelled.
 
         A requeued job that has been delivered max_deliveries times is done
         with an error instead: it kills its workers, and must not loop forever.
+        A cancelled job whose lease ran out is done as cancelled.
         """
+        raise NotImplementedError
+
+    def _retire(self, worker: str) -> None:
+        """Forget a worker that stopped: it is no longer listed as alive."""
         raise NotImplementedError
 
     def _interrupt_claim(self) -> None:
@@ -748,9 +1054,10 @@ class Queue:
         """
         raise NotImplementedError
 
-    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+    def _stats(self) -> _Stats:
         """Return counts ("STATE:TASK" -> n, with "failed" apart from "done"), the workers
-        alive as (id, last seen, task names), and jobs done in each of the last 15 minutes."""
+        alive as (id, last seen, task names), jobs done in each of the last 15 minutes,
+        and the metrics kept by _finish (see _task_metrics)."""
         raise NotImplementedError
 
     def _requeue(self, job_id: str) -> bool:
@@ -789,6 +1096,117 @@ def _encode(value: Any) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _traceback_of(exc: BaseException) -> str | None:
+    """The traceback of an exception that was raised, from the task's first frame (not the
+    worker's), within TRACEBACK_LIMIT; None if it wasn't raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _in_this_file(tb.tb_frame):
+        tb = tb.tb_next
+    return None if tb is None else _bounded_traceback(traceback.format_exception(type(exc), exc, tb))
+
+
+def _bounded_traceback(lines: list[str]) -> str:
+    """Join a traceback's lines, keeping its first line, the error and the innermost frames
+    that fit in TRACEBACK_LIMIT bytes: where it failed matters more than how it got there."""
+    kept: list[str] = []
+    size = len(lines[0].encode()) + 6
+    for line in reversed(lines[1:]):
+        size += len(line.encode())
+        if size > TRACEBACK_LIMIT and kept:
+            return lines[0] + "  ...\n" + "".join(reversed(kept))
+        kept.append(line)
+    text = "".join(lines)
+    return text if len(text.encode()) <= TRACEBACK_LIMIT else text.encode()[:TRACEBACK_LIMIT].decode(
+        errors="ignore")
+
+
+def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
+    """Make ``exception`` raise in another thread the next time it runs Python code."""
+    import ctypes  # only a worker that interrupts a job pays for the import
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
+
+
+def _check_task_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task name must be a non-empty string, not {name!r}")
+
+
+def _check_time_limit(limit: Any) -> Any:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise ValueError(f"time_limit must be a positive number of seconds or None, not {limit!r}")
+    return limit
+
+
+def _observe(metrics: collections.Counter[str], task: str, failed: bool, run_ms: int | None,
+             wait_ms: int | None) -> None:
+    """Count a finished job into ``metrics`` as every backend keeps them: "finished:TASK",
+    "failed:TASK", and for a job that ran, "run:TASK:I" and "wait:TASK:I" (I: the index of
+    its bucket in HISTOGRAM_BUCKETS, len() for +Inf) with their sums "run_ms:TASK" and
+    "wait_ms:TASK"."""
+    metrics[f"finished:{task}"] += 1
+    if failed:
+        metrics[f"failed:{task}"] += 1
+    for kind, ms in (("run", run_ms), ("wait", wait_ms)):
+        if ms is not None:
+            metrics[f"{kind}:{task}:{bisect.bisect_left(_BUCKETS_MS, ms)}"] += 1
+            metrics[f"{kind}_ms:{task}"] += ms
+
+
+def _task_metrics(metrics: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Turn the metrics _observe counts into stats()["metrics"]: per task, counters and histograms."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for key, number in sorted(metrics.items()):
+        task, field = _metric_of(key)
+        kind, _, index = field.partition(":")
+        of_task = tasks.setdefault(task, {"finished": 0, "failed": 0, "run_ms": 0, "wait_ms": 0,
+                                          "run": [0] * (len(HISTOGRAM_BUCKETS) + 1),
+                                          "wait": [0] * (len(HISTOGRAM_BUCKETS) + 1)})
+        if kind in ("run", "wait"):
+            of_task[kind][min(_int(index), len(HISTOGRAM_BUCKETS))] += int(number)
+        elif kind in of_task:
+            of_task[kind] += int(number)
+    return {task: {"finished": m["finished"], "failed": m["failed"],
+                   "run_seconds": _histogram(m["run"], m["run_ms"]),
+                   "wait_seconds": _histogram(m["wait"], m["wait_ms"])} for task, m in tasks.items()}
+
+
+def _histogram(counts: list[int], sum_ms: int) -> dict[str, Any]:
+    cumulative = list(itertools.accumulate(counts))
+    bounds: list[float | str] = [*HISTOGRAM_BUCKETS, "+Inf"]
+    return {"count": cumulative[-1], "sum": sum_ms / 1000,
+            "buckets": [[bound, n] for bound, n in zip(bounds, cumulative)],
+            **{f"p{q}": _quantile(q / 100, cumulative) for q in (50, 95, 99)}}
+
+
+def _quantile(q: float, cumulative: list[int]) -> float | None:
+    """Estimate a quantile from cumulative bucket counts, straight-line within its bucket
+    (as Prometheus' histogram_quantile); None without observations."""
+    rank = q * cumulative[-1]
+    for i, count in enumerate(cumulative):
+        if count and count >= rank:
+            if i == len(HISTOGRAM_BUCKETS):
+                return HISTOGRAM_BUCKETS[-1]  # past the last bound: all that can be said
+            lower, before = (HISTOGRAM_BUCKETS[i - 1], cumulative[i - 1]) if i else (0.0, 0)
+            return round(lower + (HISTOGRAM_BUCKETS[i] - lower) * (rank - before) / (count - before), 4)
+    return None
+
+
+def _metric_of(key: str) -> tuple[str, str]:
+    """Split a key of _observe into its task and the rest: ("TASK", "run:3") for "run:TASK:3"."""
+    kind, _, task = key.partition(":")
+    if kind in ("run", "wait"):
+        task, _, index = task.rpartition(":")
+        return task, f"{kind}:{index}"
+    return task, kind
+
+
+def _metric_key(task: str, field: str) -> str:
+    """The key of _observe for a task and the rest, as _metric_of split it."""
+    kind, _, index = field.partition(":")
+    return f"{kind}:{task}:{index}" if index else f"{kind}:{task}"
 
 
 def _int(value: Any) -> int:
@@ -864,6 +1282,10 @@ def _delay(delay: float | None, eta: datetime | None) -> float:
 _THIS_FILE = os.path.normcase(__file__)
 
 
+def _in_this_file(frame: types.FrameType) -> bool:
+    return os.path.normcase(frame.f_code.co_filename) == _THIS_FILE
+
+
 def _enqueue_stack() -> str:
     """Describe the caller's stack, innermost frames kept within STACK_TRACE_LIMIT.
 
@@ -871,7 +1293,7 @@ def _enqueue_stack() -> str:
     traceback module does) would cost more than the enqueue itself.
     """
     frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None and os.path.normcase(frame.f_code.co_filename) == _THIS_FILE:
+    while frame is not None and _in_this_file(frame):
         frame = frame.f_back
     lines: list[str] = []
     size = 0
@@ -954,11 +1376,12 @@ class MemoryQueue(Queue):
         self._ready: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
         self._scheduled: list[tuple[int, str]] = []    # heap of (due ms, id)
         self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
+        self._metrics: collections.Counter[str] = collections.Counter()  # see _observe
         self._ids = itertools.count(1)
         self._interrupted = False
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float) -> list[tuple[str, datetime, datetime | None]]:
+                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
         now = _now_ms()
         due = now + int(delay * 1000) if delay else None
         with self._changed:
@@ -966,7 +1389,8 @@ class MemoryQueue(Queue):
             for job_id, text in zip(ids, params):
                 self._jobs[job_id] = {"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED,
                                       "enqueued": now, "stack": stack, "delivery": 0, "attempt": 1,
-                                      "waiter": waiter_timeout is not None, "due": due}
+                                      "waiter": waiter_timeout is not None, "due": due,
+                                      "time_limit": time_limit}
                 self._make_ready(job_id, due)
             self._changed.notify_all()
         enqueued = _time(now)
@@ -999,6 +1423,8 @@ class MemoryQueue(Queue):
                 while ready and len(claimed) < limit:
                     job_id = ready.popleft()
                     fields = self._jobs[job_id]
+                    if fields["state"] != JOB_STATE_ENQUEUED:
+                        continue  # cancelled while it waited
                     fields.update(state=JOB_STATE_RUNNING, started=now, worker=worker,
                                   delivery=fields["delivery"] + 1)
                     claimed.append((job_id, dict(fields)))
@@ -1010,26 +1436,37 @@ class MemoryQueue(Queue):
             return None
         return fields
 
-    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None,
+                traceback: str | None) -> bool | None:
         with self._changed:
             fields = self._held_fields(job)
             if fields is None:
                 return None
-            fields.update(state=JOB_STATE_DONE, done=_now_ms(), result=result, error=error,
-                          worker=None)
+            self._done(job.id, result, error, traceback)
+            if job._progress_text is not None:
+                fields["progress"] = job._progress_text
             received = fields["waiter"]
             fields["waiter"] = False
             self._changed.notify_all()
             return received
 
-    def _retry(self, job: Job, delay: float) -> bool | None:
+    def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None) -> None:
+        fields = self._jobs[job_id]
+        now = _now_ms()
+        fields.update(state=JOB_STATE_DONE, done=now, result=result, error=error, traceback=traceback,
+                      worker=None)
+        started = fields.get("started")
+        _observe(self._metrics, fields["task"], error is not None, started and now - started,
+                 started and started - (fields["due"] or fields["enqueued"]))
+
+    def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         with self._changed:
             fields = self._held_fields(job)
             if fields is None:
                 return None
             due = _now_ms() + int(delay * 1000)
             fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
-                          attempt=fields["attempt"] + 1)
+                          attempt=fields["attempt"] + 1, traceback=traceback)
             self._make_ready(job.id, due)
             self._changed.notify_all()
             return True
@@ -1044,7 +1481,35 @@ class MemoryQueue(Queue):
                 return None
             return self._decode(job.id, dict(fields))
 
-    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+    def _save_progress(self, progress: dict[Job, str]) -> None:
+        with self._changed:
+            for job, text in progress.items():
+                fields = self._held_fields(job)
+                if fields is not None:
+                    fields["progress"] = text
+
+    def _cancel(self, job_id: str) -> bool:
+        with self._changed:
+            fields = self._jobs.get(job_id)
+            if fields is None:
+                raise NoSuchJobError()
+            state = fields["state"]
+            if state == JOB_STATE_ENQUEUED:
+                self._done(job_id, None, f"{CANCELLED} before it ran", None)
+                fields["waiter"] = False
+                self._changed.notify_all()
+            elif state == JOB_STATE_RUNNING:
+                fields["cancel"] = True
+            return state != JOB_STATE_DONE
+
+    def _bulk(self, action: str, state: str, task_name: str | None) -> int:
+        with self._changed:
+            ids = [job_id for job_id, fields in self._jobs.items() if _matches(fields, state, task_name)]
+            for job_id in ids:
+                self._requeue(job_id) if action == "retry" else self._delete(job_id)
+            return len(ids)
+
+    def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         # No lease to renew: a memory queue's jobs can't outlive their worker.
         now = _now_ms()
         with self._changed:
@@ -1057,6 +1522,11 @@ class MemoryQueue(Queue):
                 for job_id in [job_id for job_id, fields in self._jobs.items()
                                if fields["state"] == JOB_STATE_DONE and fields["done"] < expired]:
                     del self._jobs[job_id]
+            return [job.id for job in held if self._jobs.get(job.id, {}).get("cancel")]
+
+    def _retire(self, worker: str) -> None:
+        with self._changed:
+            self._workers.pop(worker, None)
 
     def _interrupt_claim(self) -> None:
         with self._changed:
@@ -1076,7 +1546,7 @@ class MemoryQueue(Queue):
             found = ((job_id, dict(fields)) for job_id, fields in jobs if _matches(fields, state, task_name))
             return list(itertools.islice(found, offset, None if limit is None else offset + limit))
 
-    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+    def _stats(self) -> _Stats:
         minutes = _minutes()
         per_minute = [0] * len(minutes)
         counts: collections.Counter[str] = collections.Counter()
@@ -1086,7 +1556,7 @@ class MemoryQueue(Queue):
                 if fields["state"] == JOB_STATE_DONE and fields["done"] >= minutes[0]:
                     per_minute[(fields["done"] - minutes[0]) // 60_000] += 1
             workers = [(worker, _time(seen), tasks) for worker, (seen, tasks) in self._workers.items()]
-        return dict(counts), workers, per_minute
+            return dict(counts), workers, per_minute, dict(self._metrics)
 
     def _requeue(self, job_id: str) -> bool:
         with self._changed:
@@ -1096,7 +1566,7 @@ class MemoryQueue(Queue):
             if fields["state"] != JOB_STATE_DONE:
                 return False
             fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
-                          due=None, attempt=1)
+                          due=None, attempt=1, traceback=None, progress=None, cancel=None)
             self._make_ready(job_id, None)
             self._changed.notify_all()
             return True
@@ -1117,6 +1587,7 @@ class MemoryQueue(Queue):
             self._ready.clear()
             self._scheduled.clear()
             self._workers.clear()
+            self._metrics.clear()
             self._changed.notify_all()
 
 
@@ -1129,7 +1600,8 @@ class MemoryQueue(Queue):
 #
 #   {prefix}:seq            counter that numbers the jobs
 #   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
-#                           waiter (the waiting caller's deadline) and worker
+#                           waiter (the waiting caller's deadline), worker,
+#                           lost (leases lost) and cancel (set while running)
 #   {prefix}:jobs           sorted set of every job id, scored by its number
 #   {prefix}:task:TASK      the same, of one task's jobs
 #   {prefix}:enqueued       the same, of the enqueued jobs (delayed ones too)
@@ -1144,6 +1616,7 @@ class MemoryQueue(Queue):
 #   {prefix}:outcome:ID     list where an enqueue_wait caller BLPOPs the outcome
 #   {prefix}:workers        hash of worker -> "LAST_SEEN_MS TASKS_JSON"
 #   {prefix}:wake:WORKER    sorted set that stop() writes to wake its own worker
+#   {prefix}:metrics        hash of the counters and histograms of Python's _observe
 #
 # Round trips per job: enqueue 1 (one script; enqueue_many one per 1000 jobs);
 # claim 1 script per batch of up to the free threads, plus one BZPOPMIN when
@@ -1151,7 +1624,11 @@ class MemoryQueue(Queue):
 # waiter; enqueue_wait 1 BLPOP that receives the whole job, plus 1 script
 # only when it times out. The heartbeat is one script per worker per third
 # of a lease, whatever the number of jobs it holds; it also drops expired
-# results from the indexes (their hashes expire by themselves).
+# results from the indexes (their hashes expire by themselves) and tells the
+# worker which of its jobs were cancelled. Progress costs one script per
+# worker per PROGRESS_INTERVAL while some job sets it, whatever the number of
+# calls; cancel_job is 1 script; retry_jobs and delete_jobs 1 ZRANGE and 1
+# script per BULK_BATCH jobs.
 
 # Shared by the scripts below: server time in ms, a type check that keeps a
 # garbage key from failing a whole script, the counts, and the transitions
@@ -1170,6 +1647,23 @@ local function count(prefix, state, task, n)
   redis.call('HINCRBY', prefix .. 'counts', state .. ':' .. task, n)
 end
 
+-- Counts a finished job into the task's metrics, as Python's _observe does.
+local BUCKETS = {""" + ", ".join(map(str, _BUCKETS_MS)) + """}
+local function observe(prefix, task, failed, started, due, now)
+  local metrics = prefix .. 'metrics'
+  redis.call('HINCRBY', metrics, 'finished:' .. task, 1)
+  if failed then redis.call('HINCRBY', metrics, 'failed:' .. task, 1) end
+  if not started then return end
+  for kind, ms in pairs({run = now - started, wait = started - due}) do
+    local bucket = #BUCKETS
+    for i, bound in ipairs(BUCKETS) do
+      if ms <= bound then bucket = i - 1 break end
+    end
+    redis.call('HINCRBY', metrics, kind .. ':' .. task .. ':' .. bucket, 1)
+    redis.call('HINCRBY', metrics, kind .. '_ms:' .. task, ms)
+  end
+end
+
 local function done_member(key, id)
   local outcome = redis.call('HEXISTS', key, 'error') == 1 and 'failed' or 'done'
   return outcome .. ':' .. (redis.call('HGET', key, 'task') or '') .. ':' .. id
@@ -1186,16 +1680,24 @@ local function requeue(prefix, id, task, front)
   count(prefix, 'enqueued', task, 1)
 end
 
--- Records the outcome and hands the whole job to a waiting caller, if any:
+-- Records the outcome, the traceback (false: none) and the last progress (false:
+-- unchanged), counts it, and hands the whole job to a waiting caller, if any:
 -- the waiter flag flips once, here or in the withdraw script, never both.
 -- A heartbeat removes the job once its result_ttl has passed; its key's own
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
-local function finish_job(prefix, id, field, value, now, keep)
+local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
-  local got = redis.call('HMGET', key, 'task', 'waiter')
+  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued')
   local task, outcome = got[1] or '', field == 'error' and 'failed' or 'done'
   redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
   redis.call('HDEL', key, 'worker')
+  if traceback then
+    redis.call('HSET', key, 'traceback', traceback)
+  elseif got[3] ~= '1' then  -- only a retried job can have one from an earlier attempt
+    redis.call('HDEL', key, 'traceback')
+  end
+  if progress then redis.call('HSET', key, 'progress', progress) end
+  observe(prefix, task, outcome == 'failed', tonumber(got[4]), tonumber(got[5] or got[6]), now)
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
   redis.call('ZADD', prefix .. 'done', now, outcome .. ':' .. task .. ':' .. id)
@@ -1217,20 +1719,22 @@ end
 """
 
 # Numbers the jobs and stores them in one step, so no job is ever half-written.
-# KEYS: seq. ARGV: prefix, task, stack, waiter timeout ms ('' for none), delay ms, params...
+# KEYS: seq. ARGV: prefix, task, stack, waiter timeout ms ('' for none), delay ms,
+# time limit s ('' for the task's), params...
 _REDIS_ENQUEUE = _REDIS_LIB + """
 local prefix, task = ARGV[1], ARGV[2]
 local now = now_ms()
 local delay = tonumber(ARGV[5])
-local n = #ARGV - 5
+local n = #ARGV - 6
 local last = redis.call('INCRBY', KEYS[1], n)
 for i = 1, n do
   local number = last - n + i
   local id = tostring(number)
   local key = prefix .. 'job:' .. id
-  redis.call('HSET', key, 'task', task, 'params', ARGV[5 + i], 'state', 'enqueued',
+  redis.call('HSET', key, 'task', task, 'params', ARGV[6 + i], 'state', 'enqueued',
              'enqueued', now, 'stack', ARGV[3], 'delivery', 0, 'attempt', 1)
   if ARGV[4] ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(ARGV[4])) end
+  if ARGV[6] ~= '' then redis.call('HSET', key, 'time_limit', ARGV[6]) end
   redis.call('ZADD', prefix .. 'jobs', number, id)
   redis.call('ZADD', prefix .. 'task:' .. task, number, id)
   redis.call('ZADD', prefix .. 'enqueued', number, id)
@@ -1287,15 +1791,18 @@ for i = 6, #ARGV do
       redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
       count(prefix, 'running', task, 1)
       finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
-                 tonumber(ARGV[5]))
-    elseif kind == 'hash' then
+                 tonumber(ARGV[5]), false, false)
+    else
       -- Only what the worker can't know: it set task, state, started and worker itself.
-      local f = redis.call('HMGET', key, 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack')
-      local delivery = (tonumber(f[1]) or 0) + 1
-      redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
-      redis.call('ZREM', prefix .. 'enqueued', id)
-      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
-      claimed[#claimed + 1] = {id, task, delivery, f[2], f[3], f[4], f[5], f[6]}
+      local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
+                           'time_limit')
+      if f[1] == 'enqueued' then  -- else it was cancelled while it waited
+        local delivery = (tonumber(f[2]) or 0) + 1
+        redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
+        redis.call('ZREM', prefix .. 'enqueued', id)
+        redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
+        claimed[#claimed + 1] = {id, task, delivery, f[3], f[4], f[5], f[6], f[7], f[8]}
+      end
     end
   end
   if #claimed > before then
@@ -1319,17 +1826,21 @@ local held = redis.call('HMGET', KEYS[1], 'state', 'delivery')
 if held[1] ~= 'running' or held[2] ~= ARGV[3] then return -1 end
 """
 
-# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text, keep ms (see finish_job).
+# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text, keep ms (see
+# finish_job), traceback ('' for none), progress ('' for unchanged).
 _REDIS_FINISH = _REDIS_LIB + _REDIS_HELD + """
-return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms(), tonumber(ARGV[6]))
+return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms(), tonumber(ARGV[6]), ARGV[7] ~= '' and ARGV[7],
+                  ARGV[8] ~= '' and ARGV[8])
 """
 
-# KEYS: job:ID. ARGV: prefix, id, delivery, delay ms.
+# KEYS: job:ID. ARGV: prefix, id, delivery, delay ms, traceback of the failed attempt ('' for none).
 _REDIS_RETRY = _REDIS_LIB + _REDIS_HELD + """
 local due = now_ms() + tonumber(ARGV[4])
 local task = redis.call('HGET', KEYS[1], 'task') or ''
 redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
 redis.call('HDEL', KEYS[1], 'started', 'worker')
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'traceback', ARGV[5])
+else redis.call('HDEL', KEYS[1], 'traceback') end
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('ZREM', prefix .. 'running', id)
 redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
@@ -1354,17 +1865,23 @@ return handed
 """
 
 # Renews the leases this worker holds and records it alive; requeues jobs whose
-# lease ran out, or fails them once delivered max_deliveries times; drops
-# expired results from the indexes, and workers not seen for three leases.
+# lease ran out, or fails them once delivered max_deliveries times or cancelled;
+# drops expired results from the indexes, and workers not seen for three
+# leases. Returns the ids of the held jobs that were cancelled.
 # KEYS: running. ARGV: prefix, lease ms, max deliveries, result ttl ms (0: keep),
 # worker, its tasks as JSON, then the id and delivery of each held job.
 _REDIS_HEARTBEAT = _REDIS_LIB + """
 local prefix, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
+local cancelled = {}
 for i = 7, #ARGV, 2 do
   local key = prefix .. 'job:' .. ARGV[i]
-  if is_job(key) and redis.call('HGET', key, 'delivery') == ARGV[i + 1] then
-    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+  if is_job(key) then
+    local held = redis.call('HMGET', key, 'delivery', 'cancel')
+    if held[1] == ARGV[i + 1] then
+      redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+      if held[2] then cancelled[#cancelled + 1] = ARGV[i] end
+    end
   end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)) do
@@ -1374,11 +1891,16 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     local task = redis.call('HGET', key, 'task') or ''
     -- Lost leases are counted apart from deliveries: retries deliver a job again too.
     local lost = redis.call('HINCRBY', key, 'lost', 1)
-    if lost >= tonumber(ARGV[3]) then
+    local error = false
+    if redis.call('HEXISTS', key, 'cancel') == 1 then
+      error = 'cancelled while running'
+    elseif lost >= tonumber(ARGV[3]) then
+      error = 'delivered ' .. redis.call('HGET', key, 'delivery') ..
+              ' times without finishing: its worker died or lost its lease ' .. lost .. ' times'
+    end
+    if error then
       redis.call('ZADD', KEYS[1], now, id)  -- finish_job takes it out again
-      finish_job(prefix, id, 'error', 'delivered ' .. redis.call('HGET', key, 'delivery') ..
-                 ' times without finishing: its worker died or lost its lease ' .. lost .. ' times',
-                 now, ttl > 0 and ttl + lease or 0)
+      finish_job(prefix, id, 'error', error, now, ttl > 0 and ttl + lease or 0, false, false)
     else
       count(prefix, 'running', task, -1)
       -- Back to the front: it was the oldest when it was claimed.
@@ -1406,46 +1928,115 @@ for i = 1, #workers, 2 do
     redis.call('HDEL', prefix .. 'workers', workers[i])
   end
 end
+return cancelled
 """
 
-# Makes a done job run again from its first attempt. KEYS: job:ID. ARGV: prefix, id.
-# Returns 0 for no such job, -1 for a job that isn't done.
-_REDIS_REQUEUE = _REDIS_LIB + """
+# Stores the progress of running jobs, each only while that delivery holds it.
+# KEYS: running (for the slot). ARGV: prefix, then id, delivery and progress of each job.
+_REDIS_PROGRESS = """
+for i = 2, #ARGV, 3 do
+  local key = ARGV[1] .. 'job:' .. ARGV[i]
+  if redis.call('TYPE', key).ok == 'hash' then
+    local held = redis.call('HMGET', key, 'state', 'delivery')
+    if held[1] == 'running' and held[2] == ARGV[i + 1] then
+      redis.call('HSET', key, 'progress', ARGV[i + 2])
+    end
+  end
+end
+"""
+
+# Cancels a job: an enqueued or delayed one is done at once (the claim script drops
+# its id from the queue); a running one is marked, for its worker's heartbeat.
+# Returns the state it was in, or false if there is no job. KEYS: job:ID.
+# ARGV: prefix, id, keep ms (see finish_job).
+_REDIS_CANCEL = _REDIS_LIB + """
 local prefix, id = ARGV[1], ARGV[2]
+if not is_job(KEYS[1]) then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'enqueued' then
+  local task = redis.call('HGET', KEYS[1], 'task') or ''
+  redis.call('ZREM', prefix .. 'enqueued', id)
+  redis.call('ZREM', prefix .. 'scheduled', id)
+  -- finish_job ends a running job: count this one as one first.
+  count(prefix, 'enqueued', task, -1)
+  count(prefix, 'running', task, 1)
+  finish_job(prefix, id, 'error', 'cancelled before it ran', now_ms(), tonumber(ARGV[3]), false, false)
+elseif state == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', 1)
+end
+return state
+"""
+
+# What retry_job, delete_job and their bulk twins do to one job: run a done job
+# again from its first attempt, or remove a job from every structure that names it.
+_REDIS_CHANGE_LIB = _REDIS_LIB + """
+local function retry_done(prefix, id)
+  local key = prefix .. 'job:' .. id
+  local task = redis.call('HGET', key, 'task') or ''
+  local member = done_member(key, id)
+  redis.call('ZREM', prefix .. 'done', member)
+  count(prefix, string.match(member, '^%a+'), task, -1)
+  redis.call('HDEL', key, 'done', 'result', 'error', 'due', 'lost', 'traceback', 'progress', 'cancel')
+  redis.call('HSET', key, 'attempt', 1)
+  redis.call('PERSIST', key)
+  requeue(prefix, id, task, false)
+end
+
+local function delete_job(prefix, id)
+  local key = prefix .. 'job:' .. id
+  if is_job(key) then
+    local task = redis.call('HGET', key, 'task') or ''
+    local state = redis.call('HGET', key, 'state')
+    if state == 'done' then
+      local member = done_member(key, id)
+      redis.call('ZREM', prefix .. 'done', member)
+      count(prefix, string.match(member, '^%a+'), task, -1)
+    elseif state == 'enqueued' or state == 'running' then
+      count(prefix, state, task, -1)
+    end
+    redis.call('LREM', prefix .. 'queue:' .. task, 1, id)
+    redis.call('ZREM', prefix .. 'task:' .. task, id)
+  end
+  redis.call('DEL', key, prefix .. 'outcome:' .. id)
+  for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled'}) do
+    redis.call('ZREM', prefix .. index, id)
+  end
+end
+"""
+
+# KEYS: job:ID. ARGV: prefix, id. Returns 0 for no such job, -1 for a job that isn't done.
+_REDIS_REQUEUE = _REDIS_CHANGE_LIB + """
 if not is_job(KEYS[1]) then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'done' then return -1 end
-local member = done_member(KEYS[1], id)
-redis.call('ZREM', prefix .. 'done', member)
-count(prefix, string.match(member, '^%a+'), redis.call('HGET', KEYS[1], 'task') or '', -1)
-redis.call('HDEL', KEYS[1], 'done', 'result', 'error', 'due', 'lost')
-redis.call('HSET', KEYS[1], 'attempt', 1)
-redis.call('PERSIST', KEYS[1])
-requeue(prefix, id, redis.call('HGET', KEYS[1], 'task') or '', false)
+retry_done(ARGV[1], ARGV[2])
 return 1
 """
 
-# Removes the job from every structure that names it. KEYS: job:ID. ARGV: prefix, id.
-_REDIS_DELETE = _REDIS_LIB + """
-local prefix, id = ARGV[1], ARGV[2]
+# KEYS: job:ID. ARGV: prefix, id. Returns 0 for no such job.
+_REDIS_DELETE = _REDIS_CHANGE_LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if is_job(KEYS[1]) then
-  local task = redis.call('HGET', KEYS[1], 'task') or ''
-  local state = redis.call('HGET', KEYS[1], 'state')
-  if state == 'done' then
-    local member = done_member(KEYS[1], id)
-    redis.call('ZREM', prefix .. 'done', member)
-    count(prefix, string.match(member, '^%a+'), task, -1)
-  elseif state == 'enqueued' or state == 'running' then
-    count(prefix, state, task, -1)
-  end
-  redis.call('LREM', prefix .. 'queue:' .. task, 1, id)
-  redis.call('ZREM', prefix .. 'task:' .. task, id)
-end
-redis.call('DEL', KEYS[1], prefix .. 'outcome:' .. id)
-for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled'}) do
-  redis.call('ZREM', prefix .. index, id)
-end
+delete_job(ARGV[1], ARGV[2])
 return 1
+"""
+
+# Retries or deletes those of the given jobs that are (still) in the state, of
+# the task; returns how many. KEYS: jobs (for the slot). ARGV: prefix, 'retry'
+# or 'delete', state (enqueued, done or failed), task ('' for any), ids...
+_REDIS_BULK = _REDIS_CHANGE_LIB + """
+local prefix, state, task = ARGV[1], ARGV[3], ARGV[4]
+local changed = 0
+for i = 5, #ARGV do
+  local key = prefix .. 'job:' .. ARGV[i]
+  if is_job(key) then
+    local f = redis.call('HMGET', key, 'state', 'task', 'error')
+    local in_state = f[1] == state or (state == 'failed' and f[1] == 'done' and f[3])
+    if in_state and (task == '' or f[2] == task) then
+      if ARGV[2] == 'retry' then retry_done(prefix, ARGV[i]) else delete_job(prefix, ARGV[i]) end
+      changed = changed + 1
+    end
+  end
+end
+return changed
 """
 
 
@@ -1466,7 +2057,7 @@ class RedisQueue(Queue):
                                           socket_connect_timeout=connect_timeout, max_connections=2**31,
                                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.client = client
-        self._server_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._server_errors = (redis.ConnectionError, redis.TimeoutError, _NoAnswer)
         self._response_error = redis.ResponseError
         pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
         kwargs = getattr(pool, "connection_kwargs", {})
@@ -1489,6 +2080,9 @@ class RedisQueue(Queue):
         self._heartbeat_script = script(_REDIS_HEARTBEAT)
         self._requeue_script = script(_REDIS_REQUEUE)
         self._delete_script = script(_REDIS_DELETE)
+        self._progress_script = script(_REDIS_PROGRESS)
+        self._cancel_script = script(_REDIS_CANCEL)
+        self._bulk_script = script(_REDIS_BULK)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -1500,15 +2094,16 @@ class RedisQueue(Queue):
         return int((self.result_ttl + self.lease_timeout) * 1000) if self.result_ttl else 0
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float) -> list[tuple[str, datetime, datetime | None]]:
+                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
         waiter = "" if waiter_timeout is None else str(int(waiter_timeout * 1000))
+        limit = "" if time_limit is None else repr(time_limit)
         stored = []
         # Batches stay well below Lua's limits on arguments and stack.
         for start in range(0, len(params), 1000):
             batch = params[start:start + 1000]
             now, first, due = self._enqueue_script(
                 [self._key("seq")],
-                [self._prefix, task_name, stack, waiter, int(delay * 1000), *batch])
+                [self._prefix, task_name, stack, waiter, int(delay * 1000), limit, *batch])
             enqueued, scheduled = _time(now), _time(due)
             assert enqueued is not None
             stored += [(str(int(first) + i), enqueued, scheduled) for i in range(len(batch))]
@@ -1530,22 +2125,54 @@ class RedisQueue(Queue):
                 self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
                               self._key("wake", worker), block if due_in is None else due_in - 0.2)
             claimed, _, now = self._claim_script([self._key("running")], args)
-        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack")
+        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
                                  **{name: _text(value) for name, value in zip(names, job[1:])
                                     if value is not None}})
                 for job in claimed]
 
-    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None,
+                traceback: str | None) -> bool | None:
         outcome = ("result", result) if error is None else ("error", error)
         received = self._finish_script([self._key("job", job.id)],
-                                       [self._prefix, job.id, job._delivery, *outcome, self._keep_ms()])
+                                       [self._prefix, job.id, job._delivery, *outcome, self._keep_ms(),
+                                        traceback or "", job._progress_text or ""])
         return None if received == -1 else received == 1
 
-    def _retry(self, job: Job, delay: float) -> bool | None:
+    def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         done = self._retry_script([self._key("job", job.id)],
-                                  [self._prefix, job.id, job._delivery, int(delay * 1000)])
+                                  [self._prefix, job.id, job._delivery, int(delay * 1000), traceback or ""])
         return None if done == -1 else True
+
+    def _save_progress(self, progress: dict[Job, str]) -> None:
+        self._progress_script([self._key("running")], [self._prefix, *itertools.chain.from_iterable(
+            (job.id, job._delivery, text) for job, text in progress.items())])
+
+    def _cancel(self, job_id: str) -> bool:
+        state = self._cancel_script([self._key("job", job_id)], [self._prefix, job_id, self._keep_ms()])
+        if state is None:
+            raise NoSuchJobError()
+        return _text(state) != JOB_STATE_DONE
+
+    def _bulk(self, action: str, state: str, task_name: str | None) -> int:
+        # Walk an index a page at a time and hand its candidates to the script, which
+        # checks each again and changes at most BULK_BATCH jobs per call. What the
+        # script changes leaves the index, so the walk goes on past what stays.
+        index = JOB_STATE_ENQUEUED if state == JOB_STATE_ENQUEUED else "done"
+        start = changed = 0
+        while True:
+            members = [_text(m) for m in self.client.zrange(self._key(index), start, start + BULK_BATCH - 1)]
+            if not members:
+                return changed
+            ids = members
+            if index == "done":  # members are OUTCOME:TASK:ID
+                ids = [m.rsplit(":", 1)[1] for m in members
+                       if (state != "failed" or m.startswith("failed:"))
+                       and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
+            done = int(self._bulk_script([self._key("jobs")], [self._prefix, action, state, task_name or "",
+                                                               *ids])) if ids else 0
+            changed += done
+            start += len(members) - done
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         popped = self._command("BLPOP", self._key("outcome", job.id), timeout) if timeout >= 0.001 else None
@@ -1553,12 +2180,16 @@ class RedisQueue(Queue):
                                                                  [self._prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
 
-    def _heartbeat(self, worker: str, held: list[Job]) -> None:
-        self._heartbeat_script(
+    def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
+        cancelled = self._heartbeat_script(
             [self._key("running")],
             [self._prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
              worker, json.dumps(sorted(self._tasks)),
              *itertools.chain.from_iterable((job.id, job._delivery) for job in held)])
+        return [_text(job_id) for job_id in cancelled or ()]
+
+    def _retire(self, worker: str) -> None:
+        self.client.hdel(self._key("workers"), worker)
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -1618,18 +2249,23 @@ class RedisQueue(Queue):
                         found.append((job_id, fields))
         return found[:limit]
 
-    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+    def _stats(self) -> _Stats:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self._key("counts"))
         pipe.hgetall(self._key("workers"))
+        pipe.hgetall(self._key("metrics"))
         for start in _minutes():
             pipe.zcount(self._key("done"), start, start + 59_999)
-        counts, workers, *per_minute = pipe.execute()
+        counts, workers, metrics, *per_minute = pipe.execute()
         alive = []
         for worker, seen in workers.items():
             seen_ms, _, tasks = _text(seen).partition(" ")
             alive.append((_text(worker), _time(seen_ms), json.loads(tasks)))
-        return {_text(k): int(v) for k, v in counts.items() if int(v)}, alive, per_minute
+        return ({_text(k): int(v) for k, v in counts.items() if int(v)}, alive, per_minute,
+                {_text(k): int(v) for k, v in metrics.items()})
+
+    def _answer_lost(self, exc: BaseException) -> bool:
+        return isinstance(exc, _NoAnswer)
 
     def _requeue(self, job_id: str) -> bool:
         requeued = self._requeue_script([self._key("job", job_id)], [self._prefix, job_id])
@@ -1670,6 +2306,7 @@ class _Connections:
         self._pool: Any = pool
         self._no_script = redis.exceptions.NoScriptError
         self._response_error = redis.ResponseError
+        self._server_errors = (redis.ConnectionError, redis.TimeoutError)
         self._pid = os.getpid()
         self._spare: list[Any] = []
 
@@ -1691,9 +2328,11 @@ class _Connections:
                 conn = self._pool.get_connection()
             except TypeError:  # redis-py before 5.3 wants a command name
                 conn = self._pool.get_connection(args[0])
+        sent = False
         try:
             command = _resp(args)
             conn.send_packed_command((command,))
+            sent = True
             try:
                 reply = conn.read_response()
             except self._no_script:  # the server restarted or its scripts were flushed
@@ -1706,9 +2345,11 @@ class _Connections:
         except self._response_error:
             self._spare.append(conn)  # the error reply was read: the connection is clean
             raise
-        except BaseException:
+        except BaseException as exc:
             conn.disconnect()  # a reply may be unread: reconnect on the next call
             self._spare.append(conn)
+            if sent and isinstance(exc, self._server_errors):
+                raise _NoAnswer(_describe(exc)) from exc
             raise
         self._spare.append(conn)
         return reply
@@ -1718,6 +2359,10 @@ class _Connections:
         if self._pid == os.getpid():
             for conn in spare:
                 self._pool.release(conn)
+
+
+class _NoAnswer(Exception):
+    """A command was sent to Redis and its reply never came: whether it ran is unknown."""
 
 
 def _resp(args: Iterable[Any]) -> bytes:
@@ -1787,8 +2432,13 @@ class MongoQueue(Queue):
         self._address = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"])
         self._object_id_class = _require("bson", "mongo").ObjectId
         self._after = pymongo.ReturnDocument.AFTER
+        self._update_one = pymongo.UpdateOne
+        self._no_server = pymongo.errors.ServerSelectionTimeoutError
         self._jobs = client[database][f"{collection_prefix}_jobs"]
         self._workers = client[database][f"{collection_prefix}_workers"]
+        # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
+        self._metrics = client[database][f"{collection_prefix}_metrics"]
+        self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
         self._wakeup = threading.Event()
         self._indexed = False
         # A queue built while its server is away (at import time, say) fails at
@@ -1803,12 +2453,13 @@ class MongoQueue(Queue):
         self._indexed = True
 
     def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float) -> list[tuple[str, datetime, datetime | None]]:
+                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
         now = _utc_now()
         due = _utc_now(delay) if delay else now
+        limit = {} if time_limit is None else {"time_limit": time_limit}
         docs = [{"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
                  "due": due, "stack": stack, "delivery": 0, "attempt": 1,
-                 "waiter": waiter_timeout is not None} for text in params]
+                 "waiter": waiter_timeout is not None, **limit} for text in params]
         ids = self._jobs.insert_many(docs).inserted_ids
         return [(str(job_id), now, due if delay else None) for job_id in ids]
 
@@ -1842,26 +2493,66 @@ class MongoQueue(Queue):
         return {"_id": self._object_id_class(job.id), "state": JOB_STATE_RUNNING,
                 "delivery": job._delivery}
 
-    def _finish(self, job: Job, result: str | None, error: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None,
+                traceback: str | None) -> bool | None:
         # The waiter flag is decided by each update's filter, not by reading it back,
         # so that this and the waiter's withdrawal can't both win. Without a waiter,
         # the usual case, the first update is the only one.
-        done = {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "result": result, "error": error,
-                         "waiter": False, **self._expiry()},
-                "$unset": {"worker": "", "lease": ""}}
+        now = _utc_now()
+        done = {"$set": {"state": JOB_STATE_DONE, "done": now, "result": result, "error": error,
+                         "waiter": False, **self._expiry(), **_set_if("traceback", traceback),
+                         **_set_if("progress", job._progress_text)},
+                "$unset": {"worker": "", "lease": "", **({} if traceback else {"traceback": ""})}}
         # A waiter that withdraws between the first two leaves the flag false for good,
         # so the third then matches.
         for waiter, flag in ((False, {"$ne": True}), (True, True), (False, {"$ne": True})):
             if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
+                # Counted here and added to the server by the next heartbeat: one update
+                # can't change the job and its task's metrics both.
+                status, ms = job.status, round(now.timestamp() * 1000)
+                started = status.started and round(status.started.timestamp() * 1000)
+                due = status.scheduled or status.enqueued
+                with self._report_lock:
+                    _observe(self._observed, job.task_name, error is not None, started and ms - started,
+                             started and due and started - round(due.timestamp() * 1000))
                 return waiter
         return None
 
-    def _retry(self, job: Job, delay: float) -> bool | None:
+    def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._jobs.update_one(
             self._holding(job),
-            {"$set": {"state": JOB_STATE_ENQUEUED, "due": _utc_now(delay)},
-             "$unset": {"started": "", "worker": "", "lease": ""}, "$inc": {"attempt": 1}})
+            {"$set": {"state": JOB_STATE_ENQUEUED, "due": _utc_now(delay), **_set_if("traceback", traceback)},
+             "$unset": {"started": "", "worker": "", "lease": "", **({} if traceback else {"traceback": ""})},
+             "$inc": {"attempt": 1}})
         return True if retried.modified_count else None
+
+    def _save_progress(self, progress: dict[Job, str]) -> None:
+        self._jobs.bulk_write([self._update_one(self._holding(job), {"$set": {"progress": text}})
+                               for job, text in progress.items()], ordered=False)
+
+    def _cancel(self, job_id: str) -> bool:
+        query = {"_id": self._object_id(job_id)}
+        cancelled = self._jobs.update_one(
+            {**query, "state": JOB_STATE_ENQUEUED},
+            {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "error": f"{CANCELLED} before it ran",
+                      "waiter": False, **self._expiry()}})
+        if cancelled.matched_count:
+            doc = self._jobs.find_one(query, projection={"task": True}) or {}
+            self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
+            return True
+        running = {**query, "state": JOB_STATE_RUNNING}
+        if self._jobs.update_one(running, {"$set": {"cancel": True}}).matched_count:
+            return True
+        if not self._jobs.count_documents(query):
+            raise NoSuchJobError()
+        return False
+
+    def _bulk(self, action: str, state: str, task_name: str | None) -> int:
+        # One command: MongoDB changes the documents one at a time, blocking no other request.
+        query = _mongo_query(state, task_name)
+        if action == "retry":
+            return int(self._jobs.update_many(query, _MONGO_REQUEUE).modified_count)
+        return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
@@ -1886,31 +2577,56 @@ class MongoQueue(Queue):
     def _expiry(self) -> dict[str, datetime]:
         return {"expires": _utc_now(self.result_ttl)} if self.result_ttl else {}
 
-    def _heartbeat(self, worker: str, held: list[Job]) -> None:
+    def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         now = _utc_now()
         self._workers.replace_one({"_id": worker}, {"seen": now, "tasks": sorted(self._tasks)}, upsert=True)
         self._workers.delete_many({"seen": {"$lt": _utc_now(-3 * self.lease_timeout)}})
+        with self._report_lock:
+            observed, self._observed = self._observed, collections.Counter()
+        if observed:
+            try:
+                self._add_metrics(observed)
+            except BaseException:
+                with self._report_lock:
+                    self._observed.update(observed)  # added by the next heartbeat instead
+                raise
+        cancelled = []
         if held:
-            self._jobs.update_many(
-                {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
-                 "state": JOB_STATE_RUNNING, "worker": worker},
-                {"$set": {"lease": _utc_now(self.lease_timeout)}})
+            mine = {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
+                    "state": JOB_STATE_RUNNING, "worker": worker}
+            self._jobs.update_many(mine, {"$set": {"lease": _utc_now(self.lease_timeout)}})
+            cancelled = [str(doc["_id"]) for doc in self._jobs.find({**mine, "cancel": True},
+                                                                    projection={"_id": True})]
         for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
-                                   projection={"delivery": True, "lost": True}):
+                                   projection={"delivery": True, "lost": True, "cancel": True, "task": True}):
             expired = {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "delivery": doc["delivery"],
                        "lease": {"$lt": now}}
             # Lost leases are counted apart from deliveries: retries deliver a job again too.
             lost = doc.get("lost", 0) + 1
-            if lost >= self.max_deliveries:
-                self._jobs.update_one(expired, {
-                    "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, "lost": lost,
-                             **self._expiry(),
-                             "error": f"delivered {doc['delivery']} times without finishing: "
-                                      f"its worker died or lost its lease {lost} times"},
-                    "$unset": {"worker": "", "lease": ""}})
+            error = (f"{CANCELLED} while running" if doc.get("cancel") else
+                     f"delivered {doc['delivery']} times without finishing: its worker died or lost its "
+                     f"lease {lost} times" if lost >= self.max_deliveries else None)
+            if error is not None:
+                if self._jobs.update_one(expired, {
+                        "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, "lost": lost,
+                                 **self._expiry(), "error": error},
+                        "$unset": {"worker": "", "lease": ""}}).matched_count:
+                    self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
+        return cancelled
+
+    def _add_metrics(self, metrics: dict[str, int]) -> None:
+        by_task: dict[str, dict[str, int]] = collections.defaultdict(dict)
+        for key, number in metrics.items():
+            task, field = _metric_of(key)
+            by_task[task][field] = number
+        self._metrics.bulk_write([self._update_one({"_id": task}, {"$inc": fields}, upsert=True)
+                                  for task, fields in by_task.items()])
+
+    def _retire(self, worker: str) -> None:
+        self._workers.delete_one({"_id": worker})
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -1928,15 +2644,11 @@ class MongoQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
-        query: dict[str, Any] = {} if state is None else {"state": state}
-        if state == "failed":
-            query = {"state": JOB_STATE_DONE, "error": {"$type": "string"}}
-        if task_name is not None:
-            query["task"] = task_name
-        found = self._jobs.find(query).sort("_id", -1 if newest_first else 1).skip(offset).limit(limit or 0)
+        found = self._jobs.find(_mongo_query(state, task_name)).sort("_id", -1 if newest_first else 1)
+        found = found.skip(offset).limit(limit or 0)
         return [(str(doc["_id"]), _mongo_fields(doc)) for doc in found]
 
-    def _stats(self) -> tuple[dict[str, int], list[tuple[str, datetime | None, list[str]]], list[int]]:
+    def _stats(self) -> _Stats:
         counts: dict[str, int] = {}
         failed = {"$eq": [{"$type": "$error"}, "string"]}
         for group in self._jobs.aggregate([{"$group": {
@@ -1949,13 +2661,13 @@ class MongoQueue(Queue):
                       for start in _minutes()]
         workers = [(doc["_id"], doc["seen"], doc["tasks"])
                    for doc in self._workers.find({"seen": {"$gte": _utc_now(-3 * self.lease_timeout)}})]
-        return counts, workers, per_minute
+        metrics = {_metric_key(doc["_id"], field): number for doc in self._metrics.find()
+                   for field, number in doc.items() if field != "_id"}
+        return counts, workers, per_minute, metrics
 
     def _requeue(self, job_id: str) -> bool:
-        requeued = self._jobs.update_one(
-            {"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
-            {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": _time(0)},
-             "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": ""}})
+        requeued = self._jobs.update_one({"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
+                                         _MONGO_REQUEUE)
         if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
             raise NoSuchJobError()
         return bool(requeued.matched_count)
@@ -1969,11 +2681,37 @@ class MongoQueue(Queue):
     def _reset(self) -> None:
         self._jobs.delete_many({})
         self._workers.delete_many({})
+        self._metrics.delete_many({})
+
+    def _answer_lost(self, exc: BaseException) -> bool:
+        # Only a server that was never found surely got nothing.
+        return not isinstance(exc, self._no_server)
 
     def close(self) -> None:
         super().close()
         if self._owns_client:
             self.client.close()
+
+
+# What retry_job and retry_jobs do to a done job: enqueued again, from its first attempt.
+_MONGO_REQUEUE = {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1,
+                           "due": datetime.fromtimestamp(0, timezone.utc)},
+                  "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
+                             "traceback": "", "progress": "", "cancel": ""}}
+
+
+def _mongo_query(state: str | None, task_name: str | None) -> dict[str, Any]:
+    """The filter of the jobs in ``state`` (as list_jobs reads it), of one task or all."""
+    query: dict[str, Any] = {} if state is None else {"state": state}
+    if state == "failed":
+        query = {"state": JOB_STATE_DONE, "error": {"$type": "string"}}
+    if task_name is not None:
+        query["task"] = task_name
+    return query
+
+
+def _set_if(field: str, value: Any) -> dict[str, Any]:
+    return {} if value is None else {field: value}
 
 
 def _utc_now(later: float = 0.0) -> datetime:

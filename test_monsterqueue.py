@@ -1005,6 +1005,377 @@ def test_as_dict_is_json(queue: Queue, task: TestTask) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Job control: time limits, cancelling, progress, tracebacks, bulk actions, metrics
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """An event that tasks block on in C (no interrupt reaches them there), set after the test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def failed_with(queue: Queue, job_id: str, prefix: str, within: float) -> Job:
+    """Wait for the job to end failed with an error that starts with ``prefix``; return it."""
+    assert wait_until(lambda: queue.retrieve_job(job_id).status.state == JOB_STATE_DONE, within), \
+        queue.retrieve_job(job_id)
+    job = queue.retrieve_job(job_id)
+    assert job.as_dict()["error"].startswith(prefix), job.as_dict()["error"]
+    return job
+
+
+def test_a_time_limit_stops_a_pure_python_loop(queue: Queue) -> None:
+    @queue.task(time_limit=0.5)
+    def spin() -> None:
+        while True:
+            pass
+
+    with running(queue):
+        job = queue.enqueue("spin")
+        started = time.monotonic()
+        done = failed_with(queue, job.id, "TimeLimitExceeded", 5)
+        assert time.monotonic() - started < 0.5 + 1.5
+        assert done.status.done - done.status.started < timedelta(seconds=1.5)  # type: ignore[operator]
+        with pytest.raises(JobError, match=r"time limit of 0\.5s"):
+            done.result()
+        assert done.traceback is not None and "in spin" in done.traceback
+
+
+def test_a_time_limit_fails_a_task_blocked_in_c_and_keeps_the_concurrency(
+        new_queue: Any, release: threading.Event) -> None:
+    queue = new_queue(concurrency=8)
+    queue.reset_storage()
+    together = threading.Barrier(6, timeout=10)
+    met: list[int] = []
+
+    @queue.task(time_limit=0.5)
+    def stuck() -> None:
+        release.wait(60)   # a lock wait in C: the exception can't reach it
+
+    @queue.task()
+    def meet(i: int) -> int:
+        together.wait()    # passes only while six of these run at once
+        met.append(i)
+        return i
+
+    with running(queue):
+        stuck_jobs = [queue.enqueue("stuck") for _ in range(2)]
+        assert wait_until(lambda: len(queue._held) == 2, 5)
+        # 2 threads stuck, 6 free: six jobs run at once beside them.
+        queue.enqueue_many("meet", [{"i": i} for i in range(6)])
+        assert wait_until(lambda: len(met) == 6, 10)
+        for job in stuck_jobs:
+            failed_with(queue, job.id, "TimeLimitExceeded", 3)
+        # The stuck threads still block, yet all 8 places are free again.
+        assert wait_until(lambda: not queue._held, 5)
+        together = threading.Barrier(8, timeout=10)
+        met.clear()
+        meeting = queue.enqueue_many("meet", [{"i": i} for i in range(8)])
+        assert wait_until(lambda: len(met) == 8, 10)
+        assert wait_until(lambda: all(queue.retrieve_job(job.id).status.state == JOB_STATE_DONE
+                                      for job in meeting), 10)
+        assert [queue.retrieve_job(job.id).result() for job in meeting] == list(range(8))
+    release.set()
+
+
+def test_a_task_that_catches_the_time_limit_still_fails(queue: Queue) -> None:
+    caught = threading.Event()
+
+    @queue.task(time_limit=0.3)
+    def sly() -> str:
+        try:
+            while True:
+                time.sleep(0.01)
+        except monsterqueue.TimeLimitExceeded:
+            caught.set()
+            return "got away with it"
+
+    with running(queue):
+        job = queue.enqueue_wait("sly", timeout=5)
+        assert caught.wait(5)
+    assert job.as_dict()["error"].startswith("TimeLimitExceeded")
+    time.sleep(0.2)
+    assert queue.retrieve_job(job.id).as_dict()["error"].startswith("TimeLimitExceeded")
+
+
+def test_a_timed_out_job_is_retried(queue: Queue) -> None:
+    @queue.task(time_limit=0.3, max_retries=1, retry_delay=0.01)
+    def slow_then_quick() -> str:
+        job_attempt = len(runs) + 1
+        runs.append(job_attempt)
+        if job_attempt == 1:
+            while True:
+                time.sleep(0.01)
+        return "second time"
+
+    runs: list[int] = []
+    with running(queue):
+        job = queue.enqueue_wait("slow_then_quick", timeout=10)
+    assert job.result() == "second time"
+    assert job.status.attempt == 2 and runs == [1, 2]
+    assert job.traceback is None
+
+
+def test_time_limits_per_job_override_the_tasks(queue: Queue, release: threading.Event) -> None:
+    @queue.task(time_limit=0.2)
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    with pytest.raises(ValueError):
+        queue.enqueue("nap", {"seconds": 0}, time_limit=0)
+    with pytest.raises(ValueError):
+        queue.task("bad", time_limit=-1)
+    with running(queue):
+        assert queue.enqueue_wait("nap", {"seconds": 0.4}, timeout=5, time_limit=None).result() == 0.4
+        assert queue.enqueue_wait("nap", {"seconds": 0.4}, timeout=5, time_limit=2).result() == 0.4
+        late = queue.enqueue_wait("nap", {"seconds": 0.4}, timeout=5)
+        assert late.as_dict()["error"].startswith("TimeLimitExceeded")
+        [quick] = queue.enqueue_many("nap", [{"seconds": 0.4}], time_limit=0.1)
+        failed_with(queue, quick.id, "TimeLimitExceeded: the job ran past its time limit of 0.1s", 5)
+
+
+def test_cancel_an_enqueued_or_delayed_job(queue: Queue, task: TestTask) -> None:
+    waiting = queue.enqueue("test-task", {"n": 1})
+    delayed = queue.enqueue("test-task", {"n": 2}, delay=0.3)
+    for job in (waiting, delayed):
+        cancelled = queue.cancel_job(job.id)
+        assert cancelled.status.state == JOB_STATE_DONE
+        assert cancelled.as_dict()["error"] == "cancelled before it ran"
+        with pytest.raises(monsterqueue.JobCancelledError):
+            cancelled.result()
+        with pytest.raises(ValueError):
+            queue.cancel_job(job.id)
+    with running(queue):
+        assert queue.enqueue_wait("test-task", {"n": 3}, timeout=5).result() == "my result"
+        time.sleep(0.5)
+    assert task.params == [{"n": 3}]
+    assert {job.id for job in queue.list_jobs(state="failed")} == {waiting.id, delayed.id}
+    assert queue.stats()["counts"]["test-task"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 2}
+    with pytest.raises(NoSuchJobError):
+        queue.cancel_job("404")
+    # A cancelled job can be retried: it runs then.
+    queue.retry_job(waiting.id)
+    with running(queue):
+        assert wait_until(lambda: queue.retrieve_job(waiting.id).status.state == JOB_STATE_DONE)
+    assert queue.retrieve_job(waiting.id).result() == "my result"
+
+
+def test_cancel_a_running_job_within_a_heartbeat(new_queue: Any) -> None:
+    queue = new_queue(lease_timeout=1.5)
+    queue.reset_storage()
+    seen: list[str] = []
+
+    @queue.task()
+    def forever() -> None:
+        try:
+            while True:
+                time.sleep(0.01)
+        except monsterqueue.JobCancelledError as exc:
+            seen.append(type(exc).__name__)
+            raise
+
+    with running(queue):
+        job = queue.enqueue("forever")
+        assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_RUNNING)
+        asked = time.monotonic()
+        assert queue.cancel_job(job.id).status.state == JOB_STATE_RUNNING
+        done = failed_with(queue, job.id, "cancelled while running", 3)
+        assert time.monotonic() - asked < 0.5 + 1.0  # a heartbeat is a third of the lease
+        assert wait_until(lambda: seen == ["JobCancelledError"], 2)
+        with pytest.raises(monsterqueue.JobCancelledError):
+            done.result()
+        assert queue.stats()["counts"]["forever"]["failed"] == 1
+
+
+def test_a_waiter_gets_a_job_cancelled_before_it_ran(queue: Queue) -> None:
+    results: list[Any] = []
+
+    def wait_for_it() -> None:
+        try:
+            queue.enqueue_wait("nobody-runs-this", timeout=5)
+        except QueueWaitTimeoutError as exc:
+            results.append(exc)
+        else:
+            results.append("done")
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    assert wait_until(lambda: len(queue.list_jobs()) == 1)
+    queue.cancel_job(queue.list_jobs()[0].id)
+    waiter.join(10)
+    assert results == ["done"]
+
+
+def test_progress_is_seen_while_running_and_kept_with_the_outcome(queue: Queue) -> None:
+    go_on = threading.Event()
+
+    @queue.task()
+    def count_up(n: int) -> int:
+        for i in range(n):
+            job_of_this_thread[0].set_progress({"done": i + 1, "total": n})
+        go_on.wait(10)
+        return n
+
+    job_of_this_thread: list[Job] = []
+
+    class CountUp(Task):
+        name = "counting"
+
+        def run(self, job: Job) -> None:
+            job_of_this_thread[:] = [job]
+            with pytest.raises(TypeError):
+                job.set_progress(object())
+            job.success(count_up(**job.params))
+
+    queue.register_task(CountUp())
+    with running(queue):
+        job = queue.enqueue("counting", {"n": 100_000})
+        assert wait_until(lambda: queue.retrieve_job(job.id).progress == {"done": 100_000, "total": 100_000},
+                          monsterqueue.PROGRESS_INTERVAL + 2)
+        go_on.set()
+        assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE)
+    done = queue.retrieve_job(job.id)
+    assert done.result() == 100_000 and done.progress == {"done": 100_000, "total": 100_000}
+    assert done.as_dict()["progress"] == {"done": 100_000, "total": 100_000}
+
+
+def test_the_last_progress_is_stored_with_the_outcome(queue: Queue) -> None:
+    class Quick(Task):
+        name = "quick"
+
+        def run(self, job: Job) -> None:
+            for i in range(1000):
+                job.set_progress(i)
+            job.success("ok")
+
+    queue.register_task(Quick())
+    with running(queue):
+        job = queue.enqueue_wait("quick", timeout=5)
+    assert job.progress == 999 and queue.retrieve_job(job.id).progress == 999
+    assert queue.enqueue("quick").progress is None
+
+
+def test_tracebacks_of_failed_attempts(queue: Queue) -> None:
+    @queue.task()
+    def deep(n: int) -> None:
+        if n:
+            deeper(n - 1)
+        raise ValueError("at the bottom")
+
+    def deeper(n: int) -> None:  # frames that alternate are not folded into one line
+        deep(n)
+
+    class SaysNo(Task):
+        name = "says-no"
+
+        def run(self, job: Job) -> None:
+            job.error("no, thanks")
+
+    queue.register_task(SaysNo())
+    with running(queue):
+        shallow = queue.enqueue_wait("deep", {"n": 0}, timeout=5)
+        bottomless = queue.enqueue_wait("deep", {"n": 400}, timeout=5)
+        plain = queue.enqueue_wait("says-no", timeout=5)
+        recursing = queue.enqueue_wait("deep", {"n": -1}, timeout=5)  # -1 never ends: RecursionError
+    assert shallow.traceback is not None
+    assert shallow.traceback.startswith("Traceback (most recent call last):")
+    assert f'"{monsterqueue.__file__}"' not in shallow.traceback  # the worker's own frames are left out
+    assert "in deep\n" in shallow.traceback
+    assert shallow.traceback.rstrip().endswith("ValueError: at the bottom")
+    assert queue.retrieve_job(shallow.id).traceback == shallow.traceback
+    assert bottomless.traceback is not None
+    assert len(bottomless.traceback.encode()) <= monsterqueue.TRACEBACK_LIMIT
+    assert bottomless.traceback.rstrip().endswith("ValueError: at the bottom")
+    assert "  ...\n" in bottomless.traceback
+    assert plain.traceback is None and plain.as_dict()["error"] == "no, thanks"
+    assert recursing.traceback is not None and "RecursionError" in recursing.traceback
+    assert len(recursing.traceback.encode()) <= monsterqueue.TRACEBACK_LIMIT
+
+
+def test_a_success_after_a_failed_attempt_has_no_traceback(queue: Queue) -> None:
+    @queue.task(max_retries=1, retry_delay=0.01)
+    def second_time(attempts: list[int] = []) -> str:  # noqa: B006
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first")
+        return "ok"
+
+    with running(queue):
+        job = queue.enqueue("second_time")
+        assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE)
+    done = queue.retrieve_job(job.id)
+    assert done.result() == "ok" and done.status.attempt == 2 and done.traceback is None
+
+
+def test_retry_jobs_and_delete_jobs_in_bulk(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        for i in range(3):
+            queue.enqueue_wait("test-task", {"err": f"bad {i}"}, timeout=5)
+        queue.enqueue_wait("test-task", {"i": 0}, timeout=5)
+    queue.enqueue_many("other", [{"i": i} for i in range(4)])
+    assert queue.retry_jobs("other") == 0
+    assert queue.retry_jobs() == 3
+    assert len(queue.list_jobs(state=JOB_STATE_ENQUEUED, task_name="test-task")) == 3
+    assert all(job.status.attempt == 1 and job.traceback is None
+               for job in queue.list_jobs(state=JOB_STATE_ENQUEUED))
+    assert queue.delete_jobs(JOB_STATE_ENQUEUED, "other") == 4
+    assert queue.delete_jobs("failed") == 0
+    assert queue.delete_jobs(JOB_STATE_DONE, "test-task") == 1
+    assert [job.status.state for job in queue.list_jobs()] == [JOB_STATE_ENQUEUED] * 3
+    assert queue.stats()["counts"]["test-task"]["enqueued"] == 3
+    with running(queue):
+        assert wait_until(lambda: task.runs == 4 + 3)
+    assert queue.delete_jobs("failed", "test-task") == 3
+    assert queue.list_jobs() == [] and queue.stats()["counts"] == {}
+    for state in (JOB_STATE_RUNNING, "everything"):
+        with pytest.raises(ValueError):
+            queue.delete_jobs(state)
+
+
+def test_stats_keep_counters_and_histograms_per_task(new_queue: Any) -> None:
+    queue = new_queue(lease_timeout=1.5)
+    queue.reset_storage()
+    task = TestTask()
+    queue.register_task(task)
+    with running(queue):
+        for i in range(4):
+            queue.enqueue_wait("test-task", {"i": i} if i else {"err": "no"}, timeout=5)
+        queue.enqueue_wait("test-task", {"sleep": 0.3}, timeout=5)
+        time.sleep(0.6)  # MongoDB adds a worker's counts with its heartbeat
+    queue.delete_jobs("done")  # counters never go down
+    metrics = queue.stats()["metrics"]["test-task"]
+    assert metrics["finished"] == 5 and metrics["failed"] == 1
+    run, wait = metrics["run_seconds"], metrics["wait_seconds"]
+    assert run["count"] == 5 and wait["count"] == 5
+    assert run["buckets"][-1] == ["+Inf", 5] and [0.25, 4] in run["buckets"] and [0.5, 5] in run["buckets"]
+    assert 0.3 <= run["sum"] < 1.0
+    assert 0 < run["p50"] <= 0.25 and 0.25 < run["p99"] <= 0.5
+    assert json.loads(json.dumps(queue.stats())) == queue.stats()
+
+
+def test_an_empty_task_name_is_refused(queue: Queue) -> None:
+    class Nameless(NoReturnTask):
+        name = ""
+
+    with pytest.raises(ValueError, match="non-empty"):
+        queue.register_task(Nameless())
+    for enqueue in (queue.enqueue, lambda name: queue.enqueue_many(name, [{}]), queue.enqueue_wait):
+        with pytest.raises(ValueError, match="non-empty"):
+            enqueue("")
+    with pytest.raises(ValueError):
+        queue.task("")(lambda: None)
+    assert queue.list_jobs() == []
+
+
+def test_a_stopped_worker_is_no_longer_listed_alive(queue: Queue, task: TestTask) -> None:
+    with running(queue):
+        assert wait_until(lambda: len(queue.stats()["workers"]) == 1)
+    assert queue.stats()["workers"] == []
+
+
+# ---------------------------------------------------------------------------
 # The command line, on the server backends
 # ---------------------------------------------------------------------------
 
@@ -1123,8 +1494,9 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     keys = sorted(redis_queue.client.scan_iter(match="*mq-test*"))
     assert all(key.startswith("{mq-test}:") for key in keys)
     kinds = {key.split(":")[1] for key in keys}
-    # The jobs, their indexes and the counts and workers of stats; nothing of the running bookkeeping.
-    assert kinds == {"seq", "jobs", "task", "job", "done", "counts", "workers"}, keys
+    # The jobs, their indexes and the counts and metrics of stats; nothing of the running bookkeeping,
+    # nor the stopped worker.
+    assert kinds == {"seq", "jobs", "task", "job", "done", "counts", "metrics"}, keys
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
 
 
