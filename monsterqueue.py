@@ -2760,7 +2760,7 @@ pre { background: #f5f5f5; padding: 8px; overflow: auto; max-height: 30em; white
 .running { background: #ef6c00; } .done { background: #2e7d32; } .failed, .error { color: #c62828; }
 .state.failed { background: #c62828; color: #fff; } form { display: inline; margin-right: 8px; }
 .pager a { margin-right: 16px; } svg { vertical-align: middle; background: #f1f8e9; }
-polyline { fill: none; stroke: #2e7d32; stroke-width: 2; }
+polyline { fill: none; stroke: #2e7d32; stroke-width: 2; } progress { width: 8em; vertical-align: middle; }
 """
 
 # Asks before a delete, and reloads the page (same URL, so same filters) now
@@ -2866,21 +2866,71 @@ def _web_count(count: int, task_name: str, state: str) -> str:
     return f'<td class="n"><a href="{_web_link("/jobs", task=task_name, state=state)}">{int(count)}</a></td>'
 
 
-def _web_overview(stats: dict[str, Any]) -> str:
+def _web_form(path: str, label: str, csrf_token: str, confirm: str | None = None, **fields: str) -> str:
+    """A button that POSTs to ``path`` with the CSRF token, asking first if ``confirm`` is given."""
+    inputs = "".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+                     for name, value in {"csrf": csrf_token, **fields}.items())
+    ask = f' data-confirm="{html.escape(confirm)}"' if confirm else ""
+    return f'<form method="post" action="{html.escape(path)}"{ask}>{inputs}<button>{label}</button></form>'
+
+
+def _web_task_actions(task_name: str, of_task: dict[str, int], csrf_token: str) -> str:
+    path = f"/tasks/{quote(task_name, safe='')}"
+    actions = []
+    if of_task.get("failed"):
+        actions.append(_web_form(f"{path}/retry", "Retry failed", csrf_token,
+                                 f"Run the {of_task['failed']} failed jobs of {task_name} again?"))
+    finished = of_task.get(JOB_STATE_DONE, 0) + of_task.get("failed", 0)
+    if finished:
+        actions.append(_web_form(f"{path}/delete", "Delete done", csrf_token,
+                                 f"Delete the {finished} done jobs of {task_name}, failed ones too?",
+                                 state=JOB_STATE_DONE))
+    return "".join(actions)
+
+
+def _web_seconds(value: float | None) -> str:
+    return "" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _web_progress(progress: Any) -> str:
+    """A bar for a progress that is a percentage or a {"done": n, "total": n}; else its JSON."""
+    if isinstance(progress, dict) and {"done", "total"} <= progress.keys():
+        done, total = progress["done"], progress["total"]
+    else:
+        done, total = progress, 100
+    numbers = all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in (done, total))
+    if not numbers or total <= 0:
+        return _web_short(progress, 40)
+    text = f"{done:g}%" if total == 100 and not isinstance(progress, dict) else f"{done:g}/{total:g}"
+    return f'<progress max="{total:g}" value="{min(max(done, 0), total):g}"></progress> {html.escape(text)}'
+
+
+def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
     counts: dict[str, dict[str, int]] = stats["counts"]
     rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{html.escape(task_name)}</a></td>'
             + "".join(_web_count(of_task.get(state, 0), task_name, state) for state in _COUNTED_STATES)
-            + "</tr>" for task_name, of_task in counts.items()]
+            + f"<td>{_web_task_actions(task_name, of_task, csrf_token)}</td></tr>"
+            for task_name, of_task in counts.items()]
     rows.append("<tr><td><b>all tasks</b></td>"
                 + "".join(_web_count(sum(of_task.get(state, 0) for of_task in counts.values()), "", state)
-                          for state in _COUNTED_STATES) + "</tr>")
+                          for state in _COUNTED_STATES) + "<td></td></tr>")
+    timings = "".join(
+        f"<tr><td>{html.escape(task_name)}</td><td class=\"n\">{m['finished']}</td>"
+        f"<td class=\"n\">{m['failed']}</td>"
+        + "".join(f'<td class="n">{_web_seconds(m[kind][q])}</td>'
+                  for kind in ("run_seconds", "wait_seconds") for q in ("p50", "p95", "p99")) + "</tr>"
+        for task_name, m in stats["metrics"].items())
     workers = "".join(f"<tr><td>{html.escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
                       f"<td>{html.escape(', '.join(worker['tasks']))}</td></tr>"
                       for worker in stats["workers"])
     done = stats["done_per_minute"]
     return ("<h2>Jobs</h2><table><tr><th>task</th>"
-            + "".join(f"<th>{state}</th>" for state in _COUNTED_STATES) + f"</tr>{''.join(rows)}</table>"
-            f"<h2>Done per minute</h2><p>{_web_sparkline(done)} {sum(done)} in the last {len(done)} "
+            + "".join(f"<th>{state}</th>" for state in _COUNTED_STATES)
+            + f"<th></th></tr>{''.join(rows)}</table>"
+            + ("<h2>Run time and queue wait</h2><table><tr><th>task</th><th>finished</th><th>failed</th>"
+               "<th>run p50</th><th>p95</th><th>p99</th><th>wait p50</th><th>p95</th><th>p99</th></tr>"
+               f"{timings}</table>" if timings else "")
+            + f"<h2>Done per minute</h2><p>{_web_sparkline(done)} {sum(done)} in the last {len(done)} "
             f"minutes, {done[-1] if done else 0} in this one</p>"
             f"<h2>Workers alive: {len(stats['workers'])}</h2>"
             + (f"<table><tr><th>worker</th><th>last seen</th><th>tasks</th></tr>{workers}</table>"
@@ -2893,7 +2943,8 @@ def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, tas
                       f"{value or 'any state'}</option>" for value in ("", *_COUNTED_STATES))
     rows = "".join(
         f'<tr><td><a href="/jobs/{quote(job["id"], safe="")}">{html.escape(job["id"])}</a></td>'
-        f'<td>{html.escape(job["task"])}</td><td>{_web_state(job)}</td>'
+        f'<td>{html.escape(job["task"])}</td><td>{_web_state(job)}'
+        f'{" " + _web_progress(job["progress"]) if job["progress"] is not None else ""}</td>'
         f'<td class="n">{int(job["attempt"])}</td>'
         f'<td class="t">{_web_time(job["enqueued"])}</td>'
         f'<td class="t">{_web_time(job["done"] or job["started"])}</td>'
@@ -2914,24 +2965,59 @@ def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, tas
 
 def _web_job(job: dict[str, Any], csrf_token: str) -> str:
     path = f"/jobs/{quote(job['id'], safe='')}"
-    token = f'<input type="hidden" name="csrf" value="{html.escape(csrf_token)}">'
-    retry = f'<form method="post" action="{path}/retry">{token}<button>Retry</button></form>'
-    delete = (f'<form method="post" action="{path}/delete" data-confirm="Delete job '
-              f'{html.escape(job["id"])}?">{token}<button>Delete</button></form>')
+    done = job["state"] == JOB_STATE_DONE
+    buttons = (_web_form(f"{path}/retry", "Retry", csrf_token) if done
+               else _web_form(f"{path}/cancel", "Cancel", csrf_token, f"Cancel job {job['id']}?"))
+    buttons += _web_form(f"{path}/delete", "Delete", csrf_token, f"Delete job {job['id']}?")
     times = "".join(f"<tr><th>{name}</th><td>{html.escape(str(job[name] or ''))}</td></tr>"
                     for name in ("enqueued", "scheduled", "started", "done"))
+    if job["progress"] is not None:
+        times += f"<tr><th>progress</th><td>{_web_progress(job['progress'])}</td></tr>"
     if job["error"] is not None:
         outcome = f'<h2>Error</h2><pre class="error">{html.escape(job["error"])}</pre>'
-    elif job["state"] == JOB_STATE_DONE:
+    elif done:
         outcome = f"<h2>Result</h2><pre>{_web_json(job['result'])}</pre>"
     else:
         outcome = ""
-    return (f"<p>{retry if job['state'] == JOB_STATE_DONE else ''}{delete}</p>"
+    if job["traceback"]:
+        outcome += f'<h2>Traceback</h2><pre class="traceback">{html.escape(job["traceback"])}</pre>'
+    return (f"<p>{buttons}</p>"
             f"<table><tr><th>task</th><td>{html.escape(job['task'])}</td></tr>"
             f"<tr><th>state</th><td>{_web_state(job)}</td></tr>"
             f"<tr><th>attempt</th><td>{int(job['attempt'])}</td></tr>{times}</table>"
             f"<h2>Params</h2><pre>{_web_json(job['params'])}</pre>{outcome}"
             f"<h2>Enqueued from</h2><pre>{html.escape(job['stack'])}</pre>")
+
+
+def _prometheus(stats: dict[str, Any]) -> str:
+    """Render stats() in Prometheus' text format: gauges of jobs and workers, counters of jobs
+    finished and failed, and histograms of run time and queue wait, per task."""
+    def label(value: str) -> str:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    lines = ["# HELP monsterqueue_jobs Jobs stored, per task and state (failed apart from done).",
+             "# TYPE monsterqueue_jobs gauge"]
+    lines += [f'monsterqueue_jobs{{task="{label(task)}",state="{state}"}} {number}'
+              for task, of_task in stats["counts"].items() for state, number in of_task.items()]
+    lines += ["# HELP monsterqueue_workers Workers whose heartbeat is less than three leases old.",
+              "# TYPE monsterqueue_workers gauge", f"monsterqueue_workers {len(stats['workers'])}"]
+    metrics = stats["metrics"]
+    for kind, text in (("finished", "Jobs that ended, failed or not, ever."),
+                       ("failed", "Jobs that failed, ever.")):
+        name = f"monsterqueue_jobs_{kind}_total"
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{task="{label(task)}"}} {m[kind]}' for task, m in metrics.items()]
+    for kind, text in (("run", "Seconds from a run's start to its outcome."),
+                       ("wait", "Seconds from enqueued (or due) to started.")):
+        name = f"monsterqueue_job_{kind}_seconds"
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+        for task, m in metrics.items():
+            histogram, task = m[f"{kind}_seconds"], label(task)
+            lines += [f'{name}_bucket{{task="{task}",le="{bound}"}} {count}'
+                      for bound, count in histogram["buckets"]]
+            lines += [f'{name}_sum{{task="{task}"}} {histogram["sum"]}',
+                      f'{name}_count{{task="{task}"}} {histogram["count"]}']
+    return "\n".join(lines) + "\n"
 
 
 # http.server costs producers and workers ~25 ms and ~1 MB to import: only a
@@ -3012,7 +3098,7 @@ class _WebHandler(_RequestHandler):
         if route == ["stats"] and self.api:
             self._send_json(self.queue.stats())
         elif route == [] and not self.api:
-            self._send_page("Overview", _web_overview(self.queue.stats()))
+            self._send_page("Overview", _web_overview(self.queue.stats(), self.csrf_token))
         elif route == ["jobs"]:
             state, task, offset, limit = _web_query(query)
             # One more than a page, to know whether there is an older page.
@@ -3028,29 +3114,41 @@ class _WebHandler(_RequestHandler):
                 self._send_json(job)
             else:
                 self._send_page(f"Job {job['id']}", _web_job(job, self.csrf_token))
+        elif route == ["metrics"] and not self.api:
+            self._send(200, "text/plain; version=0.0.4; charset=utf-8",
+                       _prometheus(self.queue.stats()).encode(), None)
         else:
             raise _WebError(404, "no such page")
 
     def _post(self, route: list[str]) -> None:
-        if len(route) != 3 or route[0] != "jobs" or route[2] not in ("retry", "delete"):
+        if len(route) != 3 or (route[0], route[2]) not in (("jobs", "retry"), ("jobs", "delete"),
+                                                          ("jobs", "cancel"), ("tasks", "retry"),
+                                                          ("tasks", "delete")):
             raise _WebError(404, "no such action")
-        # A form holds only the token: read no more than that could take.
+        # A form holds only the token and a state: read no more than that could take.
         body = self.rfile.read(min(_int(self.headers.get("Content-Length")), 4096))
         form = dict(parse_qsl(body.decode(errors="replace")))
         given = self.headers.get("X-CSRF-Token") or form.get("csrf", "")
         if not hmac.compare_digest(given.encode(), self.csrf_token.encode()):
             raise _WebError(403, "missing or wrong CSRF token: reload the page and try again")
-        job_id = route[1]
-        if route[2] == "delete":
-            self.queue.delete_job(job_id)
-            answer: dict[str, Any] = {"deleted": job_id}
-            where = "/jobs"
-        else:
-            try:
-                answer = self.queue.retry_job(job_id).as_dict()
-            except ValueError as exc:
-                raise _WebError(409, str(exc)) from None
-            where = f"/jobs/{quote(job_id, safe='')}"
+        kind, name, action = route
+        where = f"/jobs/{quote(name, safe='')}"
+        try:
+            if kind == "tasks" and action == "retry":
+                answer: dict[str, Any] = {"retried": self.queue.retry_jobs(name)}
+                where = "/jobs?" + urlencode({"task": name, "state": JOB_STATE_ENQUEUED})
+            elif kind == "tasks":
+                answer = {"deleted": self.queue.delete_jobs(form.get("state", JOB_STATE_DONE), name)}
+                where = "/"
+            elif action == "delete":
+                self.queue.delete_job(name)
+                answer = {"deleted": name}
+                where = "/jobs"
+            else:
+                act = self.queue.retry_job if action == "retry" else self.queue.cancel_job
+                answer = act(name).as_dict()
+        except ValueError as exc:
+            raise _WebError(409, str(exc)) from None
         if self.api:
             self._send_json(answer)
         else:
@@ -3125,7 +3223,7 @@ def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -
     except (ValueError, OSError) as exc:
         print(f"monsterqueue: {exc}", file=sys.stderr)
         return 2
-    logger.warning("dashboard of %s on http://%s:%d/%s", queue._address, f"[{host}]" if ":" in host else host,
+    logger.info("dashboard of %s on http://%s:%d/%s", queue._address, f"[{host}]" if ":" in host else host,
                    server.server_port, " with basic auth" if auth else "")
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
@@ -3166,13 +3264,16 @@ def _demo(url: str, jobs: int, concurrency: int) -> None:
         started = time.perf_counter()
         worker.start()
         last = enqueued[-1].id
+        # A progress line redrawn in place, on a terminal only: a log file would get one long line.
+        live = sys.stdout.isatty()
         while queue.retrieve_job(last).status.state != JOB_STATE_DONE or queue._held:
-            done = queue.stats()["counts"].get("square", {}).get(JOB_STATE_DONE, 0)
-            elapsed = time.perf_counter() - started
-            print(f"\rprocessing: {done:>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
+            if live:
+                done = queue.stats()["counts"].get("square", {}).get(JOB_STATE_DONE, 0)
+                elapsed = time.perf_counter() - started
+                print(f"\rprocessing: {done:>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
             time.sleep(0.1)
         elapsed = time.perf_counter() - started
-        print(f"\rprocessed {jobs} jobs with {concurrency} threads in {elapsed:.2f}s "
+        print(f"{chr(13) if live else ''}processed {jobs} jobs with {concurrency} threads in {elapsed:.2f}s "
               f"({jobs / elapsed:,.0f} jobs/s)")
         round_trips = []
         for n in range(21):
@@ -3220,8 +3321,8 @@ def _work(queue: Queue, grace: float) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    logger.warning("worker %d runs tasks %s with %d threads", os.getpid(),
-                   ", ".join(queue._tasks) or "(none)", queue.concurrency)
+    logger.info("worker %d runs tasks %s with %d threads on %s", os.getpid(),
+                ", ".join(queue._tasks) or "(none)", queue.concurrency, queue._address)
     queue.process_loop()
     queue.close()
     return 0
@@ -3237,7 +3338,9 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _outcome(data: dict[str, Any]) -> str:
     if data["error"] is not None:
         return f"error: {data['error']}"
-    return "" if data["state"] != JOB_STATE_DONE else f"result: {json.dumps(data['result'])}"
+    if data["state"] != JOB_STATE_DONE:
+        return "" if data["progress"] is None else f"progress: {json.dumps(data['progress'])}"
+    return f"result: {json.dumps(data['result'])}"
 
 
 def _short(moment: str | None) -> str:
@@ -3271,12 +3374,17 @@ def _inspect(args: argparse.Namespace) -> int:
             _show(job, args.json)
             if _failed(job.as_dict()):
                 return 1
+        elif args.command == "delete" and args.id is None:
+            return _delete_jobs(queue, args)
         elif args.command == "delete":
             queue.delete_job(args.id)
             print(json.dumps({"deleted": args.id}) if args.json else f"deleted job {args.id}")
+        elif args.command == "retry" and args.id is None:
+            retried = queue.retry_jobs(args.task)
+            print(json.dumps({"retried": retried}) if args.json else f"retried {retried} failed jobs")
         else:
-            _show(queue.retry_job(args.id) if args.command == "retry" else queue.retrieve_job(args.id),
-                  args.json)
+            act = {"retry": queue.retry_job, "cancel": queue.cancel_job}.get(args.command, queue.retrieve_job)
+            _show(act(args.id), args.json)
         return 0
     except QueueWaitTimeoutError as exc:
         print(f"monsterqueue: {exc}: job {exc.job.id if exc.job else '?'} stays enqueued", file=sys.stderr)
@@ -3288,6 +3396,21 @@ def _inspect(args: argparse.Namespace) -> int:
         queue.close()
 
 
+def _delete_jobs(queue: Queue, args: argparse.Namespace) -> int:
+    """Delete the jobs of a state (and task) with --yes; without it, say how many it would."""
+    counts = queue.stats()["counts"]
+    states = (JOB_STATE_DONE, "failed") if args.state == JOB_STATE_DONE else (args.state,)
+    matching = sum(of_task[state] for task, of_task in counts.items() for state in states
+                   if args.task in (None, task))
+    if not args.yes:
+        print(f"monsterqueue: this deletes the {matching} {args.state} jobs of "
+              f"{'task ' + args.task if args.task else 'every task'}: add --yes to do it", file=sys.stderr)
+        return 2
+    deleted = queue.delete_jobs(args.state, args.task)
+    print(json.dumps({"deleted": deleted}) if args.json else f"deleted {deleted} {args.state} jobs")
+    return 0
+
+
 def _show(job: Job, as_json: bool) -> None:
     data = job.as_dict()
     if as_json:
@@ -3297,9 +3420,13 @@ def _show(job: Job, as_json: bool) -> None:
         if data[name] is not None:
             print(f"{name + ':':11}{data[name]}")
     print(f"{'params:':11}{json.dumps(data['params'])}")
+    if data["progress"] is not None:
+        print(f"{'progress:':11}{json.dumps(data['progress'])}")
     if data["state"] == JOB_STATE_DONE:
         print(f"{'error:':11}{data['error']}" if data["error"] is not None
               else f"{'result:':11}{json.dumps(data['result'])}")
+    if data["traceback"]:
+        print(data["traceback"].rstrip())
     print("enqueued from:\n" + data["stack"].rstrip())
 
 
@@ -3339,8 +3466,17 @@ def main(argv: list[str] | None = None) -> int:
     enqueue.add_argument("task")
     enqueue.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait for its outcome")
-    command("retry", "run a done job again").add_argument("id")
-    command("delete", "delete a job").add_argument("id")
+    retry = command("retry", "run a done job again, or with --failed every failed job (of --task)")
+    retry.add_argument("id", nargs="?")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--task", help="with --failed: only the failed jobs of this task")
+    delete = command("delete", "delete a job, or with --state every job in that state (of --task)")
+    delete.add_argument("id", nargs="?")
+    delete.add_argument("--state", choices=[JOB_STATE_ENQUEUED, JOB_STATE_DONE, "failed"],
+                        help="every job in this state (done includes the failed ones)")
+    delete.add_argument("--task", help="with --state: only the jobs of this task")
+    delete.add_argument("--yes", action="store_true", help="with --state: really delete them")
+    command("cancel", "cancel a job: it never runs, or is interrupted if running").add_argument("id")
     web = commands.add_parser("web", help="serve the dashboard and its JSON API until SIGINT")
     web.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
     web.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
@@ -3348,8 +3484,15 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--port", type=int, default=8778, help="port to listen on (default 8778)")
     web.add_argument("--auth", metavar="USER:PASSWORD", help="require HTTP basic auth, as any host but a "
                      "loopback one does (default: $MONSTERQUEUE_WEB_AUTH)")
+    parser.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="what is logged (default: INFO for worker and web, which log each job and "
+                             "request, WARNING for the rest)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    bulk = {"retry": "failed", "delete": "state"}.get(args.command)
+    if bulk and (args.id is None) == (not getattr(args, bulk)):
+        parser.error(f"{args.command} takes a job id or --{bulk}, one of them")
+    level = args.log_level or ("INFO" if args.command in ("worker", "web") else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "web":
             return _web(args.url, args.prefix, args.host, args.port, args.auth)

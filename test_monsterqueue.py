@@ -1424,6 +1424,49 @@ def test_cli_inspects_and_operates_a_queue(server_queue: Queue, request: pytest.
     assert gone.returncode == 1 and gone.stderr.strip() == "monsterqueue: no job found"
 
 
+def test_cli_cancels_shows_and_acts_in_bulk(server_queue: Queue, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("redis_url" if isinstance(server_queue, RedisQueue) else "mongodb_url")
+
+    @server_queue.task()
+    def broken(i: int) -> None:
+        raise ValueError(f"broken {i}")
+
+    class Halfway(Task):
+        name = "halfway"
+
+        def run(self, job: Job) -> None:
+            job.set_progress({"done": 1, "total": 2})
+            job.success("half")
+
+    server_queue.register_task(Halfway())
+    with running(server_queue):
+        failed = [server_queue.enqueue_wait("broken", {"i": i}, timeout=10) for i in range(3)]
+        halfway = server_queue.enqueue_wait("halfway", timeout=10)
+    shown = cli("show", url, failed[0].id).stdout
+    assert "Traceback (most recent call last)" in shown and "ValueError: broken 0" in shown
+    assert 'progress:  {"done": 1, "total": 2}' in cli("show", url, halfway.id).stdout
+
+    waiting = server_queue.enqueue("nobody")
+    cancelled = cli("cancel", url, waiting.id, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["error"] == "cancelled before it ran"
+    again = cli("cancel", url, waiting.id)
+    assert again.returncode == 1 and "is done" in again.stderr
+
+    retried = cli("retry", url, "--failed", "--task", "broken", "--json")
+    assert retried.returncode == 0 and json.loads(retried.stdout) == {"retried": 3}, retried.stderr
+    refused = cli("delete", url, "--state", "enqueued")
+    assert refused.returncode == 2
+    assert "deletes the 3 enqueued jobs of every task: add --yes" in refused.stderr
+    assert len(server_queue.list_jobs(state=JOB_STATE_ENQUEUED)) == 3
+    deleted = cli("delete", url, "--state", "enqueued", "--task", "broken", "--yes")
+    assert deleted.returncode == 0 and deleted.stdout.strip() == "deleted 3 enqueued jobs", deleted.stderr
+    assert cli("delete", url, "--state", "done", "--yes", "--json").stdout.strip() == '{"deleted": 2}'
+    assert server_queue.list_jobs() == []
+    for usage in (["retry", url], ["delete", url], ["delete", url, "1", "--state", "done"]):
+        assert cli(*usage).returncode == 2
+
+
 def test_cli_errors_are_one_line_with_exit_codes() -> None:
     for args, code in ((["jobs", "ftp://nowhere"], 3), (["stats", f"redis://127.0.0.1:{free_port()}/0"], 3),
                        (["jobs"], 2)):
@@ -1439,6 +1482,8 @@ def test_demo_runs_on_memory() -> None:
                           text=True, cwd=HERE, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "processed 500 jobs" in done.stdout and "enqueue_wait round trip" in done.stdout
+    assert "\r" not in done.stdout  # no progress line redrawn in a file that isn't a terminal
+    assert done.stderr == ""  # and no log line of each job
 
 
 # ---------------------------------------------------------------------------
@@ -1700,8 +1745,11 @@ def start_fault_queue(url: str, tmp_path: Path, lease: float = 1.0) -> Queue:
     queue.workers = []  # type: ignore[attr-defined]
 
     def start_worker() -> subprocess.Popen[bytes]:
-        worker = subprocess.Popen([sys.executable, "-m", "monsterqueue", "worker", "faultmod:queue"],
-                                  cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+        log = tmp_path / f"worker-{len(queue.workers)}.log"  # type: ignore[attr-defined]
+        with log.open("wb") as stderr:
+            worker = subprocess.Popen([sys.executable, "-m", "monsterqueue", "worker", "faultmod:queue"],
+                                      cwd=tmp_path, env=env, stderr=stderr)
+        worker.log = log  # type: ignore[attr-defined]
         queue.workers.append(worker)  # type: ignore[attr-defined]
         return worker
     queue.start_worker = start_worker  # type: ignore[attr-defined]
@@ -1751,11 +1799,18 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(fault_queue: Any) -> No
     worker = fault_queue.start_worker()
     job = fault_queue.enqueue("sleepy", {"seconds": 1})
     assert wait_until(lambda: state_of(fault_queue, job.id) == JOB_STATE_RUNNING, 20)
+    assert len(fault_queue.stats()["workers"]) == 1
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
     done = fault_queue.retrieve_job(job.id)
     assert done.status.state == JOB_STATE_DONE and done.result() == "slept"
     assert done._delivery == 1
+    assert fault_queue.stats()["workers"] == []  # it said goodbye: not alive for three more leases
+    # It logs at INFO, as a person watching it expects: its start, and each job's start and end.
+    log = worker.log.read_text()
+    assert re.search(r"INFO worker \d+ runs tasks sleepy, suicide, record with 4 threads", log), log
+    assert f"INFO job {job.id} (sleepy) started" in log
+    assert re.search(rf"INFO job {job.id} \(sleepy\) succeeded in 1\.\d+s", log), log
 
 
 def test_a_job_that_kills_its_worker_fails_after_max_deliveries(fault_queue: Any) -> None:
@@ -2106,6 +2161,89 @@ def test_web_retry_and_delete_with_forms_and_the_api(web_queue: Queue, web: Site
     assert web.json(f"/api/jobs/{done}/delete", {}, with_token) == (200, {"deleted": done})
     assert web.json(f"/api/jobs/{done}/delete", {}, with_token) == (404, {"error": "no such job"})
     assert web.json("/api/jobs/1/explode", {}, with_token)[0] == 404
+
+
+def test_web_cancels_and_acts_on_a_task_in_bulk(web_queue: Queue, web: Site) -> None:
+    token = {"X-CSRF-Token": web.token()}
+    enqueued = job_id(web_queue, JOB_STATE_ENQUEUED)
+    page = web.request(f"/jobs/{enqueued}")[2]
+    assert f'action="/jobs/{enqueued}/cancel"' in page and "Retry</button>" not in page
+    status, headers, _ = web.request(f"/jobs/{enqueued}/cancel", {"csrf": token["X-CSRF-Token"]})
+    assert status == 303 and headers["Location"] == f"/jobs/{enqueued}"
+    assert web_queue.retrieve_job(enqueued).as_dict()["error"] == "cancelled before it ran"
+    assert web.json(f"/api/jobs/{enqueued}/cancel", {}, token)[0] == 409  # done now
+
+    overview = web.request("/")[2]
+    assert 'action="/tasks/boom/retry"' in overview and 'action="/tasks/add/delete"' in overview
+    assert "Run time and queue wait" in overview
+    status, headers, _ = web.request("/tasks/boom/retry", {"csrf": token["X-CSRF-Token"]})
+    assert status == 303 and headers["Location"] == "/jobs?task=boom&state=enqueued"
+    assert web_queue.list_jobs(state=JOB_STATE_ENQUEUED, task_name="boom")
+    assert web.json("/api/tasks/boom/retry", {}, token) == (200, {"retried": 0})
+    assert web.json("/api/tasks/add/delete", {"state": "failed"}, token) == (200, {"deleted": 1})
+    assert web.json("/api/tasks/add/delete", {}, token) == (200, {"deleted": 1})
+    assert web.json("/api/tasks/add/delete", {"state": "running"}, token)[0] == 409
+    assert [job.task_name for job in web_queue.list_jobs()] == ["boom"]
+
+
+def test_web_job_page_shows_progress_and_traceback(queue: Queue, web: Site) -> None:
+    class Steps(Task):
+        name = "steps"
+
+        def run(self, job: Job) -> None:
+            job.set_progress({"done": 3, "total": 4})
+            raise KeyError("<missing>")
+
+    queue.register_task(Steps())
+    with running(queue):
+        job = queue.enqueue_wait("steps", timeout=5)
+    page = web.request(f"/jobs/{job.id}")[2]
+    assert '<progress max="4" value="3"></progress> 3/4' in page
+    assert "<h2>Traceback</h2>" in page and "KeyError: &#x27;&lt;missing&gt;&#x27;" in page
+    listed = web.request("/jobs")[2]
+    assert '<progress max="4" value="3"></progress>' in listed
+    assert monsterqueue._web_progress(42) == '<progress max="100" value="42"></progress> 42%'
+    assert monsterqueue._web_progress("<b>") == "&lt;b&gt;"
+
+
+def test_web_metrics_for_prometheus(new_queue: Any, serve: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    queue = new_queue(lease_timeout=1.5)
+    queue.reset_storage()
+
+    @queue.task('odd "name"\\')
+    def work(fail: bool) -> None:
+        if fail:
+            raise ValueError("no")
+        time.sleep(0.02)
+
+    with running(queue):
+        for fail in (False, False, True):
+            queue.enqueue_wait('odd "name"\\', {"fail": fail}, timeout=5)
+        queue.enqueue("idle")
+        time.sleep(0.6)  # MongoDB adds a worker's counts with its heartbeat
+        site = serve(queue)
+        status, headers, body = site.request("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in families.values() for sample in family.samples}
+    task = ("task", 'odd "name"\\')
+    assert families["monsterqueue_jobs"].type == "gauge"
+    assert samples["monsterqueue_jobs", (("state", "done"), task)] == 2
+    assert samples["monsterqueue_jobs", (("state", "failed"), task)] == 1
+    assert samples["monsterqueue_jobs", (("state", "enqueued"), ("task", "idle"))] == 1
+    assert families["monsterqueue_jobs_finished"].type == "counter"
+    assert samples["monsterqueue_jobs_finished_total", (task,)] == 3
+    assert samples["monsterqueue_jobs_failed_total", (task,)] == 1
+    assert families["monsterqueue_job_run_seconds"].type == "histogram"
+    assert samples["monsterqueue_job_run_seconds_count", (task,)] == 3
+    assert samples["monsterqueue_job_run_seconds_bucket", (("le", "0.005"), task)] <= 1
+    assert samples["monsterqueue_job_run_seconds_bucket", (("le", "+Inf"), task)] == 3
+    assert 0.04 <= samples["monsterqueue_job_run_seconds_sum", (task,)] < 1
+    assert samples["monsterqueue_job_wait_seconds_count", (task,)] == 3
+    assert samples["monsterqueue_workers", ()] == 1
 
 
 def test_web_posts_without_the_csrf_token_change_nothing(web_queue: Queue, web: Site) -> None:
