@@ -2071,7 +2071,9 @@ class RedisQueue(Queue):
         # on connections this queue keeps instead. Other clients (cluster) go through it.
         self._connections = _Connections(client, redis)
         script = self._connections.script if self._connections.usable else client.register_script
-        self._command = self._connections.command if self._connections.usable else client.execute_command
+        # A client passed in times its reads out as it was told to.
+        self._command = (self._connections.command if self._connections.usable
+                         else lambda *args, wait=0.0: client.execute_command(*args))
         self._enqueue_script = script(_REDIS_ENQUEUE)
         self._claim_script = script(_REDIS_CLAIM)
         self._finish_script = script(_REDIS_FINISH)
@@ -2122,8 +2124,9 @@ class RedisQueue(Queue):
                 self._wakeup.wait(due_in)
                 self._wakeup.clear()
             else:
+                wait = block if due_in is None else due_in - 0.2
                 self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
-                              self._key("wake", worker), block if due_in is None else due_in - 0.2)
+                              self._key("wake", worker), wait, wait=wait)
             claimed, _, now = self._claim_script([self._key("running")], args)
         names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
@@ -2175,7 +2178,8 @@ class RedisQueue(Queue):
             start += len(members) - done
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        popped = self._command("BLPOP", self._key("outcome", job.id), timeout) if timeout >= 0.001 else None
+        popped = (self._command("BLPOP", self._key("outcome", job.id), timeout, wait=timeout)
+                  if timeout >= 0.001 else None)
         payload = popped[1] if popped else self._withdraw_script([self._key("job", job.id)],
                                                                  [self._prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
@@ -2317,8 +2321,12 @@ class _Connections:
             return self.command("EVALSHA", sha, len(keys), *keys, *args, script=text)
         return run
 
-    def command(self, *args: Any, script: str | None = None) -> Any:
-        """Send one command and return its raw reply; ``script`` is loaded if EVALSHA misses."""
+    def command(self, *args: Any, script: str | None = None, wait: float = 0) -> Any:
+        """Send one command and return its raw reply; ``script`` is loaded if EVALSHA misses.
+
+        ``wait`` is how long the server may hold the reply (a blocking pop): the read
+        waits that much longer than the client's socket timeout.
+        """
         if self._pid != os.getpid():  # forked: never share the parent's sockets
             self._pid, self._spare = os.getpid(), []
         try:
@@ -2330,18 +2338,29 @@ class _Connections:
                 conn = self._pool.get_connection(args[0])
         sent = False
         try:
+            conn.connect()  # a no-op on a live connection
+            # A kept connection with something to read was closed by its server (it died or
+            # restarted): reconnect now, so that a failure after sending means "no answer".
+            try:
+                closed = conn.can_read(0)
+            except self._server_errors:
+                closed = True
+            if closed:
+                conn.disconnect()
             command = _resp(args)
             conn.send_packed_command((command,))
             sent = True
             try:
-                reply = conn.read_response()
-            except self._no_script:  # the server restarted or its scripts were flushed
+                reply = self._read(conn, wait)
+            except self._no_script:  # the server restarted or its scripts were flushed: nothing ran
                 if script is None:
                     raise
+                sent = False
                 conn.send_packed_command((_resp(["SCRIPT", "LOAD", script]),))
                 conn.read_response()
                 conn.send_packed_command((command,))
-                reply = conn.read_response()
+                sent = True
+                reply = self._read(conn, wait)
         except self._response_error:
             self._spare.append(conn)  # the error reply was read: the connection is clean
             raise
@@ -2353,6 +2372,15 @@ class _Connections:
             raise
         self._spare.append(conn)
         return reply
+
+    @staticmethod
+    def _read(conn: Any, wait: float) -> Any:
+        if not wait or conn.socket_timeout is None:
+            return conn.read_response()
+        try:  # redis-py 5.1 and later time reads out after socket_timeout (5 s from redis-py 8 on)
+            return conn.read_response(timeout=conn.socket_timeout + wait)
+        except TypeError:  # before 5.1: socket_timeout defaulted to none
+            return conn.read_response()
 
     def close(self) -> None:
         spare, self._spare = self._spare, []

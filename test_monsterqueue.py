@@ -46,6 +46,7 @@ from monsterqueue import (
     NoJobResultError,
     NoJobResultSetError,
     NoSuchJobError,
+    OutcomeUnknownError,
     Queue,
     QueueWaitTimeoutError,
     RedisQueue,
@@ -1850,7 +1851,7 @@ def test_retries_do_not_count_as_lost_leases(backend: str, request: pytest.Fixtu
     try:
         job = queue.enqueue("flaky")
         ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)
-        assert queue._retry(queue._decode(job_id, fields), 0)  # delivery 1 failed and is retried
+        assert queue._retry(queue._decode(job_id, fields), 0, None)  # delivery 1 failed and is retried
         time.sleep(0.01)
         ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)  # delivery 2
         time.sleep(0.4)
@@ -1880,6 +1881,45 @@ def test_server_down_at_enqueue_is_a_clear_error_in_bounded_time(backend: str) -
             call()
         assert time.monotonic() - started < 3
     queue.close()
+
+
+def test_redis_says_when_a_request_was_sent_and_no_answer_came() -> None:
+    import redis
+
+    server = RedisServer()
+    # A short read timeout keeps the test short; blocking pops wait that much longer.
+    queue = RedisQueue(client=redis.Redis(port=server.port, decode_responses=True, socket_timeout=1))
+    try:
+        @queue.task()
+        def slow() -> str:
+            time.sleep(1.5)
+            return "slow"
+
+        with running(queue):  # waits longer than the socket timeout, on a healthy server
+            assert queue.enqueue_wait("slow", timeout=5).result() == "slow"
+            with pytest.raises(QueueWaitTimeoutError):
+                queue.enqueue_wait("nobody", timeout=2)
+        queue.reset_storage()
+        server.stop()
+        server.start()  # the same port: the kept connections find their server gone, and reconnect
+        queue.enqueue("kept", {"n": 0})
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(OutcomeUnknownError, match="may have been carried out"):
+                queue.enqueue("kept", {"n": 1})
+            with pytest.raises(ServerUnavailableError, match="the request was not sent") as raised:
+                queue.enqueue("kept", {"n": 2})  # its new connection never got to send it
+            assert type(raised.value) is ServerUnavailableError
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert sorted(job.params["n"] for job in queue.list_jobs()) == [0, 1]
+        server.stop(kill=True)
+        with pytest.raises(ServerUnavailableError, match="refused") as raised:
+            queue.enqueue("kept", {"n": 3})
+        assert type(raised.value) is ServerUnavailableError
+    finally:
+        queue.close()
+        server.remove()
 
 
 def flow_through_a_restart(queue: Any, server: Any, jobs: int, tmp_path: Path) -> dict[str, int]:
