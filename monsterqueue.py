@@ -1653,7 +1653,7 @@ local function observe(prefix, task, failed, started, due, now)
   local metrics = prefix .. 'metrics'
   redis.call('HINCRBY', metrics, 'finished:' .. task, 1)
   if failed then redis.call('HINCRBY', metrics, 'failed:' .. task, 1) end
-  if not started then return end
+  if not (started and due) then return end  -- it never ran, or its record is incomplete
   for kind, ms in pairs({run = now - started, wait = started - due}) do
     local bucket = #BUCKETS
     for i, bound in ipairs(BUCKETS) do
@@ -1796,7 +1796,7 @@ for i = 6, #ARGV do
       -- Only what the worker can't know: it set task, state, started and worker itself.
       local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
                            'time_limit')
-      if f[1] == 'enqueued' then  -- else it was cancelled while it waited
+      if f[1] == 'enqueued' or not f[1] then  -- else it was cancelled while it waited
         local delivery = (tonumber(f[2]) or 0) + 1
         redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
         redis.call('ZREM', prefix .. 'enqueued', id)

@@ -247,8 +247,9 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
     if backend == "redis-cluster":
         from redis.cluster import RedisCluster
         node = request.getfixturevalue("redis_cluster")[0]
-        return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True),
-                          **options)
+        # A pool as large as the load tests' waiters, each of which holds a connection in BLPOP.
+        return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True,
+                                              max_connections=1000), **options)
     raise ValueError(backend)
 
 
@@ -1884,11 +1885,9 @@ def test_server_down_at_enqueue_is_a_clear_error_in_bounded_time(backend: str) -
 
 
 def test_redis_says_when_a_request_was_sent_and_no_answer_came() -> None:
-    import redis
-
     server = RedisServer()
     # A short read timeout keeps the test short; blocking pops wait that much longer.
-    queue = RedisQueue(client=redis.Redis(port=server.port, decode_responses=True, socket_timeout=1))
+    queue = RedisQueue(server.url + "?socket_timeout=1")
     try:
         @queue.task()
         def slow() -> str:
@@ -2401,7 +2400,7 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         monkeypatch.setattr(monsterqueue, "WEB_REFRESH_INTERVAL", seconds)
 
     reloading(0)
-    q = RedisQueue(redis_url, key_prefix="mq-test-web")
+    q = RedisQueue(redis_url, key_prefix="mq-test-web", lease_timeout=1.5)  # a heartbeat every 0.5 s
     q.reset_storage()
     broken, release = threading.Event(), threading.Event()
     broken.set()
@@ -2420,15 +2419,32 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
     def slow() -> None:
         release.wait(30)
 
+    def steps() -> None:
+        for step in range(3000):
+            current[0].set_progress({"done": step, "total": 3000})
+            time.sleep(0.01)
+
+    current: list[Job] = []
+
+    class Steps(Task):
+        name = "steps"
+
+        def run(self, job: Job) -> None:
+            current[:] = [job]
+            steps()
+
+    q.register_task(Steps())
     q.enqueue_many("add", [{"a": i, "b": i} for i in range(3)])
     failing = q.enqueue("flaky", {"note": XSS})
-    q.enqueue("slow")
+    also_failing = q.enqueue("flaky", {"note": "second"})
+    stuck = q.enqueue("slow")
+    stepping = q.enqueue("steps")
     unhandled = q.enqueue("report", {"month": "2024-05"})   # no worker runs it: stays enqueued
     worker = threading.Thread(target=q.process_loop, daemon=True)
     worker.start()
     try:
-        assert wait_until(lambda: len(q.list_jobs(state="failed")) == 1
-                          and len(q.list_jobs(state=JOB_STATE_RUNNING)) == 1, 20)
+        assert wait_until(lambda: len(q.list_jobs(state="failed")) == 2
+                          and len(q.list_jobs(state=JOB_STATE_RUNNING)) == 2, 20)
         site = serve(q)
         wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
                                                               StaleElementReferenceException))
@@ -2436,7 +2452,10 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         browser.get(site.url + "/")
         assert "Overview" in browser.title
         row = browser.find_element(By.XPATH, "//tr[td/a[text()='flaky']]")
-        assert [cell.text for cell in row.find_elements(By.TAG_NAME, "td")] == ["flaky", "0", "0", "0", "1"]
+        cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        assert cells[:5] == ["flaky", "0", "0", "0", "2"], cells
+        assert [button.text for button in row.find_elements(By.TAG_NAME, "button")] == ["Retry failed",
+                                                                                         "Delete done"]
         assert browser.find_elements(By.CSS_SELECTOR, "svg polyline")
 
         browser.find_element(By.LINK_TEXT, "Jobs").click()
@@ -2444,8 +2463,8 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         browser.find_element(By.XPATH, "//button[text()='Filter']").click()
         wait.until(lambda d: "state=failed" in d.current_url)
         rows = browser.find_elements(By.XPATH, "//table/tbody/tr[td]")
-        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [failing.id]
-        assert XSS in rows[0].text                                  # shown as text, not run
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [also_failing.id, failing.id]
+        assert XSS in rows[1].text                                  # shown as text, not run
         assert browser.execute_script("return window.pwned") is None
 
         # The page reloads itself and keeps its filter.
@@ -2479,6 +2498,28 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         wait.until(lambda d: d.current_url == site.url + "/jobs")
         with pytest.raises(NoSuchJobError):
             q.retrieve_job(unhandled.id)
+
+        # A running job shows its progress, and is cancelled from its page: its worker learns of it
+        # from its next heartbeat, and the page, reloading, shows it end.
+        browser.get(f"{site.url}/jobs/{stepping.id}")
+        assert browser.find_element(By.CSS_SELECTOR, "progress").get_attribute("max") == "3000"
+        browser.get(f"{site.url}/jobs/{stuck.id}")
+        reloading(0.5)
+        browser.find_element(By.XPATH, "//button[text()='Cancel']").click()
+        wait.until(alert_is_present()).accept()
+        wait.until(lambda d: d.execute_script(
+            "const error = document.querySelector('pre.error'); return error && error.textContent")
+            == "cancelled while running")
+        reloading(0)
+
+        # The failed jobs of a task, retried from the overview.
+        browser.get(site.url + "/")
+        browser.find_element(By.XPATH, "//tr[td/a[text()='flaky']]//button[text()='Retry failed']").click()
+        wait.until(alert_is_present()).accept()
+        wait.until(lambda d: "task=flaky" in d.current_url and "state=enqueued" in d.current_url)
+        assert wait_until(lambda: q.retrieve_job(also_failing.id).status.state == JOB_STATE_DONE, 10)
+        assert q.retrieve_job(also_failing.id).result() == "fine now"
+        q.cancel_job(stepping.id)
 
         browser.get(site.url + "/")
         shot = tmp_path / "dashboard.png"
