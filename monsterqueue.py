@@ -407,6 +407,10 @@ class Queue:
         self._idle = threading.Condition()        # guards _held; signalled when a job ends
         self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads
         self._report_lock = threading.Lock()      # guards Job._reported
+        # Guards Job._thread and _interrupted. A plain lock, unlike the Condition above: its
+        # acquire and release are C calls, so an interrupt can't land between them and leave
+        # it held.
+        self._thread_lock = threading.Lock()
         self._wake_timer = threading.Event()      # a job with an earlier deadline started
         self._next_deadline = math.inf            # time.monotonic() the timer thread wakes at
         self._outage = _Outage(self)
@@ -755,41 +759,49 @@ class Queue:
             self._wake_timer.set()
         self._inbox.put(job)
 
-    def _add_thread(self, interrupted: tuple[Job, str, bool, str | None] | None) -> None:
+    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None) -> None:
         """Start a worker thread; one that replaces an interrupted job's thread records its outcome."""
         thread = threading.Thread(target=self._serve, args=(interrupted,), name="monsterqueue", daemon=True)
         with self._idle:
             self._threads.append(thread)
         thread.start()
 
-    def _serve(self, interrupted: tuple[Job, str, bool, str | None] | None) -> None:
+    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None) -> None:
         """Run the jobs handed to this thread until it is handed None, or replaced."""
         if interrupted is not None:
             job, error, retryable, stack = interrupted
-            self._report(job, None, error, retryable, stack)
+            trace = None if stack is None else _bounded_traceback(
+                ["Traceback (most recent call last):\n", *stack.format(), f"{error}\n"])
+            try:
+                self._report(job, None, error, retryable, trace)
+            except Exception:  # the server refused it (out of memory, say): the lease decides
+                logger.exception("job %s: outcome not recorded", job.id)
         while True:
             next_job = self._inbox.get()
             if next_job is None:
                 return
             job = next_job
-            # One raised just as the task ended: the interrupting side records the outcome.
-            with contextlib.suppress(TimeLimitExceeded, JobCancelledError):
+            try:
                 self._run(job)
+            except (TimeLimitExceeded, JobCancelledError):
+                pass  # raised just as the task ended: the interrupting side records the outcome
+            except Exception:  # a report the server refused: the thread must live on
+                logger.exception("job %s: outcome not recorded", job.id)
             if job._interrupted:
                 return  # another thread took this one's place
 
     def _run(self, job: Job) -> None:
-        with self._idle:
-            if job._interrupted:  # cancelled or timed out before it began
-                return
-            job._thread = threading.get_ident()
         job._began = time.monotonic()
         logger.info("job %s (%s) started", job.id, job.task_name)
         try:
             try:
+                with self._thread_lock:
+                    if job._interrupted:  # cancelled or timed out before it began
+                        return
+                    job._thread = threading.get_ident()
                 self._tasks[job.task_name].run(job)
             finally:
-                with self._idle:  # from here on no interrupt can be raised in this thread
+                with self._thread_lock:  # from here on no interrupt is raised in this thread
                     job._thread = None
         except BaseException as exc:  # a task must never take its worker down
             if not job._interrupted:
@@ -821,19 +833,21 @@ class Queue:
                     return  # it ended, or reported its outcome, meanwhile
                 job._reported = True
             del self._held[job.id]
-            job._interrupted = True
             stack = None
-            if job._thread is not None:
-                frame = sys._current_frames().get(job._thread)
-                if frame is not None:
-                    stack = _bounded_traceback(
-                        ["Traceback (most recent call last):\n", *traceback.format_stack(frame),
-                         f"{error}\n"])
-                _raise_in_thread(job._thread, exception)
-                self._threads = [thread for thread in self._threads if thread.ident != job._thread]
+            with self._thread_lock:
+                job._interrupted = True
+                if job._thread is not None:
+                    frame = sys._current_frames().get(job._thread)
+                    if frame is not None:  # where it was: read now, formatted by the new thread
+                        stack = traceback.StackSummary.extract(traceback.walk_stack(frame),
+                                                               lookup_lines=False)
+                        stack.reverse()
+                    _raise_in_thread(job._thread, exception)
+                    self._threads = [thread for thread in self._threads if thread.ident != job._thread]
+            # Added before the loop can see the job gone, so that its shutdown waits for the report.
+            self._add_thread((job, error, retryable, stack))
             self._idle.notify_all()
         logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
-        self._add_thread((job, error, retryable, stack))
 
     def _time(self, worker: str, drained: threading.Event) -> None:
         """Interrupt each running job at its time limit, until the loop has drained."""
@@ -1464,6 +1478,10 @@ class MemoryQueue(Queue):
             fields = self._held_fields(job)
             if fields is None:
                 return None
+            if fields.get("cancel"):  # cancelled while it ran: done, not retried
+                self._done(job.id, None, f"{CANCELLED} while running", traceback)
+                self._changed.notify_all()
+                return True
             due = _now_ms() + int(delay * 1000)
             fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
                           attempt=fields["attempt"] + 1, traceback=traceback)
@@ -1565,8 +1583,9 @@ class MemoryQueue(Queue):
                 raise NoSuchJobError()
             if fields["state"] != JOB_STATE_DONE:
                 return False
+            # Due now: its queue wait counts from here, not from when it was first enqueued.
             fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
-                          due=None, attempt=1, traceback=None, progress=None, cancel=None)
+                          due=_now_ms(), attempt=1, traceback=None, progress=None, cancel=None)
             self._make_ready(job_id, None)
             self._changed.notify_all()
             return True
@@ -1778,8 +1797,8 @@ for i = 6, #ARGV do
     if not id then break end
     local key = prefix .. 'job:' .. id
     local kind = redis.call('TYPE', key).ok
-    if kind ~= 'hash' then
-      redis.call('ZREM', prefix .. 'enqueued', id)
+    -- Counted off only once: a cancelled job's id stays in its queue, counted already.
+    if kind ~= 'hash' and redis.call('ZREM', prefix .. 'enqueued', id) == 1 then
       count(prefix, 'enqueued', task, -1)
     end
     if kind == 'none' then  -- its hash is gone: nothing left to run or to show
@@ -1796,7 +1815,8 @@ for i = 6, #ARGV do
       -- Only what the worker can't know: it set task, state, started and worker itself.
       local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
                            'time_limit')
-      if f[1] == 'enqueued' or not f[1] then  -- else it was cancelled while it waited
+      -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
+      if (f[1] == 'enqueued' or not f[1]) and (tonumber(f[6]) or 0) <= now then
         local delivery = (tonumber(f[2]) or 0) + 1
         redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
         redis.call('ZREM', prefix .. 'enqueued', id)
@@ -1833,8 +1853,13 @@ return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms(), tonumber(ARGV[6]), ARG
                   ARGV[8] ~= '' and ARGV[8])
 """
 
-# KEYS: job:ID. ARGV: prefix, id, delivery, delay ms, traceback of the failed attempt ('' for none).
+# A job cancelled while it ran is done instead. KEYS: job:ID. ARGV: prefix, id, delivery,
+# delay ms, traceback of the failed attempt ('' for none), keep ms (see finish_job).
 _REDIS_RETRY = _REDIS_LIB + _REDIS_HELD + """
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
+  return finish_job(prefix, id, 'error', 'cancelled while running', now_ms(), tonumber(ARGV[6]),
+                    ARGV[5] ~= '' and ARGV[5], false)
+end
 local due = now_ms() + tonumber(ARGV[4])
 local task = redis.call('HGET', KEYS[1], 'task') or ''
 redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
@@ -1976,8 +2001,9 @@ local function retry_done(prefix, id)
   local member = done_member(key, id)
   redis.call('ZREM', prefix .. 'done', member)
   count(prefix, string.match(member, '^%a+'), task, -1)
-  redis.call('HDEL', key, 'done', 'result', 'error', 'due', 'lost', 'traceback', 'progress', 'cancel')
-  redis.call('HSET', key, 'attempt', 1)
+  redis.call('HDEL', key, 'done', 'result', 'error', 'lost', 'traceback', 'progress', 'cancel')
+  -- Due now: its queue wait counts from here, not from when it was first enqueued.
+  redis.call('HSET', key, 'attempt', 1, 'due', now_ms())
   redis.call('PERSIST', key)
   requeue(prefix, id, task, false)
 end
@@ -2143,8 +2169,9 @@ class RedisQueue(Queue):
         return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
-        done = self._retry_script([self._key("job", job.id)],
-                                  [self._prefix, job.id, job._delivery, int(delay * 1000), traceback or ""])
+        done = self._retry_script([self._key("job", job.id)], [self._prefix, job.id, job._delivery,
+                                                                int(delay * 1000), traceback or "",
+                                                                self._keep_ms()])
         return None if done == -1 else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
@@ -2158,24 +2185,19 @@ class RedisQueue(Queue):
         return _text(state) != JOB_STATE_DONE
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
-        # Walk an index a page at a time and hand its candidates to the script, which
-        # checks each again and changes at most BULK_BATCH jobs per call. What the
-        # script changes leaves the index, so the walk goes on past what stays.
+        # The candidates first, from a scan of the state's index (bounded work per call,
+        # and every member present throughout is seen), so that jobs changed meanwhile
+        # can't shift the walk; then the script checks each again, BULK_BATCH per call.
         index = JOB_STATE_ENQUEUED if state == JOB_STATE_ENQUEUED else "done"
-        start = changed = 0
-        while True:
-            members = [_text(m) for m in self.client.zrange(self._key(index), start, start + BULK_BATCH - 1)]
-            if not members:
-                return changed
-            ids = members
-            if index == "done":  # members are OUTCOME:TASK:ID
-                ids = [m.rsplit(":", 1)[1] for m in members
+        members = {_text(member) for member, _ in self.client.zscan_iter(self._key(index), count=1000)}
+        if index == "done":  # members are OUTCOME:TASK:ID
+            members = {m.rsplit(":", 1)[1] for m in members
                        if (state != "failed" or m.startswith("failed:"))
-                       and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
-            done = int(self._bulk_script([self._key("jobs")], [self._prefix, action, state, task_name or "",
-                                                               *ids])) if ids else 0
-            changed += done
-            start += len(members) - done
+                       and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)}
+        ids = sorted(members, key=lambda job_id: (len(job_id), job_id))  # oldest first
+        return sum(int(self._bulk_script([self._key("jobs")], [self._prefix, action, state, task_name or "",
+                                                               *ids[start:start + BULK_BATCH]]))
+                   for start in range(0, len(ids), BULK_BATCH))
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         popped = (self._command("BLPOP", self._key("outcome", job.id), timeout, wait=timeout)
@@ -2548,11 +2570,14 @@ class MongoQueue(Queue):
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._jobs.update_one(
-            self._holding(job),
+            {**self._holding(job), "cancel": {"$ne": True}},
             {"$set": {"state": JOB_STATE_ENQUEUED, "due": _utc_now(delay), **_set_if("traceback", traceback)},
              "$unset": {"started": "", "worker": "", "lease": "", **({} if traceback else {"traceback": ""})},
              "$inc": {"attempt": 1}})
-        return True if retried.modified_count else None
+        if retried.modified_count:
+            return True
+        # Cancelled while it ran: done, not retried (or no longer held: None).
+        return None if self._finish(job, None, f"{CANCELLED} while running", traceback) is None else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
         self._jobs.bulk_write([self._update_one(self._holding(job), {"$set": {"progress": text}})
@@ -2560,26 +2585,28 @@ class MongoQueue(Queue):
 
     def _cancel(self, job_id: str) -> bool:
         query = {"_id": self._object_id(job_id)}
-        cancelled = self._jobs.update_one(
-            {**query, "state": JOB_STATE_ENQUEUED},
-            {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "error": f"{CANCELLED} before it ran",
-                      "waiter": False, **self._expiry()}})
-        if cancelled.matched_count:
-            doc = self._jobs.find_one(query, projection={"task": True}) or {}
-            self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
-            return True
-        running = {**query, "state": JOB_STATE_RUNNING}
-        if self._jobs.update_one(running, {"$set": {"cancel": True}}).matched_count:
-            return True
-        if not self._jobs.count_documents(query):
-            raise NoSuchJobError()
-        return False
+        while True:  # again if it moved between running and enqueued meanwhile
+            before = self._jobs.find_one_and_update(
+                {**query, "state": JOB_STATE_ENQUEUED},
+                {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "error": f"{CANCELLED} before it ran",
+                          "waiter": False, **self._expiry()}}, projection={"task": True})
+            if before is not None:
+                self._add_metrics({f"finished:{before['task']}": 1, f"failed:{before['task']}": 1})
+                return True
+            if self._jobs.update_one({**query, "state": JOB_STATE_RUNNING},
+                                     {"$set": {"cancel": True}}).matched_count:
+                return True
+            doc = self._jobs.find_one(query, projection={"state": True})
+            if doc is None:
+                raise NoSuchJobError()
+            if doc.get("state") == JOB_STATE_DONE:
+                return False
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
         # One command: MongoDB changes the documents one at a time, blocking no other request.
         query = _mongo_query(state, task_name)
         if action == "retry":
-            return int(self._jobs.update_many(query, _MONGO_REQUEUE).modified_count)
+            return int(self._jobs.update_many(query, _mongo_requeue()).modified_count)
         return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
@@ -2609,15 +2636,6 @@ class MongoQueue(Queue):
         now = _utc_now()
         self._workers.replace_one({"_id": worker}, {"seen": now, "tasks": sorted(self._tasks)}, upsert=True)
         self._workers.delete_many({"seen": {"$lt": _utc_now(-3 * self.lease_timeout)}})
-        with self._report_lock:
-            observed, self._observed = self._observed, collections.Counter()
-        if observed:
-            try:
-                self._add_metrics(observed)
-            except BaseException:
-                with self._report_lock:
-                    self._observed.update(observed)  # added by the next heartbeat instead
-                raise
         cancelled = []
         if held:
             mine = {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
@@ -2643,7 +2661,23 @@ class MongoQueue(Queue):
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
+        self._add_observed()  # last: the leases above matter more
         return cancelled
+
+    def _add_observed(self) -> None:
+        """Add what this worker's finishes counted to the metrics; kept for the next try if the
+        server surely didn't add them."""
+        with self._report_lock:
+            observed, self._observed = self._observed, collections.Counter()
+        if not observed:
+            return
+        try:
+            self._add_metrics(observed)
+        except self._server_errors as exc:
+            if not self._answer_lost(exc):
+                with self._report_lock:
+                    self._observed.update(observed)
+            raise
 
     def _add_metrics(self, metrics: dict[str, int]) -> None:
         by_task: dict[str, dict[str, int]] = collections.defaultdict(dict)
@@ -2655,6 +2689,7 @@ class MongoQueue(Queue):
 
     def _retire(self, worker: str) -> None:
         self._workers.delete_one({"_id": worker})
+        self._add_observed()
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -2695,7 +2730,7 @@ class MongoQueue(Queue):
 
     def _requeue(self, job_id: str) -> bool:
         requeued = self._jobs.update_one({"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
-                                         _MONGO_REQUEUE)
+                                         _mongo_requeue())
         if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
             raise NoSuchJobError()
         return bool(requeued.matched_count)
@@ -2721,11 +2756,12 @@ class MongoQueue(Queue):
             self.client.close()
 
 
-# What retry_job and retry_jobs do to a done job: enqueued again, from its first attempt.
-_MONGO_REQUEUE = {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1,
-                           "due": datetime.fromtimestamp(0, timezone.utc)},
-                  "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
-                             "traceback": "", "progress": "", "cancel": ""}}
+def _mongo_requeue() -> dict[str, Any]:
+    """What retry_job and retry_jobs do to a done job: enqueued again from its first attempt,
+    due now (its queue wait counts from here)."""
+    return {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": _utc_now()},
+            "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
+                       "traceback": "", "progress": "", "cancel": ""}}
 
 
 def _mongo_query(state: str | None, task_name: str | None) -> dict[str, Any]:

@@ -1191,6 +1191,33 @@ def test_cancel_a_running_job_within_a_heartbeat(new_queue: Any) -> None:
         assert queue.stats()["counts"]["forever"]["failed"] == 1
 
 
+def test_a_job_cancelled_while_running_is_not_retried(queue: Queue) -> None:
+    job = queue.enqueue("flaky")
+    ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)
+    assert queue.cancel_job(job.id).status.state == JOB_STATE_RUNNING
+    # The task fails before its worker's heartbeat tells it of the cancel: no retry.
+    assert queue._retry(queue._decode(job_id, fields), 0, None)
+    done = queue.retrieve_job(job.id)
+    assert done.status.state == JOB_STATE_DONE and done.as_dict()["error"] == "cancelled while running"
+    assert queue._claim(["flaky"], 1, "worker", 0.01) == []
+
+
+def test_retried_jobs_wait_from_their_retry_and_stale_ids_are_skipped(queue: Queue, task: TestTask) -> None:
+    old = queue.enqueue("test-task", {"n": 1})
+    queue.cancel_job(old.id)
+    time.sleep(0.3)
+    retried = queue.retry_job(old.id)
+    assert retried.status.scheduled is not None
+    assert retried.status.scheduled > old.status.enqueued  # type: ignore[operator]
+    with running(queue):
+        assert wait_until(lambda: queue.retrieve_job(old.id).status.state == JOB_STATE_DONE)
+        time.sleep(0.2)
+    assert task.runs == 1  # the id left in its queue by the cancel didn't run it twice
+    assert queue.stats()["counts"]["test-task"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 0}
+    # Counted from the retry, not from the first enqueue (a stopped worker has added its counts).
+    assert queue.stats()["metrics"]["test-task"]["wait_seconds"]["sum"] < 0.3
+
+
 def test_a_waiter_gets_a_job_cancelled_before_it_ran(queue: Queue) -> None:
     results: list[Any] = []
 
