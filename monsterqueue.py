@@ -1254,6 +1254,13 @@ def _minutes() -> list[int]:
     return [this_minute - 60_000 * back for back in range(14, -1, -1)]
 
 
+def _timings(metrics: dict[str, Any]) -> list[str]:
+    """A task's run-time and queue-wait p50, p95 and p99 as text, for the CLI and the dashboard."""
+    values = (metrics[kind][q] for kind in ("run_seconds", "wait_seconds") for q in ("p50", "p95", "p99"))
+    return ["" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+            for value in values]
+
+
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="milliseconds")
 
@@ -2952,10 +2959,6 @@ def _web_task_actions(task_name: str, of_task: dict[str, int], csrf_token: str) 
     return "".join(actions)
 
 
-def _web_seconds(value: float | None) -> str:
-    return "" if value is None else f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
-
-
 def _web_progress(progress: Any) -> str:
     """A bar for a progress that is a percentage or a {"done": n, "total": n}; else its JSON."""
     if isinstance(progress, dict) and {"done", "total"} <= progress.keys():
@@ -2981,8 +2984,7 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
     timings = "".join(
         f"<tr><td>{html.escape(task_name)}</td><td class=\"n\">{m['finished']}</td>"
         f"<td class=\"n\">{m['failed']}</td>"
-        + "".join(f'<td class="n">{_web_seconds(m[kind][q])}</td>'
-                  for kind in ("run_seconds", "wait_seconds") for q in ("p50", "p95", "p99")) + "</tr>"
+        + "".join(f'<td class="n">{timing}</td>' for timing in _timings(m)) + "</tr>"
         for task_name, m in stats["metrics"].items())
     workers = "".join(f"<tr><td>{html.escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
                       f"<td>{html.escape(', '.join(worker['tasks']))}</td></tr>"
@@ -3427,6 +3429,9 @@ def _inspect(args: argparse.Namespace) -> int:
             print(json.dumps(stats, indent=2) if args.json else "\n".join([
                 _table(["TASK", *(state.upper() for state in _COUNTED_STATES)],
                        [[task, *counts.values()] for task, counts in stats["counts"].items()]),
+                "\n" + _table(["TASK", "FINISHED", "FAILED", "RUN P50", "P95", "P99", "WAIT P50", "P95",
+                               "P99"], [[task, m["finished"], m["failed"], *_timings(m)]
+                                        for task, m in stats["metrics"].items()]),
                 f"\nworkers alive: {len(stats['workers'])}",
                 *(f"  {w['id']}  seen {_short(w['last_seen'])}  tasks {', '.join(w['tasks'])}"
                   for w in stats["workers"]),

@@ -1442,7 +1442,8 @@ def test_cli_inspects_and_operates_a_queue(server_queue: Queue, request: pytest.
 
         stats = json.loads(cli("stats", url, "--json").stdout)
         assert stats["counts"]["test-task"]["failed"] == 1 and stats["counts"]["nobody"]["enqueued"] == 1
-        assert "TASK" in cli("stats", url).stdout
+        table = cli("stats", url).stdout
+        assert "TASK" in table and "RUN P50" in table  # counts, then run time and queue wait
 
         retried = cli("retry", url, failed.id, "--json")
         assert retried.returncode == 0, retried.stderr
