@@ -412,7 +412,7 @@ class Queue:
         # it held.
         self._thread_lock = threading.Lock()
         self._wake_timer = threading.Event()      # a job with an earlier deadline started
-        self._next_deadline = math.inf            # time.monotonic() the timer thread wakes at
+        self._next_deadline = 0.0                 # time.monotonic() the timer thread wakes at
         self._outage = _Outage(self)
 
     # -- tasks ---------------------------------------------------------------
@@ -856,12 +856,14 @@ class Queue:
             with self._idle:
                 now = time.monotonic()
                 late = [job for job in self._held.values() if job._deadline <= now]
-                self._next_deadline = min((job._deadline for job in self._held.values()
-                                           if job._deadline > now), default=math.inf)
+                # It wakes at least this often anyway: a job starting with a later deadline,
+                # as most do, needn't wake it.
+                self._next_deadline = min([job._deadline for job in self._held.values()
+                                           if job._deadline > now] + [now + IDLE_WAKE_INTERVAL])
             for job in late:
                 self._interrupt(job, TimeLimitExceeded, "TimeLimitExceeded: the job ran past its time "
                                 f"limit of {self._time_limit_of(job):g}s", True)
-            self._wake_timer.wait(min(self._next_deadline - now, IDLE_WAKE_INTERVAL))
+            self._wake_timer.wait(self._next_deadline - now)
 
     def _time_limit_of(self, job: Job) -> float | None:
         """The job's own time limit if it was enqueued with one, else its task's."""
@@ -2368,14 +2370,16 @@ class _Connections:
         sent = False
         try:
             conn.connect()  # a no-op on a live connection
-            # A kept connection with something to read was closed by its server (it died or
+            # A kept connection left idle may have been closed by its server (it died or
             # restarted): reconnect now, so that a failure after sending means "no answer".
-            try:
-                closed = conn.can_read(0)
-            except self._server_errors:
-                closed = True
-            if closed:
-                conn.disconnect()
+            # One in use a moment ago is trusted, to spare the hot path a system call.
+            if time.monotonic() - getattr(conn, "monsterqueue_used", 0.0) > IDLE_WAKE_INTERVAL:
+                try:
+                    closed = conn.can_read(0)
+                except self._server_errors:
+                    closed = True
+                if closed:
+                    conn.disconnect()
             command = _resp(args)
             conn.send_packed_command((command,))
             sent = True
@@ -2399,6 +2403,7 @@ class _Connections:
             if sent and isinstance(exc, self._server_errors):
                 raise _NoAnswer(_describe(exc)) from exc
             raise
+        conn.monsterqueue_used = time.monotonic()
         self._spare.append(conn)
         return reply
 

@@ -1929,6 +1929,7 @@ def test_redis_says_when_a_request_was_sent_and_no_answer_came() -> None:
         queue.reset_storage()
         server.stop()
         server.start()  # the same port: the kept connections find their server gone, and reconnect
+        time.sleep(monsterqueue.IDLE_WAKE_INTERVAL)  # (a connection used less than this ago isn't checked)
         queue.enqueue("kept", {"n": 0})
         server.process.send_signal(signal.SIGSTOP)
         try:
