@@ -46,7 +46,7 @@ import traceback
 import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -240,13 +240,15 @@ class Task(abc.ABC):
     A task that raises or reports an error runs again up to ``max_retries``
     times, ``retry_delay`` seconds after its first failure, doubling each time.
     A run that takes longer than ``time_limit`` seconds (None: no limit) is
-    interrupted with TimeLimitExceeded and recorded as failed.
+    interrupted with TimeLimitExceeded and recorded as failed. ``priority``
+    (-100..100, higher first) is its jobs' default where this task is registered.
     """
 
     name: str
     max_retries: int = 0
     retry_delay: float = 1.0
     time_limit: float | None = DEFAULT_TIME_LIMIT
+    priority: int = 0
 
     @abc.abstractmethod
     def run(self, job: Job) -> None:
@@ -257,12 +259,14 @@ class FunctionTask(Task):
     """A task made by @queue.task from a function of the job's params."""
 
     def __init__(self, name: str, function: Callable[..., Any], max_retries: int = 0,
-                 retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT) -> None:
+                 retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT,
+                 priority: int = 0) -> None:
         self.name = name
         self.function = function
         self.max_retries = max_retries
         self.retry_delay = retry_delay
         self.time_limit = time_limit
+        self.priority = _check_priority(priority)
 
     def run(self, job: Job) -> None:
         job.success(self.function(**job.params))
@@ -274,7 +278,8 @@ class Job:
     def __init__(self, queue: Queue, job_id: str, task_name: str, params: JobParams,
                  status: JobStatus, enqueue_stack: str, *, delivery: int = 0,
                  result: JobResult = None, error: str | None = None, progress: Any = None,
-                 traceback: str | None = None, time_limit: float | None = None) -> None:
+                 traceback: str | None = None, time_limit: float | None = None, priority: int = 0,
+                 unique_key: str | None = None) -> None:
         self._queue = queue
         self._id = job_id
         self._task_name = task_name
@@ -288,6 +293,8 @@ class Job:
         self._progress_text: str | None = None   # set_progress's last value, as stored
         self._traceback = traceback
         self._time_limit = time_limit    # the job's own limit (0: none); None: its task's
+        self._priority = priority
+        self._unique_key = unique_key
         self._reported = False           # success() or error() was called
         # Kept by the worker that runs it:
         self._thread: int | None = None  # the thread inside the task's run()
@@ -306,6 +313,9 @@ class Job:
                         doc="The last value given to set_progress, or None.")
     traceback = property(lambda self: self._traceback,
                          doc="The traceback of the exception that failed the last attempt, or None.")
+    priority = property(lambda self: self._priority, doc="Its priority, -100..100: higher runs first.")
+    unique_key = property(lambda self: self._unique_key,
+                          doc="The key no other unfinished job of its task may hold, or None.")
 
     def success(self, result: JobResult = None) -> bool:
         """Record ``result`` (JSON-compatible); return True if a waiter received it."""
@@ -351,7 +361,8 @@ class Job:
                 "enqueued": _iso(status.enqueued), "started": _iso(status.started),
                 "done": _iso(status.done), "scheduled": _iso(status.scheduled),
                 "attempt": status.attempt, "result": self._result, "error": self._error,
-                "progress": self._progress, "traceback": self._traceback, "stack": self._enqueue_stack}
+                "progress": self._progress, "traceback": self._traceback, "priority": self._priority,
+                "unique_key": self._unique_key, "stack": self._enqueue_stack}
 
     def _report(self, result: str | None, error: str | None, retryable: bool = True,
                 traceback: str | None = None) -> bool:
@@ -398,6 +409,7 @@ class Queue:
         self.max_deliveries = max_deliveries
         self.result_ttl = result_ttl
         self._tasks: dict[str, Task] = {}
+        self._schedules: dict[str, _Schedule] = {}
         # Reentrant: stop() may run in a signal handler on a thread that holds it.
         self._loop_lock = threading.RLock()       # guards _stopping, _loop_thread and _loop_done
         self._stopping: threading.Event | None = None
@@ -425,52 +437,106 @@ class Queue:
         self._tasks[task.name] = task
 
     def task(self, name: str | Callable[..., Any] | None = None, *, max_retries: int = 0,
-             retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT) -> Any:
+             retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT,
+             priority: int = 0) -> Any:
         """Register a function(**params) -> result as a task: ``@q.task()`` or ``@q.task("name")``.
 
         Returning records the value as the result; raising records the error,
         or retries up to ``max_retries`` times with exponential backoff. A run
         longer than ``time_limit`` seconds is interrupted (None: no limit).
+        ``priority`` is its jobs' default (see enqueue).
         """
         _check_time_limit(time_limit)
+        _check_priority(priority)
 
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             self.register_task(FunctionTask(name if isinstance(name, str) else function.__name__,
-                                            function, max_retries, retry_delay, time_limit))
+                                            function, max_retries, retry_delay, time_limit, priority))
             return function
         return register(name) if callable(name) else register
+
+    def periodic(self, cron: str | None = None, *, every: float | None = None,
+                 params: JobParams | None = None, name: str | None = None, unique_key: str | None = None,
+                 **task_options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a function as a task (named after it) and schedule it, as schedule() does:
+        ``@q.periodic("0 3 * * *")`` or ``@q.periodic(every=30.0)``; ValueError for a malformed
+        schedule. ``task_options`` are task()'s."""
+        def register(function: Callable[..., Any]) -> Callable[..., Any]:
+            task_name = function.__name__
+            schedule = _Schedule(name or task_name, task_name, cron, every, params, unique_key)
+            self.task(task_name, **task_options)(function)
+            self._add_schedule(schedule)
+            return function
+        return register
+
+    def schedule(self, task_name: str, cron: str | None = None, *, every: float | None = None,
+                 params: JobParams | None = None, name: str | None = None,
+                 unique_key: str | None = None) -> None:
+        """Enqueue a job of a registered task at every tick of ``cron`` (5 fields, in UTC) or of
+        ``every`` seconds, with ``params``; ValueError for an unregistered task, a malformed
+        schedule, neither or both of cron and every, or a schedule ``name`` (the task's name by
+        default) taken.
+
+        The workers of this queue fire it, no other process: each tick enqueues exactly one
+        job however many workers run, decided on the server. A tick that falls while no
+        worker runs is skipped, and logged. With ``unique_key`` a tick whose previous job
+        hasn't finished enqueues nothing more.
+        """
+        if task_name not in self._tasks:
+            raise ValueError(f"task {task_name!r} isn't registered: register it before scheduling it")
+        self._add_schedule(_Schedule(name or task_name, task_name, cron, every, params, unique_key))
+
+    def _add_schedule(self, schedule: _Schedule) -> None:
+        if schedule.name in self._schedules:
+            raise ValueError(f"a schedule named {schedule.name!r} is already registered")
+        self._schedules[schedule.name] = schedule
 
     # -- producing -----------------------------------------------------------
 
     def enqueue(self, task_name: str, params: JobParams | None = None, *,
                 delay: float | None = None, eta: datetime | None = None,
-                time_limit: float | object | None = _TASKS_OWN) -> Job:
+                time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
+                unique_key: str | None = None) -> Job:
         """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON.
 
         With ``delay`` (seconds) or ``eta`` (an aware datetime) it starts no
         sooner. ``time_limit`` (seconds, None for none) overrides the task's.
-        A server that took the request but never answered raises
-        OutcomeUnknownError: the job may be stored.
+        ``priority`` (an int, -100..100; the task's where it is registered
+        here, else 0) orders the jobs a worker takes: higher first, FIFO among
+        equals. While a job of this task with ``unique_key`` isn't done, that
+        job is returned and nothing is stored. A server that took the request
+        but never answered raises OutcomeUnknownError: the job may be stored,
+        and a unique_key makes the retry safe.
         """
-        return self._enqueue(task_name, [params], None, _delay(delay, eta), time_limit)[0]
+        return self._enqueue(task_name, [params], [unique_key], None, delay, eta, time_limit, priority)[0]
 
     def enqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
                      delay: float | None = None, eta: datetime | None = None,
-                     time_limit: float | object | None = _TASKS_OWN) -> list[Job]:
-        """Store one job per params in a few round trips; TypeError stores none of them."""
-        return self._enqueue(task_name, list(params_list), None, _delay(delay, eta), time_limit)
+                     time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
+                     unique_keys: Iterable[str | None] | None = None) -> list[Job]:
+        """Store one job per params in a few round trips; TypeError stores none of them.
+
+        ``unique_keys``, if given, has one key (or None) per params, as enqueue's ``unique_key``.
+        """
+        params_list = list(params_list)
+        keys: list[str | None] = [None] * len(params_list) if unique_keys is None else list(unique_keys)
+        if len(keys) != len(params_list):
+            raise ValueError(f"{len(keys)} unique_keys for {len(params_list)} jobs: give one per job")
+        return self._enqueue(task_name, params_list, keys, None, delay, eta, time_limit, priority)
 
     def enqueue_wait(self, task_name: str, params: JobParams | None = None,
                      timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
-                     eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN) -> Job:
+                     eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
+                     priority: int | None = None) -> Job:
         """Enqueue a job and return it done; QueueWaitTimeoutError after ``timeout`` seconds.
 
         On a timeout the job keeps its place and runs later; the exception
         carries it in ``job``. A worker reporting the outcome learns
-        (success() returns True) whether this caller received it.
+        (success() returns True) whether this caller received it. It takes no
+        unique_key: a job has one waiter, and another caller may wait on it.
         """
         timeout = max(timeout, 0.0)
-        job = self._enqueue(task_name, [params], timeout, _delay(delay, eta), time_limit)[0]
+        job = self._enqueue(task_name, [params], [None], timeout, delay, eta, time_limit, priority)[0]
         try:
             with self._server():
                 done = self._await_outcome(job, timeout)
@@ -483,26 +549,34 @@ class Queue:
             raise QueueWaitTimeoutError(job=job)
         return done
 
-    def _enqueue(self, task_name: str, params_list: list[JobParams | None],
-                 waiter_timeout: float | None, delay: float, time_limit: float | object | None) -> list[Job]:
+    def _enqueue(self, task_name: str, params_list: list[JobParams | None], unique_keys: list[str | None],
+                 waiter_timeout: float | None, delay: float | None, eta: datetime | None,
+                 time_limit: float | object | None, priority: int | None) -> list[Job]:
         _check_task_name(task_name)
-        # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
-        limit = None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0)
-        encoded = []
-        for params in params_list:
+        if priority is None:
+            priority = self._tasks[task_name].priority if task_name in self._tasks else 0
+        spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta),
+                      # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
+                      None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0),
+                      _check_priority(priority))
+        jobs = []
+        for params, unique_key in zip(params_list, unique_keys):
             if params is None:
                 params = {}
             if not isinstance(params, dict):
                 raise TypeError(f"job params must be a dict, not {type(params).__name__}")
-            encoded.append(_encode(params))
-        if not encoded:
+            if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+                raise ValueError(f"a unique_key must be a non-empty string, not {unique_key!r}")
+            jobs.append((_encode(params), unique_key))
+        if not jobs:
             return []
-        stack = _enqueue_stack()
         with self._server():
-            stored = self._insert(task_name, encoded, stack, waiter_timeout, delay, limit)
-        return [Job(self, job_id, task_name, json.loads(params),
-                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), stack, time_limit=limit)
-                for (job_id, enqueued, scheduled), params in zip(stored, encoded)]
+            stored = self._insert(spec, jobs)
+        return [self._decode(job_id, holder) if holder is not None else
+                Job(self, job_id, task_name, json.loads(params),
+                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), spec.stack,
+                    time_limit=spec.time_limit, priority=spec.priority, unique_key=unique_key)
+                for (job_id, enqueued, scheduled, holder), (params, unique_key) in zip(stored, jobs)]
 
     # -- reading and deleting ------------------------------------------------
 
@@ -544,10 +618,13 @@ class Queue:
         go down, not even when results expire), and ``run_seconds`` and
         ``wait_seconds`` (enqueued or due -> started): each a histogram with
         ``count``, ``sum``, cumulative ``buckets`` as [upper bound, jobs] and
-        the ``p50``, ``p95`` and ``p99`` estimated from them.
+        the ``p50``, ``p95`` and ``p99`` estimated from them. ``periodic``
+        lists the schedules the workers fire: name, task, schedule (the
+        expression), next and last tick (ISO 8601) and last_job (an id).
         """
         with self._server():
             counts, workers, per_minute, metrics = self._stats()
+            periodic = self._periodic()
         by_task: dict[str, dict[str, int]] = {}
         for key, number in sorted(counts.items()):
             state, _, task_name = key.partition(":")
@@ -556,7 +633,10 @@ class Queue:
                 "workers": [{"id": worker, "last_seen": _iso(seen), "tasks": tasks}
                             for worker, seen, tasks in sorted(workers)],
                 "done_per_minute": per_minute,
-                "metrics": _task_metrics(metrics)}
+                "metrics": _task_metrics(metrics),
+                "periodic": [{**record, "next": _iso(_time(record["next"])),
+                              "last": _iso(_time(record["last"]))}
+                             for record in sorted(periodic, key=lambda record: record["name"])]}
 
     def retry_job(self, job_id: str) -> Job:
         """Run a done job again from its first attempt; NoSuchJobError, ValueError if it isn't done."""
@@ -657,12 +737,14 @@ class Queue:
         for _ in range(self.concurrency):
             self._add_thread(None)
         drained = threading.Event()  # set once the last running job has ended
-        helpers = [threading.Thread(target=target, args=(worker, drained), name=f"monsterqueue-{name}",
+        helpers = [threading.Thread(target=target, args=(worker, until), name=f"monsterqueue-{name}",
                                     daemon=True)
-                   for name, target in (("heartbeat", self._beat), ("timer", self._time))]
+                   for name, target, until in (("heartbeat", self._beat, drained),
+                                               ("timer", self._time, drained),
+                                               ("scheduler", self._fire_schedules, stopping))
+                   if name != "scheduler" or self._schedules]
         for helper in helpers:
             helper.start()
-        turns = itertools.count()
         try:
             while not stopping.is_set():
                 free = self._wait_for_free_threads(stopping)
@@ -670,9 +752,6 @@ class Queue:
                 if not free or not names:
                     stopping.wait(IDLE_WAKE_INTERVAL if not names else 0)
                     continue
-                # Start at another task each time, so a backlog of one can't starve the others.
-                turn = next(turns) % len(names)
-                names = names[turn:] + names[:turn]
                 try:
                     with self._server():
                         claimed = self._claim(names, free, worker, IDLE_WAKE_INTERVAL)
@@ -865,6 +944,38 @@ class Queue:
                                 f"limit of {self._time_limit_of(job):g}s", True)
             self._wake_timer.wait(self._next_deadline - now)
 
+    def _fire_schedules(self, worker: str, stopping: threading.Event) -> None:
+        """Fire this queue's schedules at their ticks until stop(), racing the other workers
+        that run them: the server lets one job per tick through."""
+        ticks = {name: self._fire_tick(schedule, None) for name, schedule in self._schedules.items()}
+        while True:
+            name, tick = min(ticks.items(), key=lambda item: item[1])
+            if stopping.wait(max(tick - _now_ms(), 0) / 1000):
+                return
+            ticks[name] = self._fire_tick(self._schedules[name], tick)
+
+    def _fire_tick(self, schedule: _Schedule, tick: int | None) -> int:
+        """Fire one tick of a schedule (None: only record it) and return the next; log missed ones."""
+        next_tick = schedule.tick_after(max(_now_ms(), tick or 0))
+        # The job's enqueue stack says which schedule and tick enqueued it.
+        batch = _Batch(schedule.task, f"periodic {schedule.name!r}, tick {_iso(_time(tick))}\n", None, 0.0,
+                       None, self._tasks[schedule.task].priority)
+        try:
+            with self._server():
+                job_id, last = self._fire(schedule, tick, next_tick, batch)
+        except Exception as exc:
+            logger.error("schedule %s: the tick of %s was not fired: %s", schedule.name,
+                         _iso(_time(tick)), exc)
+            return next_tick
+        if job_id is not None:
+            logger.info("schedule %s: job %s for the tick of %s", schedule.name, job_id, _iso(_time(tick)))
+        # Ticks before this one (or, at start, before the last second) that nobody fired.
+        missed = None if last is None else schedule.tick_after(last)
+        if missed is not None and missed < (tick or _now_ms() - 1000):
+            logger.warning("schedule %s skipped its ticks from %s to before %s: no worker ran then",
+                           schedule.name, _iso(_time(missed)), _iso(_time(tick or next_tick)))
+        return next_tick
+
     def _time_limit_of(self, job: Job) -> float | None:
         """The job's own time limit if it was enqueued with one, else its task's."""
         return self._tasks[job.task_name].time_limit if job._time_limit is None else job._time_limit
@@ -946,8 +1057,8 @@ class Queue:
         Every backend stores the same fields: task, params (JSON text), state,
         enqueued/started/done/due (milliseconds since the epoch), result (JSON
         text) or error (text), stack, attempt (runs by retries), delivery
-        (claims so far), and when set: progress (JSON text), traceback, and
-        time_limit (seconds, 0 for none).
+        (claims so far), and when set: progress (JSON text), traceback,
+        time_limit (seconds, 0 for none), priority and unique_key.
         """
         def field(name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
             value = fields.get(name)
@@ -967,18 +1078,40 @@ class Queue:
                              field("done", _time), field("attempt", int, 1), field("due", _time)),
                    field("stack", str, ""), delivery=_int(fields.get("delivery")),
                    result=result, error=field("error", str), progress=field("progress", json.loads),
-                   traceback=field("traceback", str) or None, time_limit=field("time_limit", float))
+                   traceback=field("traceback", str) or None, time_limit=field("time_limit", float),
+                   priority=field("priority", int, 0), unique_key=field("unique_key", str))
 
     # -- storage primitives, supplied by each backend ------------------------
 
-    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
-        """Store jobs, one per JSON params text, all or none; return (id, enqueued, scheduled) each.
+    def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        """Store jobs of batch.task, one per (JSON params text, unique key or None), all at once.
 
-        ``waiter_timeout`` is set for enqueue_wait: mark the job as awaited.
-        A ``delay`` above zero keeps the jobs from being claimed until then.
-        A ``time_limit`` that isn't None is stored as the jobs' own.
+        Return (id, enqueued, scheduled, None) for each job stored. A job whose
+        unique key an unfinished job of the task holds is not stored: return
+        (that job's id, -, -, its stored fields), decided atomically with the
+        store, and a key is held from its job's store to its outcome. A
+        ``batch.delay`` above zero keeps the jobs from being claimed until
+        then; ``waiter_timeout`` marks them awaited; ``time_limit`` and
+        ``priority`` are stored with them (claims take higher priorities first,
+        then the oldest).
         """
+        raise NotImplementedError
+
+    def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
+              ) -> tuple[str | None, int | None]:
+        """Record the schedule (task, expression, next tick) and, atomically, if ``tick`` (ms)
+        is later than the last tick fired, enqueue its job as _insert would (with the
+        schedule's params and unique key) and record the tick and that job as the last ones.
+
+        Return the id of the job enqueued (or None: the tick was fired already, or ``tick`` is
+        None) and the last tick fired before this call (or None).
+        """
+        raise NotImplementedError
+
+    def _periodic(self) -> list[dict[str, Any]]:
+        """Return the recorded schedules: name, task, schedule (the expression), next and last
+        (ms since the epoch, or None) and last_job (an id, or None)."""
         raise NotImplementedError
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
@@ -1150,6 +1283,14 @@ def _check_task_name(name: Any) -> None:
         raise ValueError(f"a task name must be a non-empty string, not {name!r}")
 
 
+def _check_priority(priority: Any) -> int:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"a priority must be an int, not {type(priority).__name__}")
+    if not -100 <= priority <= 100:
+        raise ValueError(f"a priority must be from -100 to 100, not {priority}")
+    return priority
+
+
 def _check_time_limit(limit: Any) -> Any:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
         raise ValueError(f"time_limit must be a positive number of seconds or None, not {limit!r}")
@@ -1302,6 +1443,163 @@ def _delay(delay: float | None, eta: datetime | None) -> float:
     return max(delay or 0.0, 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """What a backend's _insert stores along with each job's params and unique key."""
+
+    task: str
+    stack: str
+    waiter_timeout: float | None     # set for enqueue_wait: the job is awaited
+    delay: float                     # seconds before it may start
+    time_limit: float | None         # the jobs' own (0: none); None: their task's
+    priority: int
+
+
+# -- periodic jobs: cron expressions and schedules ----------------------------
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"], 1
+    )
+}
+_WEEKDAYS = {name: number for number, name in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
+_NO_NAMES: dict[str, int] = {}
+# Name, lowest and highest value, accepted names. Day-of-week allows 7 as a second spelling of Sunday.
+_FIELDS = (
+    ("minute", 0, 59, _NO_NAMES),
+    ("hour", 0, 23, _NO_NAMES),
+    ("day-of-month", 1, 31, _NO_NAMES),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 7, _WEEKDAYS),
+)
+# Leap days can be 8 years apart (2096 -> 2104, as 2100 is not a leap year); no satisfiable
+# expression has a longer gap, so searching further than this would only loop forever.
+_SEARCH_YEARS = 8
+
+
+def _value(text: str, names: dict[str, int]) -> int:
+    """Convert one number or name to its integer value."""
+    if text.upper() in names:
+        return names[text.upper()]
+    # isdigit() alone also accepts non-ASCII digits such as superscripts, which int() rejects.
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise ValueError(f"has unknown value {text!r}" if text else "has an empty part")
+
+
+def _parse_field(text: str, low: int, high: int, names: dict[str, int]) -> set[int]:
+    """Expand one field into the set of values it allows."""
+    values: set[int] = set()
+    for part in text.split(","):
+        base, slash, step_text = part.partition("/")
+        step = _value(step_text, _NO_NAMES) if slash else 1
+        if step == 0:
+            raise ValueError("has step 0")
+        if base == "*":
+            start, end = low, high
+        else:
+            start_text, dash, end_text = base.partition("-")
+            start = _value(start_text, names)
+            # A bare 'a/n' runs from a through the field's maximum.
+            end = _value(end_text, names) if dash else (high if slash else start)
+        if not (low <= start <= high and low <= end <= high):
+            raise ValueError(f"is out of range {low}-{high}")
+        if start > end:
+            raise ValueError(f"has range {start}-{end} whose start is after its end")
+        values.update(range(start, end + 1, step))
+    return values
+
+
+class _Cron:
+    """A parsed 5-field cron expression ("minute hour day-of-month month day-of-week"), in UTC."""
+
+    def __init__(self, expression: str) -> None:
+        """Parse the expression; raise ValueError naming the bad field, or if it can never fire."""
+        self._expression = expression
+        texts = expression.split()
+        if len(texts) != len(_FIELDS):
+            raise ValueError(
+                f"cron expression {expression!r}: expected 5 fields "
+                f"(minute hour day-of-month month day-of-week), got {len(texts)}"
+            )
+        parsed = []
+        for text, (name, low, high, names) in zip(texts, _FIELDS):
+            try:
+                parsed.append(_parse_field(text, low, high, names))
+            except ValueError as error:
+                raise ValueError(f"cron expression {expression!r}: {name} field {text!r} {error}") from None
+        self._minutes, self._hours, self._days, self._months, weekdays = parsed
+        self._weekdays = {day % 7 for day in weekdays}
+        # Vixie cron: when both day fields are restricted, a day matching either one is enough.
+        self._day_either = not texts[2].startswith("*") and not texts[4].startswith("*")
+        # Fail at registration rather than at first scheduling for expressions such as Feb 30.
+        self.next_after(datetime(2000, 1, 1, tzinfo=timezone.utc))
+
+    def __str__(self) -> str:
+        """Return the original expression."""
+        return self._expression
+
+    def __repr__(self) -> str:
+        """Return a constructor-style representation."""
+        return f"_Cron({self._expression!r})"
+
+    def _day_matches(self, when: datetime) -> bool:
+        """Apply the day-of-month / day-of-week rule to the date of when."""
+        in_month = when.day in self._days
+        in_week = when.isoweekday() % 7 in self._weekdays  # isoweekday() numbers Sunday 7, cron 0
+        return (in_month or in_week) if self._day_either else (in_month and in_week)
+
+    def next_after(self, moment: datetime) -> datetime:
+        """Return the first matching minute strictly after the aware datetime moment, in UTC."""
+        if moment.utcoffset() is None:
+            raise ValueError(f"cron expression {self._expression!r}: next_after needs an aware datetime")
+        start = moment.astimezone(timezone.utc).replace(second=0, microsecond=0)
+        when = start + timedelta(minutes=1)
+        # Skip whole months, days and hours that cannot match; only step minutes within a matching hour.
+        while when.year <= start.year + _SEARCH_YEARS:
+            if when.month not in self._months:
+                when = (when.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
+            elif not self._day_matches(when):
+                when = when.replace(hour=0, minute=0) + timedelta(days=1)
+            elif when.hour not in self._hours:
+                when = when.replace(minute=0) + timedelta(hours=1)
+            elif when.minute not in self._minutes:
+                when += timedelta(minutes=1)
+            else:
+                return when
+        raise ValueError(f"cron expression {self._expression!r} never matches within {_SEARCH_YEARS} years")
+
+
+class _Schedule:
+    """A periodic job: its task, params and when it is due, a cron expression or every so many
+    seconds (ticks at the multiples of that interval since the epoch, the same for every worker)."""
+
+    def __init__(self, name: str, task: str, cron: str | None, every: float | None,
+                 params: JobParams | None, unique_key: str | None) -> None:
+        _check_task_name(task)
+        if (cron is None) == (every is None):
+            raise ValueError("a schedule takes a cron expression or every=seconds: one of them")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
+                                  or every < 0.001):
+            raise ValueError(f"every must be a number of seconds of at least 0.001, not {every!r}")
+        if params is not None and not isinstance(params, dict):
+            raise TypeError(f"job params must be a dict, not {type(params).__name__}")
+        self.name, self.task, self.every, self.unique_key = name, task, every, unique_key
+        self.cron = None if cron is None else _Cron(cron)
+        self.params = _encode(params or {})
+        self.expression = str(cron) if every is None else f"every {every:g}s"
+
+    def tick_after(self, ms: int) -> int:
+        """The first tick strictly after ``ms`` milliseconds since the epoch, in the same unit."""
+        if self.cron is None:
+            step = round(self.every * 1000)  # type: ignore[operator]
+            return (ms // step + 1) * step
+        moment = _time(ms)
+        assert moment is not None
+        return round(self.cron.next_after(moment).timestamp() * 1000)
+
+
 _THIS_FILE = os.path.normcase(__file__)
 
 
@@ -1396,35 +1694,65 @@ class MemoryQueue(Queue):
         super().__init__(**options)
         self._changed = threading.Condition()          # guards everything below
         self._jobs: dict[str, dict[str, Any]] = {}     # id -> stored fields, insertion ordered
-        self._ready: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
+        # Per task, a heap of (-priority, number, id): higher priority first, then oldest.
+        self._ready: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
         self._scheduled: list[tuple[int, str]] = []    # heap of (due ms, id)
+        self._unique: dict[tuple[str, str], str] = {}  # (task, unique key) -> the id that holds it
+        self._schedules_fired: dict[str, dict[str, Any]] = {}  # schedule name -> its record
         self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
         self._metrics: collections.Counter[str] = collections.Counter()  # see _observe
         self._ids = itertools.count(1)
         self._interrupted = False
 
-    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
+    def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         now = _now_ms()
-        due = now + int(delay * 1000) if delay else None
-        with self._changed:
-            ids = [str(next(self._ids)) for _ in params]
-            for job_id, text in zip(ids, params):
-                self._jobs[job_id] = {"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED,
-                                      "enqueued": now, "stack": stack, "delivery": 0, "attempt": 1,
-                                      "waiter": waiter_timeout is not None, "due": due,
-                                      "time_limit": time_limit}
-                self._make_ready(job_id, due)
-            self._changed.notify_all()
+        due = now + int(batch.delay * 1000) if batch.delay else None
         enqueued = _time(now)
         assert enqueued is not None
-        return [(job_id, enqueued, _time(due)) for job_id in ids]
+        stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]] = []
+        with self._changed:
+            for text, unique_key in jobs:
+                holder = self._unique.get((batch.task, unique_key)) if unique_key else None
+                if holder is not None:
+                    stored.append((holder, enqueued, None, dict(self._jobs[holder])))
+                    continue
+                job_id = str(next(self._ids))
+                self._jobs[job_id] = {"task": batch.task, "params": text, "state": JOB_STATE_ENQUEUED,
+                                      "enqueued": now, "stack": batch.stack, "delivery": 0, "attempt": 1,
+                                      "waiter": batch.waiter_timeout is not None, "due": due,
+                                      "time_limit": batch.time_limit, "priority": batch.priority,
+                                      "unique_key": unique_key}
+                if unique_key:
+                    self._unique[batch.task, unique_key] = job_id
+                self._make_ready(job_id, due)
+                stored.append((job_id, enqueued, _time(due), None))
+            self._changed.notify_all()
+        return stored
 
     def _make_ready(self, job_id: str, due: int | None) -> None:
+        fields = self._jobs[job_id]
         if due is None:
-            self._ready[self._jobs[job_id]["task"]].append(job_id)
+            heapq.heappush(self._ready[fields["task"]], (-fields["priority"], int(job_id), job_id))
         else:
             heapq.heappush(self._scheduled, (due, job_id))
+
+    def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
+              ) -> tuple[str | None, int | None]:
+        with self._changed:
+            record = self._schedules_fired.setdefault(schedule.name, {"last": None, "last_job": None})
+            record.update(name=schedule.name, task=schedule.task, schedule=schedule.expression,
+                          next=next_tick)
+            last = record["last"]
+            if tick is None or (last is not None and last >= tick):
+                return None, last
+            ((job_id, *_),) = self._insert(batch, [(schedule.params, schedule.unique_key)])
+            record.update(last=tick, last_job=job_id)
+            return job_id, last
+
+    def _periodic(self) -> list[dict[str, Any]]:
+        with self._changed:
+            return [dict(record) for record in self._schedules_fired.values()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
@@ -1439,18 +1767,19 @@ class MemoryQueue(Queue):
             while self._scheduled and self._scheduled[0][0] <= now:
                 job_id = heapq.heappop(self._scheduled)[1]
                 if job_id in self._jobs:
-                    self._ready[self._jobs[job_id]["task"]].append(job_id)
+                    self._make_ready(job_id, None)
             claimed: list[tuple[str, dict[str, Any]]] = []
-            for name in task_names:
-                ready = self._ready.get(name)
-                while ready and len(claimed) < limit:
-                    job_id = ready.popleft()
-                    fields = self._jobs[job_id]
-                    if fields["state"] != JOB_STATE_ENQUEUED:
-                        continue  # cancelled while it waited
-                    fields.update(state=JOB_STATE_RUNNING, started=now, worker=worker,
-                                  delivery=fields["delivery"] + 1)
-                    claimed.append((job_id, dict(fields)))
+            while len(claimed) < limit:
+                heads = [(self._ready[name][0], name) for name in task_names if self._ready.get(name)]
+                if not heads:
+                    break
+                job_id = heapq.heappop(self._ready[min(heads)[1]])[2]
+                fields = self._jobs.get(job_id)
+                if fields is None or fields["state"] != JOB_STATE_ENQUEUED:
+                    continue  # deleted or cancelled while it waited
+                fields.update(state=JOB_STATE_RUNNING, started=now, worker=worker,
+                              delivery=fields["delivery"] + 1)
+                claimed.append((job_id, dict(fields)))
             return claimed
 
     def _held_fields(self, job: Job) -> dict[str, Any] | None:
@@ -1475,12 +1804,18 @@ class MemoryQueue(Queue):
 
     def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None) -> None:
         fields = self._jobs[job_id]
+        self._free_unique_key(job_id)
         now = _now_ms()
         fields.update(state=JOB_STATE_DONE, done=now, result=result, error=error, traceback=traceback,
                       worker=None)
         started = fields.get("started")
         _observe(self._metrics, fields["task"], error is not None, started and now - started,
                  started and started - (fields["due"] or fields["enqueued"]))
+
+    def _free_unique_key(self, job_id: str) -> None:
+        key = (self._jobs[job_id]["task"], self._jobs[job_id].get("unique_key") or "")
+        if self._unique.get(key) == job_id:
+            del self._unique[key]
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         with self._changed:
@@ -1601,11 +1936,10 @@ class MemoryQueue(Queue):
 
     def _delete(self, job_id: str) -> bool:
         with self._changed:
-            fields = self._jobs.pop(job_id, None)
-            if fields is None:
+            if job_id not in self._jobs:
                 return False
-            with contextlib.suppress(ValueError):  # it may be scheduled, running or done
-                self._ready[fields["task"]].remove(job_id)
+            self._free_unique_key(job_id)
+            del self._jobs[job_id]  # a claim drops its id from the ready heap
             self._changed.notify_all()
             return True
 
@@ -1614,6 +1948,8 @@ class MemoryQueue(Queue):
             self._jobs.clear()
             self._ready.clear()
             self._scheduled.clear()
+            self._unique.clear()
+            self._schedules_fired.clear()
             self._workers.clear()
             self._metrics.clear()
             self._changed.notify_all()
@@ -1698,14 +2034,29 @@ local function done_member(key, id)
 end
 
 -- Makes a job claimable again, in its place by number, from running or done.
-local function requeue(prefix, id, task, front)
+-- Puts a job in its task's queue, a sorted set ordered by priority, then by number: higher
+-- priorities first, the oldest first among equals. The score is an exact integer below 2^53.
+local function push(prefix, task, id, priority)
+  local score = (100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0)
+  redis.call('ZADD', prefix .. 'queue:' .. task, string.format('%.0f', score), id)
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+end
+
+-- Makes a job claimable again, in its place by priority and number, from running or done.
+local function requeue(prefix, id, task)
   local key = prefix .. 'job:' .. id
   redis.call('HSET', key, 'state', 'enqueued')
   redis.call('HDEL', key, 'started', 'worker')
   redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
-  redis.call(front and 'LPUSH' or 'RPUSH', prefix .. 'queue:' .. task, id)
-  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  push(prefix, task, id, redis.call('HGET', key, 'priority'))
   count(prefix, 'enqueued', task, 1)
+end
+
+-- Lets go of a job's unique key, if it holds one: a job that is done or gone holds none.
+local function release_key(prefix, task, id, unique_key)
+  if unique_key and redis.call('HGET', prefix .. 'unique:' .. task, unique_key) == id then
+    redis.call('HDEL', prefix .. 'unique:' .. task, unique_key)
+  end
 end
 
 -- Records the outcome, the traceback (false: none) and the last progress (false:
@@ -1715,10 +2066,12 @@ end
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
 local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
-  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued')
+  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued',
+                         'unique_key')
   local task, outcome = got[1] or '', field == 'error' and 'failed' or 'done'
   redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
   redis.call('HDEL', key, 'worker')
+  release_key(prefix, task, id, got[7])
   if traceback then
     redis.call('HSET', key, 'traceback', traceback)
   elseif got[3] ~= '1' then  -- only a retried job can have one from an earlier attempt
@@ -1746,37 +2099,84 @@ local function finish_job(prefix, id, field, value, now, keep, traceback, progre
 end
 """
 
-# Numbers the jobs and stores them in one step, so no job is ever half-written.
-# KEYS: seq. ARGV: prefix, task, stack, waiter timeout ms ('' for none), delay ms,
-# time limit s ('' for the task's), params...
-_REDIS_ENQUEUE = _REDIS_LIB + """
-local prefix, task = ARGV[1], ARGV[2]
-local now = now_ms()
-local delay = tonumber(ARGV[5])
-local n = #ARGV - 6
-local last = redis.call('INCRBY', KEYS[1], n)
-for i = 1, n do
-  local number = last - n + i
-  local id = tostring(number)
-  local key = prefix .. 'job:' .. id
-  redis.call('HSET', key, 'task', task, 'params', ARGV[6 + i], 'state', 'enqueued',
-             'enqueued', now, 'stack', ARGV[3], 'delivery', 0, 'attempt', 1)
-  if ARGV[4] ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(ARGV[4])) end
-  if ARGV[6] ~= '' then redis.call('HSET', key, 'time_limit', ARGV[6]) end
-  redis.call('ZADD', prefix .. 'jobs', number, id)
-  redis.call('ZADD', prefix .. 'task:' .. task, number, id)
-  redis.call('ZADD', prefix .. 'enqueued', number, id)
-  if delay > 0 then
-    redis.call('HSET', key, 'due', now + delay)
-    redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
-  else
-    redis.call('RPUSH', prefix .. 'queue:' .. task, id)
+# Stores jobs of one task, numbered in one step so that no job is ever half-written.
+# ``jobs`` is a flat list of params and unique key ('' for none). A job whose unique
+# key an unfinished job of the task holds isn't stored: its index, that job's id and
+# fields are returned instead. Returns now, the first number, the due time (or false)
+# and those.
+_REDIS_ENQUEUE_LIB = _REDIS_LIB + """
+local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority, jobs)
+  local now = now_ms()
+  local n = #jobs / 2
+  local last = redis.call('INCRBY', prefix .. 'seq', n)
+  local unique = prefix .. 'unique:' .. task
+  local held, stored = {}, 0
+  for i = 1, n do
+    local unique_key = jobs[2 * i]
+    local holder = unique_key ~= '' and redis.call('HGET', unique, unique_key)
+    local state = holder and redis.call('HGET', prefix .. 'job:' .. holder, 'state')
+    if state and state ~= 'done' then
+      held[#held + 1] = {i, holder, redis.call('HGETALL', prefix .. 'job:' .. holder)}
+    else
+      local number = last - n + i
+      local id = tostring(number)
+      local key = prefix .. 'job:' .. id
+      redis.call('HSET', key, 'task', task, 'params', jobs[2 * i - 1], 'state', 'enqueued',
+                 'enqueued', now, 'stack', stack, 'delivery', 0, 'attempt', 1)
+      if waiter ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(waiter)) end
+      if limit ~= '' then redis.call('HSET', key, 'time_limit', limit) end
+      if priority ~= 0 then redis.call('HSET', key, 'priority', priority) end
+      if unique_key ~= '' then
+        redis.call('HSET', key, 'unique_key', unique_key)
+        redis.call('HSET', unique, unique_key, id)
+      end
+      redis.call('ZADD', prefix .. 'jobs', number, id)
+      redis.call('ZADD', prefix .. 'task:' .. task, number, id)
+      redis.call('ZADD', prefix .. 'enqueued', number, id)
+      if delay > 0 then
+        redis.call('HSET', key, 'due', now + delay)
+        redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
+      else
+        push(prefix, task, id, priority)
+      end
+      stored = stored + 1
+    end
   end
+  count(prefix, 'enqueued', task, stored)
+  -- Also for delayed jobs: it wakes a worker to learn when the first is due.
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  return now, last - n + 1, delay > 0 and now + delay or false, held
 end
-count(prefix, 'enqueued', task, n)
--- Also for delayed jobs: it wakes a worker to learn when the first is due.
-redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
-return {now, last - n + 1, delay > 0 and now + delay or false}
+"""
+
+# KEYS: seq (for the slot). ARGV: prefix, task, stack, waiter timeout ms ('' for none),
+# delay ms, time limit s ('' for the task's), priority, then params and unique key of each job.
+_REDIS_ENQUEUE = _REDIS_ENQUEUE_LIB + """
+local jobs = {}
+for i = 8, #ARGV do jobs[#jobs + 1] = ARGV[i] end
+local now, first, due, held = enqueue_jobs(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6],
+                                           tonumber(ARGV[7]), jobs)
+return {now, first, due, held}
+"""
+
+# Records a schedule and, if the tick is later than the last one fired, enqueues its
+# job and records the tick: the one decision every worker racing for the tick meets.
+# Returns the job's id (false if the tick was fired already) and the last tick before.
+# KEYS: periodic. ARGV: prefix, name, tick ms ('' to only record), next tick ms, task,
+# expression, stack, priority, params, unique key ('' for none).
+_REDIS_FIRE = _REDIS_ENQUEUE_LIB + """
+local record = cjson.decode(redis.call('HGET', KEYS[1], ARGV[2]) or '{}')
+local last = record.last
+record.name, record.task, record.schedule, record.next = ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[4])
+local fired = false
+if ARGV[3] ~= '' and (tonumber(last) or 0) < tonumber(ARGV[3]) then
+  local _, first, _, held = enqueue_jobs(ARGV[1], ARGV[5], ARGV[7], '', 0, '', tonumber(ARGV[8]),
+                                         {ARGV[9], ARGV[10]})
+  fired = held[1] and held[1][2] or tostring(first)
+  record.last, record.last_job = tonumber(ARGV[3]), fired
+end
+redis.call('HSET', KEYS[1], ARGV[2], cjson.encode(record))
+return {fired, last or false}
 """
 
 # Moves due jobs to their queues, then pops ids and records the claim in the
@@ -1791,57 +2191,63 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', n
   redis.call('ZREM', prefix .. 'scheduled', id)
   local key = prefix .. 'job:' .. id
   if is_job(key) then
-    local task = redis.call('HGET', key, 'task') or ''
-    redis.call('RPUSH', prefix .. 'queue:' .. task, id)
-    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+    local f = redis.call('HMGET', key, 'task', 'priority')
+    push(prefix, f[1] or '', id, f[2])
   end
 end
-local claimed = {}
+-- The best ids of all these tasks: the highest priority first, then the oldest.
+local best = {}
 for i = 6, #ARGV do
-  local task = ARGV[i]
-  local queue = prefix .. 'queue:' .. task
-  local before = #claimed
-  while #claimed < limit do
-    local id = redis.call('LPOP', queue)
-    if not id then break end
-    local key = prefix .. 'job:' .. id
-    local kind = redis.call('TYPE', key).ok
-    -- Counted off only once: a cancelled job's id stays in its queue, counted already.
-    if kind ~= 'hash' and redis.call('ZREM', prefix .. 'enqueued', id) == 1 then
-      count(prefix, 'enqueued', task, -1)
-    end
-    if kind == 'none' then  -- its hash is gone: nothing left to run or to show
-      redis.call('ZREM', prefix .. 'jobs', id)
-      redis.call('ZREM', prefix .. 'task:' .. task, id)
-    elseif kind ~= 'hash' then
-      -- Garbage where a job should be: keep it as a job that failed, saying so.
-      redis.call('DEL', key)
-      redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
-      count(prefix, 'running', task, 1)
-      finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
-                 tonumber(ARGV[5]), false, false)
-    else
-      -- Only what the worker can't know: it set task, state, started and worker itself.
-      local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
-                           'time_limit')
-      -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
-      if (f[1] == 'enqueued' or not f[1]) and (tonumber(f[6]) or 0) <= now then
-        local delivery = (tonumber(f[2]) or 0) + 1
-        redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
-        redis.call('ZREM', prefix .. 'enqueued', id)
-        redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
-        claimed[#claimed + 1] = {id, task, delivery, f[3], f[4], f[5], f[6], f[7], f[8]}
-      end
-    end
+  local top = redis.call('ZRANGE', prefix .. 'queue:' .. ARGV[i], 0, limit - 1, 'WITHSCORES')
+  for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), ARGV[i], top[j]} end
+end
+table.sort(best, function(a, b) return a[1] < b[1] end)
+local popped = {}
+for j = 1, math.min(limit, #best) do popped[best[j][2]] = (popped[best[j][2]] or 0) + 1 end
+for task, n in pairs(popped) do redis.call('ZPOPMIN', prefix .. 'queue:' .. task, n) end
+local claimed, started = {}, {}
+for j = 1, math.min(limit, #best) do
+  local task, id = best[j][2], best[j][3]
+  local key = prefix .. 'job:' .. id
+  local kind = redis.call('TYPE', key).ok
+  -- Counted off only once: a cancelled job's id stays in its queue, counted already.
+  if kind ~= 'hash' and redis.call('ZREM', prefix .. 'enqueued', id) == 1 then
+    count(prefix, 'enqueued', task, -1)
   end
-  if #claimed > before then
-    count(prefix, 'enqueued', task, before - #claimed)
-    count(prefix, 'running', task, #claimed - before)
-  end
-  if redis.call('LLEN', queue) > 0 then
-    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  if kind == 'none' then  -- its hash is gone: nothing left to run or to show
+    redis.call('ZREM', prefix .. 'jobs', id)
+    redis.call('ZREM', prefix .. 'task:' .. task, id)
+  elseif kind ~= 'hash' then
+    -- Garbage where a job should be: keep it as a job that failed, saying so.
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
+    count(prefix, 'running', task, 1)
+    finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
+               tonumber(ARGV[5]), false, false)
   else
-    redis.call('DEL', prefix .. 'ready:' .. task)
+    -- Only what the worker can't know: it set task, state, started and worker itself.
+    local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
+                         'time_limit', 'priority', 'unique_key')
+    -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
+    if (f[1] == 'enqueued' or not f[1]) and (tonumber(f[6]) or 0) <= now then
+      local delivery = (tonumber(f[2]) or 0) + 1
+      redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
+      redis.call('ZREM', prefix .. 'enqueued', id)
+      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
+      claimed[#claimed + 1] = {id, task, delivery, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
+      started[task] = (started[task] or 0) + 1
+    end
+  end
+end
+for task, n in pairs(started) do
+  count(prefix, 'enqueued', task, -n)
+  count(prefix, 'running', task, n)
+end
+for i = 6, #ARGV do
+  if redis.call('ZCARD', prefix .. 'queue:' .. ARGV[i]) > 0 then
+    redis.call('ZADD', prefix .. 'ready:' .. ARGV[i], 0, 1)
+  else
+    redis.call('DEL', prefix .. 'ready:' .. ARGV[i])
   end
 end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
@@ -1937,8 +2343,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
       finish_job(prefix, id, 'error', error, now, ttl > 0 and ttl + lease or 0, false, false)
     else
       count(prefix, 'running', task, -1)
-      -- Back to the front: it was the oldest when it was claimed.
-      requeue(prefix, id, task, true)
+      requeue(prefix, id, task)
     end
   end
 end
@@ -1991,6 +2396,7 @@ if state == 'enqueued' then
   local task = redis.call('HGET', KEYS[1], 'task') or ''
   redis.call('ZREM', prefix .. 'enqueued', id)
   redis.call('ZREM', prefix .. 'scheduled', id)
+  redis.call('ZREM', prefix .. 'queue:' .. task, id)
   -- finish_job ends a running job: count this one as one first.
   count(prefix, 'enqueued', task, -1)
   count(prefix, 'running', task, 1)
@@ -2014,7 +2420,7 @@ local function retry_done(prefix, id)
   -- Due now: its queue wait counts from here, not from when it was first enqueued.
   redis.call('HSET', key, 'attempt', 1, 'due', now_ms())
   redis.call('PERSIST', key)
-  requeue(prefix, id, task, false)
+  requeue(prefix, id, task)
 end
 
 local function delete_job(prefix, id)
@@ -2029,7 +2435,8 @@ local function delete_job(prefix, id)
     elseif state == 'enqueued' or state == 'running' then
       count(prefix, state, task, -1)
     end
-    redis.call('LREM', prefix .. 'queue:' .. task, 1, id)
+    release_key(prefix, task, id, redis.call('HGET', key, 'unique_key'))
+    redis.call('ZREM', prefix .. 'queue:' .. task, id)
     redis.call('ZREM', prefix .. 'task:' .. task, id)
   end
   redis.call('DEL', key, prefix .. 'outcome:' .. id)
@@ -2120,6 +2527,7 @@ class RedisQueue(Queue):
         self._progress_script = script(_REDIS_PROGRESS)
         self._cancel_script = script(_REDIS_CANCEL)
         self._bulk_script = script(_REDIS_BULK)
+        self._fire_script = script(_REDIS_FIRE)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -2130,21 +2538,37 @@ class RedisQueue(Queue):
     def _keep_ms(self) -> int:
         return int((self.result_ttl + self.lease_timeout) * 1000) if self.result_ttl else 0
 
-    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
-        waiter = "" if waiter_timeout is None else str(int(waiter_timeout * 1000))
-        limit = "" if time_limit is None else repr(time_limit)
-        stored = []
+    def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        waiter = "" if batch.waiter_timeout is None else str(int(batch.waiter_timeout * 1000))
+        limit = "" if batch.time_limit is None else repr(batch.time_limit)
+        stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]] = []
         # Batches stay well below Lua's limits on arguments and stack.
-        for start in range(0, len(params), 1000):
-            batch = params[start:start + 1000]
-            now, first, due = self._enqueue_script(
+        for start in range(0, len(jobs), 1000):
+            some = jobs[start:start + 1000]
+            now, first, due, held = self._enqueue_script(
                 [self._key("seq")],
-                [self._prefix, task_name, stack, waiter, int(delay * 1000), limit, *batch])
+                [self._prefix, batch.task, batch.stack, waiter, int(batch.delay * 1000), limit,
+                 batch.priority, *itertools.chain.from_iterable((text, key or "") for text, key in some)])
             enqueued, scheduled = _time(now), _time(due)
             assert enqueued is not None
-            stored += [(str(int(first) + i), enqueued, scheduled) for i in range(len(batch))]
+            holders = {int(index): (_text(job_id), _pairs(fields)) for index, job_id, fields in held}
+            for i in range(1, len(some) + 1):
+                job_id, fields = holders.get(i, (str(int(first) + i - 1), None))
+                stored.append((job_id, enqueued, scheduled, fields))
         return stored
+
+    def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
+              ) -> tuple[str | None, int | None]:
+        fired, last = self._fire_script(
+            [self._key("periodic")],
+            [self._prefix, schedule.name, "" if tick is None else tick, next_tick, schedule.task,
+             schedule.expression, batch.stack, batch.priority, schedule.params, schedule.unique_key or ""])
+        return (_text(fired) if fired else None), (int(last) if last else None)
+
+    def _periodic(self) -> list[dict[str, Any]]:
+        return [{"last": None, "last_job": None, **json.loads(record)}
+                for record in self.client.hgetall(self._key("periodic")).values()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
@@ -2163,7 +2587,8 @@ class RedisQueue(Queue):
                 self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
                               self._key("wake", worker), wait, wait=wait)
             claimed, _, now = self._claim_script([self._key("running")], args)
-        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit")
+        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
+                 "priority", "unique_key")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
                                  **{name: _text(value) for name, value in zip(names, job[1:])
                                     if value is not None}})
@@ -2496,10 +2921,14 @@ class MongoQueue(Queue):
         self._after = pymongo.ReturnDocument.AFTER
         self._update_one = pymongo.UpdateOne
         self._no_server = pymongo.errors.ServerSelectionTimeoutError
+        self._duplicate = pymongo.errors.DuplicateKeyError
+        self._bulk_write_error = pymongo.errors.BulkWriteError
+        self._operation_failure = pymongo.errors.OperationFailure
         self._jobs = client[database][f"{collection_prefix}_jobs"]
         self._workers = client[database][f"{collection_prefix}_workers"]
         # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
         self._metrics = client[database][f"{collection_prefix}_metrics"]
+        self._schedules_fired = client[database][f"{collection_prefix}_periodic"]
         self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
         self._wakeup = threading.Event()
         self._indexed = False
@@ -2509,21 +2938,79 @@ class MongoQueue(Queue):
             self._create_index()
 
     def _create_index(self) -> None:
-        """Create the claim's index and the TTL index that deletes done jobs when ``expires`` passes."""
-        self._jobs.create_index([("state", 1), ("task", 1), ("_id", 1)], name="claim")
+        """Create the claim's index, the TTL index that deletes done jobs when ``expires`` passes,
+        and the unique indexes that hold a unique key while its job isn't done (``unique``
+        is set only then) and let one job per tick of a schedule in (``periodic``)."""
+        self._jobs.create_index([("state", 1), ("task", 1), ("priority", -1), ("_id", 1)],
+                                name="claim_by_priority")
+        with contextlib.suppress(self._operation_failure):  # the claim index before priorities
+            self._jobs.drop_index("claim")
         self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
+        for name, keys in (("unique", [("task", 1), ("unique", 1)]), ("periodic", [("periodic", 1)])):
+            self._jobs.create_index(keys, name=name, unique=True,
+                                    partialFilterExpression={keys[-1][0]: {"$exists": True}})
         self._indexed = True
 
-    def _insert(self, task_name: str, params: list[str], stack: str, waiter_timeout: float | None,
-                delay: float, time_limit: float | None) -> list[tuple[str, datetime, datetime | None]]:
+    def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        return [self._insert_one(batch, text, key) for text, key in jobs] if any(key for _, key in jobs) \
+            else self._insert_many(batch, [text for text, _ in jobs])
+
+    def _documents(self, batch: _Batch, texts: list[str]) -> tuple[datetime, datetime, list[dict[str, Any]]]:
         now = _utc_now()
-        due = _utc_now(delay) if delay else now
-        limit = {} if time_limit is None else {"time_limit": time_limit}
-        docs = [{"task": task_name, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
-                 "due": due, "stack": stack, "delivery": 0, "attempt": 1,
-                 "waiter": waiter_timeout is not None, **limit} for text in params]
+        due = _utc_now(batch.delay) if batch.delay else now
+        limit = {} if batch.time_limit is None else {"time_limit": batch.time_limit}
+        return now, due, [{"task": batch.task, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
+                           "due": due, "stack": batch.stack, "delivery": 0, "attempt": 1,
+                           "waiter": batch.waiter_timeout is not None, "priority": batch.priority, **limit}
+                          for text in texts]
+
+    def _insert_many(self, batch: _Batch, texts: list[str]
+                     ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        now, due, docs = self._documents(batch, texts)
         ids = self._jobs.insert_many(docs).inserted_ids
-        return [(str(job_id), now, due if delay else None) for job_id in ids]
+        return [(str(job_id), now, due if batch.delay else None, None) for job_id in ids]
+
+    def _insert_one(self, batch: _Batch, text: str, unique_key: str | None, **extra: Any
+                    ) -> tuple[str, datetime, datetime | None, dict[str, Any] | None]:
+        """Insert one job, holding its unique key (``unique``, unset when it is done) if it has
+        one; the unique index refuses it if an unfinished job holds the key, and that job is
+        returned instead."""
+        while True:
+            now, due, (doc,) = self._documents(batch, [text])
+            if unique_key:
+                doc.update(unique_key=unique_key, unique=unique_key)
+            try:
+                job_id = self._jobs.insert_one({**doc, **extra}).inserted_id
+                return str(job_id), now, due if batch.delay else None, None
+            except self._duplicate as exc:
+                if unique_key is None or "periodic" in str(exc.details):
+                    raise
+            holder = self._jobs.find_one({"task": batch.task, "unique": unique_key})
+            if holder is not None:  # else it finished meanwhile: the key is free
+                return str(holder["_id"]), now, None, _mongo_fields(holder)
+
+    def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
+              ) -> tuple[str | None, int | None]:
+        # The unique index on "periodic" lets one job per tick in: that insert decides.
+        job_id = None
+        if tick is not None:
+            with contextlib.suppress(self._duplicate):
+                job_id, *_ = self._insert_one(batch, schedule.params, schedule.unique_key,
+                                              periodic=f"{schedule.name}@{tick}")
+        record = {"task": schedule.task, "schedule": schedule.expression, "next": _time(next_tick)}
+        before = self._schedules_fired.find_one_and_update(
+            {"_id": schedule.name}, {"$set": record}, upsert=True, projection={"last": True})
+        last = _mongo_fields(before or {}).get("last")
+        if job_id is not None:
+            self._schedules_fired.update_one({"_id": schedule.name, "last": {"$not": {"$gte": _time(tick)}}},
+                                             {"$set": {"last": _time(tick), "last_job": job_id}})
+        return job_id, last
+
+    def _periodic(self) -> list[dict[str, Any]]:
+        return [{"name": doc["_id"], "task": doc["task"], "schedule": doc["schedule"],
+                 "next": _mongo_fields(doc).get("next"), "last": _mongo_fields(doc).get("last"),
+                 "last_job": doc.get("last_job")} for doc in self._schedules_fired.find()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
@@ -2544,7 +3031,7 @@ class MongoQueue(Queue):
                 {"$set": {"state": JOB_STATE_RUNNING, "started": _utc_now(), "worker": worker,
                           "lease": _utc_now(self.lease_timeout)},
                  "$inc": {"delivery": 1}},
-                sort=[("_id", 1)], return_document=self._after)
+                sort=[("priority", -1), ("_id", 1)], hint="claim_by_priority", return_document=self._after)
             if doc is None:
                 break
             claimed.append((str(doc["_id"]), _mongo_fields(doc)))
@@ -2564,7 +3051,8 @@ class MongoQueue(Queue):
         done = {"$set": {"state": JOB_STATE_DONE, "done": now, "result": result, "error": error,
                          "waiter": False, **self._expiry(), **_set_if("traceback", traceback),
                          **_set_if("progress", job._progress_text)},
-                "$unset": {"worker": "", "lease": "", **({} if traceback else {"traceback": ""})}}
+                "$unset": {"worker": "", "lease": "", "unique": "",
+                           **({} if traceback else {"traceback": ""})}}
         # A waiter that withdraws between the first two leaves the flag false for good,
         # so the third then matches.
         for waiter, flag in ((False, {"$ne": True}), (True, True), (False, {"$ne": True})):
@@ -2601,7 +3089,8 @@ class MongoQueue(Queue):
             before = self._jobs.find_one_and_update(
                 {**query, "state": JOB_STATE_ENQUEUED},
                 {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "error": f"{CANCELLED} before it ran",
-                          "waiter": False, **self._expiry()}}, projection={"task": True})
+                          "waiter": False, **self._expiry()}, "$unset": {"unique": ""}},
+                projection={"task": True})
             if before is not None:
                 self._add_metrics({f"finished:{before['task']}": 1, f"failed:{before['task']}": 1})
                 return True
@@ -2668,7 +3157,7 @@ class MongoQueue(Queue):
                 if self._jobs.update_one(expired, {
                         "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, "lost": lost,
                                  **self._expiry(), "error": error},
-                        "$unset": {"worker": "", "lease": ""}}).matched_count:
+                        "$unset": {"worker": "", "lease": "", "unique": ""}}).matched_count:
                     self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
@@ -2757,6 +3246,7 @@ class MongoQueue(Queue):
         self._jobs.delete_many({})
         self._workers.delete_many({})
         self._metrics.delete_many({})
+        self._schedules_fired.delete_many({})
 
     def _answer_lost(self, exc: BaseException) -> bool:
         # Only a server that was never found surely got nothing.

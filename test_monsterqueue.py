@@ -1646,12 +1646,18 @@ def mongo_queue(mongodb_url: str) -> Iterator[MongoQueue]:
 def test_mongodb_claim_uses_its_index(mongo_queue: MongoQueue) -> None:
     mongo_queue._claim(["test-task"], 1, "worker", 0)
     indexes = {index["name"]: index["key"] for index in mongo_queue._jobs.list_indexes()}
-    assert list(indexes["claim"].items()) == [("state", 1), ("task", 1), ("_id", 1)]
-    mongo_queue.enqueue_many("test-task", [{} for _ in range(20)])
+    assert list(indexes["claim_by_priority"].items()) == [("state", 1), ("task", 1), ("priority", -1),
+                                                         ("_id", 1)]
+    assert "claim" not in indexes  # the index before priorities is dropped
+    mongo_queue.enqueue_many("test-task", [{} for _ in range(20)], priority=5)
     mongo_queue.enqueue_many("other", [{} for _ in range(20)])
+    # The claim's query, with the hint it gives (planners may not pick the index by themselves).
     plan = mongo_queue._jobs.find(
-        {"state": JOB_STATE_ENQUEUED, "task": {"$in": ["test-task"]}}).sort([("_id", 1)]).explain()
-    assert "claim" in json.dumps(plan, default=str)
+        {"state": JOB_STATE_ENQUEUED, "task": {"$in": ["test-task", "other"]},
+         "due": {"$lte": datetime.now(timezone.utc)}}
+    ).sort([("priority", -1), ("_id", 1)]).hint("claim_by_priority").explain()
+    text = json.dumps(plan, default=str)
+    assert "claim_by_priority" in text and "COLLSCAN" not in text
 
 
 def test_mongodb_round_trips_per_job(mongodb_url: str) -> None:
@@ -1998,7 +2004,7 @@ def test_garbage_records_fail_with_a_reason_and_the_rest_runs(server_queue: Queu
         client.hset(prefix + "job:900002", mapping={"task": "test-task", "params": "{not json",
                                                     "state": "enqueued", "enqueued": "1"})
         client.hset(prefix + "job:900003", mapping={"task": "test-task"})
-        client.rpush(prefix + "queue:test-task", "900001", "900002", "900003")
+        client.zadd(prefix + "queue:test-task", {"900001": 1, "900002": 2, "900003": 3})
         client.zadd(prefix + "jobs", {"900001": 900001, "900002": 900002, "900003": 900003})
         garbage = ["900001", "900002", "900003"]
         reasons = ["not a hash", "its params '{not json' is wrong: JSONDecodeError", "its params is missing"]
