@@ -698,7 +698,8 @@ def make_queue_like(queue: Queue) -> Queue:
     if isinstance(queue, MemoryQueue):
         clone = MemoryQueue()
         clone.__dict__.update({k: v for k, v in queue.__dict__.items()
-                               if k in ("_changed", "_jobs", "_ready", "_ids")})
+                               if k in ("_changed", "_jobs", "_ready", "_scheduled", "_ids", "_unique",
+                                        "_schedules_fired", "_metrics")})
         return clone
     if isinstance(queue, MongoQueue):
         return MongoQueue(client=queue.client, database=queue._jobs.database.name)
@@ -1402,6 +1403,260 @@ def test_a_stopped_worker_is_no_longer_listed_alive(queue: Queue, task: TestTask
     with running(queue):
         assert wait_until(lambda: len(queue.stats()["workers"]) == 1)
     assert queue.stats()["workers"] == []
+
+
+# ---------------------------------------------------------------------------
+# Scheduling: cron expressions, periodic jobs, priorities, unique jobs
+# ---------------------------------------------------------------------------
+
+def fires(expression: str, start: str, count: int) -> list[str]:
+    """The next ``count`` fire times of a cron expression after ``start`` (UTC), to the minute."""
+    cron, moment, found = monsterqueue._Cron(expression), datetime.fromisoformat(start + "+00:00"), []
+    for _ in range(count):
+        moment = cron.next_after(moment)
+        found.append(moment.replace(tzinfo=None).isoformat(timespec="minutes"))
+    return found
+
+
+@pytest.mark.parametrize(("expression", "start", "expected"), [
+    ("*/5 * * * *", "2025-01-01T10:02:30", ["2025-01-01T10:05", "2025-01-01T10:10"]),
+    ("*/5 * * * *", "2025-01-01T10:05", ["2025-01-01T10:10"]),  # strictly after
+    ("0 0 * * *", "2025-01-01T23:59", ["2025-01-02T00:00", "2025-01-03T00:00"]),
+    ("0 0 31 * *", "2025-04-01T00:00", ["2025-05-31T00:00", "2025-07-31T00:00"]),  # month ends
+    ("0 0 29 2 *", "2025-03-01T00:00", ["2028-02-29T00:00", "2032-02-29T00:00"]),  # Feb 29
+    ("0 0 29 2 *", "2096-03-01T00:00", ["2104-02-29T00:00"]),  # 2100 is no leap year
+    ("0 9 * * MON-FRI", "2025-01-03T09:00", ["2025-01-06T09:00", "2025-01-07T09:00"]),
+    ("*/15 9-17 * * *", "2025-01-01T17:45", ["2025-01-02T09:00"]),
+    ("5/20 * * * *", "2025-01-01T10:00", ["2025-01-01T10:05", "2025-01-01T10:25", "2025-01-01T10:45"]),
+    ("0 0 1 jan,Jul *", "2025-01-01T00:00", ["2025-07-01T00:00", "2026-01-01T00:00"]),
+    ("* * * * *", "2025-12-31T23:59", ["2026-01-01T00:00"]),
+    # Both day fields restricted: either matches (2025-01-13 is a Monday, the rest Fridays).
+    ("0 0 13 * FRI", "2025-01-01T00:00", ["2025-01-03T00:00", "2025-01-10T00:00", "2025-01-13T00:00"]),
+])
+def test_cron_next_fire_times(expression: str, start: str, expected: list[str]) -> None:
+    assert fires(expression, start, len(expected)) == expected
+
+
+def test_cron_sunday_is_0_7_and_sun() -> None:
+    sundays = fires("0 12 * * 0", "2025-01-01T00:00", 4)
+    assert sundays[0] == "2025-01-05T12:00"
+    assert fires("0 12 * * 7", "2025-01-01T00:00", 4) == sundays
+    assert fires("0 12 * * SUN", "2025-01-01T00:00", 4) == sundays
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("61 * * * *", "minute field '61' is out of range 0-59"),
+    ("* 24 * * *", "hour field '24' is out of range 0-23"),
+    ("* * 0 * *", "day-of-month field '0' is out of range 1-31"),
+    ("* * * 13 *", "month field '13' is out of range 1-12"),
+    ("* * * * 8", "day-of-week field '8' is out of range 0-7"),
+    ("* * * *", "expected 5 fields"),
+    ("*/0 * * * *", "minute field '*/0' has step 0"),
+    ("* 5-3 * * *", "hour field '5-3' has range 5-3 whose start is after its end"),
+    ("* * * FOO *", "month field 'FOO' has unknown value 'FOO'"),
+    ("1,,2 * * * *", "minute field '1,,2' has an empty part"),
+    ("0 0 30 2 *", "never matches"),
+])
+def test_a_malformed_cron_expression_says_which_field(queue: Queue, expression: str, message: str) -> None:
+    with pytest.raises(ValueError, match="cron expression") as raised:
+        queue.periodic(expression)(lambda: None)
+    assert message in str(raised.value)
+    assert "<lambda>" not in queue._tasks  # nothing registered
+
+
+def test_schedules_are_validated(queue: Queue, task: TestTask) -> None:
+    for cron, every in ((None, None), ("* * * * *", 5.0)):
+        with pytest.raises(ValueError, match="one of them"):
+            queue.schedule("test-task", cron, every=every)
+    with pytest.raises(ValueError, match="isn't registered"):
+        queue.schedule("nobody", every=1.0)
+    with pytest.raises(ValueError, match="every"):
+        queue.schedule("test-task", every=0)
+    queue.schedule("test-task", "0 3 * * *")
+    with pytest.raises(ValueError, match="already registered"):
+        queue.schedule("test-task", every=1.0)
+    queue.schedule("test-task", every=1.0, name="often", params={"a": 1})
+
+
+def ticks_of(jobs: list[Job]) -> list[str]:
+    """The tick each periodic job was enqueued for, from its enqueue stack."""
+    return [re.search(r"tick (\S+)", job.enqueue_stack).group(1) for job in jobs]  # type: ignore[union-attr]
+
+
+def test_periodic_jobs_fire_once_per_tick_with_their_params(new_queue: Any) -> None:
+    first = new_queue()
+    first.reset_storage()
+    second = make_queue_like(first)  # two workers of one queue, both with the schedule
+    runs: list[Any] = []
+    for q in (first, second):
+        q.periodic(every=0.3, params={"n": 7}, name="often")(lambda n: runs.append(n) or n)
+    with running(first), running(second):
+        time.sleep(2.05)
+    jobs = first.list_jobs()
+    assert 5 <= len(jobs) <= 8, [job.as_dict() for job in jobs]
+    ticks = ticks_of(jobs)
+    assert len(set(ticks)) == len(ticks)  # never two jobs for one tick
+    stamps = [datetime.fromisoformat(tick) for tick in ticks]
+    assert all(stamp.timestamp() * 1000 % 300 == 0 for stamp in stamps)
+    assert all(job.params == {"n": 7} and job.task_name == "<lambda>" for job in jobs)
+    ran = [job for job in jobs if job.status.state == JOB_STATE_DONE]
+    assert len(runs) == len(ran) >= len(jobs) - 2 and set(runs) == {7}  # the last ticks' may not have run
+    [record] = first.stats()["periodic"]
+    assert record["name"] == "often" and record["task"] == "<lambda>" and record["schedule"] == "every 0.3s"
+    assert record["last"] == max(ticks) and record["last_job"] == jobs[-1].id
+    assert datetime.fromisoformat(record["next"]) > datetime.fromisoformat(record["last"])
+
+
+def test_a_tick_while_no_worker_runs_is_skipped_and_logged(queue: Queue,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    queue.periodic(every=0.2)(lambda: None)
+    with running(queue):
+        assert wait_until(lambda: len(queue.list_jobs()) >= 1)
+    time.sleep(0.7)  # ticks nobody fires
+    with running(queue):
+        assert wait_until(lambda: "skipped its ticks" in caplog.text, 3), caplog.text
+
+
+def test_a_periodic_job_with_a_unique_key_does_not_pile_up(queue: Queue, release: threading.Event) -> None:
+    queue.periodic(every=0.2, unique_key="the-one")(lambda: release.wait(10))
+    with running(queue):
+        time.sleep(1.1)
+        jobs = queue.list_jobs()
+        assert len(jobs) == 1 and jobs[0].unique_key == "the-one"  # five ticks, one job
+        release.set()
+        assert wait_until(lambda: len(queue.list_jobs()) >= 2)  # the next tick after it ended
+
+
+def test_priorities_order_every_task_a_worker_runs(new_queue: Any) -> None:
+    queue = new_queue(concurrency=1)
+    queue.reset_storage()
+    order: list[tuple[int, int]] = []
+    for name in ("one", "two"):
+        queue.task(name)(lambda i, p: order.append((p, i)))
+    jobs = load(queue, 1000)
+    expected = []
+    for i in range(jobs):
+        priority = [0, 5, -3, 100, -100, 5, 0][i % 7]
+        expected.append((priority, i))
+        queue.enqueue("one" if i % 2 else "two", {"i": i, "p": priority}, priority=priority)
+    with running(queue):
+        assert wait_until(lambda: len(order) == jobs, 60)
+    assert order == sorted(expected, key=lambda pi: (-pi[0], pi[1]))
+
+
+def test_priority_defaults_checks_and_keeps(queue: Queue) -> None:
+    @queue.task(priority=7)
+    def urgent() -> None: ...
+
+    class Lazy(NoReturnTask):
+        name, priority = "lazy", -5
+
+    queue.register_task(Lazy())
+    assert queue.enqueue("urgent").priority == 7 and queue.enqueue("lazy").priority == -5
+    assert queue.enqueue("unknown-here").priority == 0
+    assert queue.enqueue("urgent", priority=-1).priority == -1
+    assert queue.retrieve_job(queue.enqueue("lazy", priority=100).id).priority == 100
+    assert queue.enqueue_many("urgent", [{}], priority=3)[0].priority == 3
+    for bad, error in (("high", TypeError), (1.5, TypeError), (True, TypeError), (101, ValueError),
+                       (-101, ValueError)):
+        for enqueue in (lambda p: queue.enqueue("urgent", priority=p),
+                        lambda p: queue.enqueue_many("urgent", [{}], priority=p),
+                        lambda p: queue.enqueue_wait("urgent", priority=p)):
+            with pytest.raises(error):
+                enqueue(bad)
+    with pytest.raises(ValueError):
+        queue.task("bad", priority=500)
+    assert len(queue.list_jobs()) == 6  # nothing stored by the refused ones
+
+
+def test_delayed_and_retried_jobs_keep_their_priority(new_queue: Any) -> None:
+    queue = new_queue(concurrency=1)
+    queue.reset_storage()
+    order: list[str] = []
+
+    @queue.task(max_retries=1, retry_delay=0.3)
+    def work(name: str, fail: bool = False) -> None:
+        order.append(name)
+        if fail and order.count(name) == 1:
+            raise RuntimeError("again")
+
+    retried = queue.enqueue("work", {"name": "retried-high", "fail": True}, priority=10)
+    with running(queue):
+        assert wait_until(lambda: queue.retrieve_job(retried.id).status.attempt == 2)
+    queue.enqueue("work", {"name": "delayed-high"}, priority=10, delay=0.2)
+    queue.enqueue_many("work", [{"name": f"low-{i}"} for i in range(3)], priority=-10)
+    time.sleep(0.4)  # both high ones are due now, behind the low ones in time
+    with running(queue):
+        assert wait_until(lambda: len(order) == 6)
+    assert order == ["retried-high", "retried-high", "delayed-high", "low-0", "low-1", "low-2"]
+    assert queue.retrieve_job(retried.id).priority == 10
+
+
+def test_unique_keys_return_the_unfinished_job(queue: Queue, task: TestTask) -> None:
+    first = queue.enqueue("test-task", {"n": 1}, unique_key="sync:42")
+    again = queue.enqueue("test-task", {"n": 2}, unique_key="sync:42")
+    assert again.id == first.id and again.params == {"n": 1} and again.unique_key == "sync:42"
+    other_task = queue.enqueue("other", {}, unique_key="sync:42")  # a key belongs to its task
+    assert other_task.id != first.id
+    batch = queue.enqueue_many("test-task", [{"n": 3}, {"n": 4}, {"n": 5}],
+                               unique_keys=["sync:42", "sync:43", "sync:43"])
+    assert batch[0].id == first.id and batch[1].id == batch[2].id != first.id
+    with pytest.raises(ValueError, match="one per job"):
+        queue.enqueue_many("test-task", [{}], unique_keys=["a", "b"])
+    with pytest.raises(TypeError):
+        queue.enqueue_wait("test-task", unique_key="x")  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        queue.enqueue("test-task", unique_key="")
+    assert len(queue.list_jobs()) == 3
+    with running(queue):
+        assert wait_until(lambda: queue.retrieve_job(first.id).status.state == JOB_STATE_DONE)
+        fresh = queue.enqueue("test-task", {"n": 6}, unique_key="sync:42")  # done: the key is free again
+        assert fresh.id != first.id
+        assert wait_until(lambda: task.runs == 3)
+    held = queue.enqueue("test-task", unique_key="held")
+    queue.cancel_job(held.id)
+    cancelled_free = queue.enqueue("test-task", unique_key="held")
+    assert cancelled_free.id != held.id
+    queue.delete_job(cancelled_free.id)
+    assert queue.enqueue("test-task", unique_key="held").id != cancelled_free.id  # deleting frees it too
+
+
+UNIQUE_RACE = """
+import sys, threading, monsterqueue
+url, prefix = sys.argv[1], sys.argv[2]
+own = {"key_prefix": prefix} if url.startswith("redis") else {"collection_prefix": prefix}
+queue = monsterqueue.Queue(url, **own)
+ids = []
+barrier = threading.Barrier(20)
+def racer():
+    barrier.wait()
+    ids.append(queue.enqueue("sync", {"user": 42}, unique_key="user:42").id)
+threads = [threading.Thread(target=racer) for _ in range(20)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(" ".join(ids))
+"""
+
+
+@pytest.mark.parametrize("backend", ["redis", "mongodb"])
+def test_unique_key_races_between_processes_give_one_job(backend: str, request: pytest.FixtureRequest,
+                                                         tmp_path: Path) -> None:
+    url = request.getfixturevalue(f"{backend}_url")
+    prefix = "mq_unique_race"
+    queue = Queue(url, **({"key_prefix": prefix} if backend == "redis" else {"collection_prefix": prefix}))
+    queue.reset_storage()
+    try:
+        script = tmp_path / "race.py"
+        script.write_text(UNIQUE_RACE)
+        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        racers = [subprocess.Popen([sys.executable, str(script), url, prefix], stdout=subprocess.PIPE,
+                                   text=True, env=env) for _ in range(2)]
+        ids = [job_id for racer in racers for job_id in racer.communicate(timeout=60)[0].split()]
+        assert len(ids) == 40 and len(set(ids)) == 1
+        assert [job.id for job in queue.list_jobs()] == ids[:1]
+    finally:
+        queue.reset_storage()
+        queue.close()
 
 
 # ---------------------------------------------------------------------------
