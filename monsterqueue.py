@@ -3484,6 +3484,12 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
     workers = "".join(f"<tr><td>{html.escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
                       f"<td>{html.escape(', '.join(worker['tasks']))}</td></tr>"
                       for worker in stats["workers"])
+    periodic = "".join(
+        f"<tr><td>{html.escape(p['name'])}</td><td>{html.escape(p['task'])}</td>"
+        f"<td>{html.escape(p['schedule'])}</td><td class=\"t\">{_web_time(p['next'])}</td>"
+        f"<td class=\"t\">{_web_time(p['last'])}</td><td>"
+        + (f'<a href="/jobs/{quote(p["last_job"], safe="")}">{html.escape(p["last_job"])}</a>'
+           if p["last_job"] else "") + "</td></tr>" for p in stats["periodic"])
     done = stats["done_per_minute"]
     return ("<h2>Jobs</h2><table><tr><th>task</th>"
             + "".join(f"<th>{state}</th>" for state in _COUNTED_STATES)
@@ -3491,6 +3497,8 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
             + ("<h2>Run time and queue wait</h2><table><tr><th>task</th><th>finished</th><th>failed</th>"
                "<th>run p50</th><th>p95</th><th>p99</th><th>wait p50</th><th>p95</th><th>p99</th></tr>"
                f"{timings}</table>" if timings else "")
+            + ("<h2>Periodic jobs</h2><table><tr><th>schedule</th><th>task</th><th>when</th><th>next</th>"
+               f"<th>last</th><th>last job</th></tr>{periodic}</table>" if periodic else "")
             + f"<h2>Done per minute</h2><p>{_web_sparkline(done)} {sum(done)} in the last {len(done)} "
             f"minutes, {done[-1] if done else 0} in this one</p>"
             f"<h2>Workers alive: {len(stats['workers'])}</h2>"
@@ -3927,6 +3935,9 @@ def _inspect(args: argparse.Namespace) -> int:
                 "\n" + _table(["TASK", "FINISHED", "FAILED", "RUN P50", "P95", "P99", "WAIT P50", "P95",
                                "P99"], [[task, m["finished"], m["failed"], *_timings(m)]
                                         for task, m in stats["metrics"].items()]),
+                *(["\n" + _table(["SCHEDULE", "TASK", "WHEN", "NEXT", "LAST", "LAST JOB"],
+                                 [[p["name"], p["task"], p["schedule"], _short(p["next"]), _short(p["last"]),
+                                   p["last_job"]] for p in stats["periodic"]])] if stats["periodic"] else []),
                 f"\nworkers alive: {len(stats['workers'])}",
                 *(f"  {w['id']}  seen {_short(w['last_seen'])}  tasks {', '.join(w['tasks'])}"
                   for w in stats["workers"]),

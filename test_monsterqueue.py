@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -1505,6 +1506,9 @@ def test_periodic_jobs_fire_once_per_tick_with_their_params(new_queue: Any) -> N
     assert record["name"] == "often" and record["task"] == "<lambda>" and record["schedule"] == "every 0.3s"
     assert record["last"] == max(ticks) and record["last_job"] == jobs[-1].id
     assert datetime.fromisoformat(record["next"]) > datetime.fromisoformat(record["last"])
+    overview = monsterqueue._web_overview(first.stats(), "token")
+    assert "<h2>Periodic jobs</h2>" in overview and "every 0.3s" in overview
+    assert f"/jobs/{jobs[-1].id}" in overview
 
 
 def test_a_tick_while_no_worker_runs_is_skipped_and_logged(queue: Queue,
@@ -2008,6 +2012,9 @@ def record(i):
     with open(os.environ["MQ_RUNS"], "a") as runs:
         runs.write(f"{i}\\n")
     return i
+
+if os.environ.get("MQ_EVERY"):
+    queue.schedule("record", every=float(os.environ["MQ_EVERY"]), params={"i": -1}, name="tick")
 """
 
 
@@ -2025,13 +2032,14 @@ def fault_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queu
     return_queue.close()
 
 
-def start_fault_queue(url: str, tmp_path: Path, lease: float = 1.0) -> Queue:
+def start_fault_queue(url: str, tmp_path: Path, lease: float = 1.0, every: str = "") -> Queue:
     (tmp_path / "faultmod.py").write_text(FAULT_MODULE)
     own: dict[str, Any] = {"key_prefix": "mq-fault"} if url.startswith("redis") else {
         "collection_prefix": "mq_fault"}
     queue = Queue(url, lease_timeout=lease, max_deliveries=3, **own)
     queue.reset_storage()
     env = {**os.environ, "MQ_URL": url, "MQ_LEASE": str(lease), "MQ_RUNS": str(tmp_path / "runs"),
+           "MQ_EVERY": every,
            "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     queue.workers = []  # type: ignore[attr-defined]
 
@@ -2063,6 +2071,32 @@ def test_two_worker_processes_run_each_job_exactly_once(backend: str, jobs: int,
         ran = sorted(int(line) for line in (tmp_path / "runs").read_text().split())
         assert ran == list(range(jobs))
         assert {job.result() for job in queue.list_jobs()} == set(range(jobs))
+    finally:
+        for worker in queue.workers:  # type: ignore[attr-defined]
+            worker.kill()
+        queue.reset_storage()
+        queue.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "mongodb"])
+def test_three_worker_processes_fire_each_tick_once_though_one_is_killed(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    queue = start_fault_queue(request.getfixturevalue(f"{backend}_url"), tmp_path, lease=10.0, every="1")
+    try:
+        workers = [queue.start_worker() for _ in range(3)]  # type: ignore[attr-defined]
+        started = time.monotonic()
+        time.sleep(random.uniform(2, 8))
+        workers[random.randrange(3)].kill()  # at a random moment, maybe at a tick
+        time.sleep(max(10 - (time.monotonic() - started), 0))
+        jobs = queue.list_jobs(task_name="record")
+        ticks = ticks_of(jobs)
+        assert 9 <= len(jobs) <= 11, ticks
+        assert len(set(ticks)) == len(ticks)  # never two jobs for one tick
+        seconds = sorted(datetime.fromisoformat(tick).timestamp() for tick in ticks)
+        assert all(later - earlier == 1 for earlier, later in zip(seconds, seconds[1:])), ticks  # none missed
+        shown = cli("stats", request.getfixturevalue(f"{backend}_url"), "--prefix",
+                    "mq-fault" if backend == "redis" else "mq_fault").stdout
+        assert re.search(r"tick +record +every 1s ", shown), shown
     finally:
         for worker in queue.workers:  # type: ignore[attr-defined]
             worker.kill()

@@ -39,6 +39,7 @@ sys.path.insert(0, HERE)
 # name -> (adapter module peer_<module>.py, variant, distribution for version)
 PEERS = {
     "monsterqueue": ("monsterqueue", "", "monsterqueue"),
+    "monsterqueue-priorities": ("monsterqueue", "priorities", "monsterqueue"),
     "rq": ("rq", "", "rq"),
     "huey": ("huey", "", "huey"),
     "huey-notify": ("huey", "notify", "huey"),

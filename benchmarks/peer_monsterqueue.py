@@ -10,7 +10,10 @@ from _common import SyncClient, task_result
 
 import monsterqueue
 
-CONFIG = "Queue(url, concurrency={threads}): 1 process x {threads} threads, process_loop(); enqueue_wait()"
+CONFIGS = {
+    "": "Queue(url, concurrency={threads}): 1 process x {threads} threads, process_loop(); enqueue_wait()",
+    "priorities": "the same, its jobs enqueued at 21 priorities (-10..10) in turn",
+}
 
 
 def make_queue(url, threads):
@@ -28,12 +31,14 @@ class Client(SyncClient):
         self.q = make_queue(url, 1)
         self.ids = []
         self.pending = None
+        # The "priorities" variant spreads its jobs over 21 priorities, -10 to 10.
+        self.spread = 21 if variant == "priorities" else 1
 
     def reset(self):
         self.q.reset_storage()
 
     def enqueue(self, i):
-        self.ids.append(self.q.enqueue("noop", {"i": i}).id)
+        self.ids.append(self.q.enqueue("noop", {"i": i}, priority=i % self.spread - self.spread // 2).id)
 
     def enqueue_batch(self, n):
         self.q.enqueue_many("noop", [{"i": i} for i in range(n)])
@@ -50,7 +55,8 @@ class Client(SyncClient):
         # are taken roughly in order, so poll only the newest; the few that
         # may still be running then are picked up by stragglers(), off the
         # clock unless some really were unfinished.
-        return self._is_done(self.ids[-1])
+        # With priorities, the newest of the lowest priority: the last to run.
+        return self._is_done(self.ids[(len(self.ids) - 1) // self.spread * self.spread])
 
     def stragglers(self, n):
         if self.pending is None:
