@@ -1973,14 +1973,18 @@ class MemoryQueue(Queue):
 #   {prefix}:done           sorted set of "done|failed:TASK:ID", scored by done time:
 #                           listing, and the expiry of results
 #   {prefix}:counts         hash of "STATE:TASK" -> number of jobs, for stats
-#   {prefix}:queue:TASK     list of the ids of one task ready to run, FIFO
-#   {prefix}:ready:TASK     sorted set with one member while that list may be
+#   {prefix}:queue:TASK     sorted set of the ids of one task ready to run, scored by
+#                           priority then number (see push)
+#   {prefix}:ready:TASK     sorted set with one member while that queue may be
 #                           non-empty: idle workers block on it with BZPOPMIN
 #   {prefix}:scheduled      sorted set of delayed and retried ids, scored by due time
 #   {prefix}:outcome:ID     list where an enqueue_wait caller BLPOPs the outcome
 #   {prefix}:workers        hash of worker -> "LAST_SEEN_MS TASKS_JSON"
 #   {prefix}:wake:WORKER    sorted set that stop() writes to wake its own worker
 #   {prefix}:metrics        hash of the counters and histograms of Python's _observe
+#   {prefix}:unique:TASK    hash of unique key -> the id of the unfinished job holding it
+#   {prefix}:periodic       hash of schedule name -> its JSON record: task, schedule,
+#                           next and last tick, last job
 #
 # Round trips per job: enqueue 1 (one script; enqueue_many one per 1000 jobs);
 # claim 1 script per batch of up to the free threads, plus one BZPOPMIN when
@@ -2034,12 +2038,15 @@ local function done_member(key, id)
 end
 
 -- Makes a job claimable again, in its place by number, from running or done.
--- Puts a job in its task's queue, a sorted set ordered by priority, then by number: higher
--- priorities first, the oldest first among equals. The score is an exact integer below 2^53.
+-- A job's place in its task's queue, a sorted set ordered by priority, then by number:
+-- higher priorities first, the oldest first among equals. An exact integer below 2^53.
+local function queue_score(priority, id)
+  return string.format('%.0f', (100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0))
+end
+
+-- Puts a job in its task's queue; the caller marks the queue ready.
 local function push(prefix, task, id, priority)
-  local score = (100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0)
-  redis.call('ZADD', prefix .. 'queue:' .. task, string.format('%.0f', score), id)
-  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  redis.call('ZADD', prefix .. 'queue:' .. task, queue_score(priority, id), id)
 end
 
 -- Makes a job claimable again, in its place by priority and number, from running or done.
@@ -2049,6 +2056,7 @@ local function requeue(prefix, id, task)
   redis.call('HDEL', key, 'started', 'worker')
   redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
   push(prefix, task, id, redis.call('HGET', key, 'priority'))
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
   count(prefix, 'enqueued', task, 1)
 end
 
@@ -2110,7 +2118,7 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
   local n = #jobs / 2
   local last = redis.call('INCRBY', prefix .. 'seq', n)
   local unique = prefix .. 'unique:' .. task
-  local held, stored = {}, 0
+  local held, stored, queued = {}, 0, {}
   for i = 1, n do
     local unique_key = jobs[2 * i]
     local holder = unique_key ~= '' and redis.call('HGET', unique, unique_key)
@@ -2137,11 +2145,13 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
         redis.call('HSET', key, 'due', now + delay)
         redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
       else
-        push(prefix, task, id, priority)
+        queued[#queued + 1] = queue_score(priority, id)
+        queued[#queued + 1] = id
       end
       stored = stored + 1
     end
   end
+  if #queued > 0 then redis.call('ZADD', prefix .. 'queue:' .. task, unpack(queued)) end
   count(prefix, 'enqueued', task, stored)
   -- Also for delayed jobs: it wakes a worker to learn when the first is due.
   redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
@@ -2193,6 +2203,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', n
   if is_job(key) then
     local f = redis.call('HMGET', key, 'task', 'priority')
     push(prefix, f[1] or '', id, f[2])
+    redis.call('ZADD', prefix .. 'ready:' .. (f[1] or ''), 0, 1)
   end
 end
 -- The best ids of all these tasks: the highest priority first, then the oldest.
@@ -2880,9 +2891,12 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # One collection, COLLECTION_PREFIX_jobs, one document per job: the fields of
 # Queue._decode with BSON dates for the times, plus ``waiter`` (an
 # enqueue_wait caller is waiting), ``worker`` and ``lease`` (who holds it
-# while running, and until when). The index (state, task, _id), created with
-# the queue, serves the claim: equality on state, $in on the task names,
-# oldest first.
+# while running, and until when), ``unique`` (the unique key, while the job
+# isn't done) and ``periodic`` (schedule@tick of a periodic job). The index
+# (state, task, priority, _id), created with the queue, serves the claim:
+# equality on state, $in on the task names, highest priority then oldest
+# first; unique partial indexes on (task, unique) and on periodic make the
+# server refuse a second holder of a key and a second job for a tick.
 #
 # Round trips per job: enqueue 1 (insert_many, also for enqueue_many); claim 1
 # find_one_and_update per job; finish 1 update_one (2 when a caller waits: the
