@@ -45,6 +45,7 @@ import time
 import traceback
 import types
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from queue import SimpleQueue
@@ -113,12 +114,17 @@ DEFAULT_MAX_DELIVERIES = 5      # lost leases before a job is failed as poison
 DEFAULT_CONNECT_TIMEOUT = 5.0   # seconds to reach a server before ServerUnavailableError
 DEFAULT_RESULT_TTL = 86400.0    # seconds a done job is kept; None keeps it
 DEFAULT_TIME_LIMIT = 600.0      # seconds a run may take, like Dramatiq's ten minutes; None: no limit
+DEFAULT_ASYNC_CONCURRENCY = 100 # coroutines of async def tasks a worker runs at once, beside its threads
 
 # How an idle worker waits: it wakes at least this often even if nothing is
 # pushed, and backs off up to the longest pause while its server is away.
 IDLE_WAKE_INTERVAL = 1.0
 CLAIM_LINGER = 0.002            # seconds the loop waits for more free threads to claim for
 OUTAGE_PAUSES = (0.1, 5.0)
+
+# A worker's event loop that hasn't run its own check for this long is blocked by
+# a coroutine calling blocking code: the worker logs which job it is running.
+LOOP_BLOCKED_WARNING = 0.5
 
 # A running job's progress reaches the server at most this often, whatever the
 # rate at which its task sets it; its last value is stored with the outcome.
@@ -272,6 +278,13 @@ class FunctionTask(Task):
         job.success(self.function(**job.params))
 
 
+class AsyncFunctionTask(FunctionTask):
+    """A task made by @queue.task from an ``async def`` function: it runs on the worker's event loop."""
+
+    async def run(self, job: Job) -> None:  # type: ignore[override]
+        job.success(await self.function(**job.params))
+
+
 class Job:
     """One enqueued call of a task: its params, status and outcome."""
 
@@ -298,6 +311,7 @@ class Job:
         self._reported = False           # success() or error() was called
         # Kept by the worker that runs it:
         self._thread: int | None = None  # the thread inside the task's run()
+        self._coroutine: Any = None      # or the asyncio task running an async task's run()
         self._began = 0.0                # time.monotonic() when its run began
         self._deadline = math.inf        # time.monotonic() at which its time is up
         self._interrupted = False        # timed out or cancelled: its thread was replaced
@@ -396,19 +410,23 @@ class Queue:
         return super().__new__(cls)
 
     def __init__(self, url: str | None = None, *, concurrency: int = DEFAULT_CONCURRENCY,
+                 async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
                  lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
                  max_deliveries: int = DEFAULT_MAX_DELIVERIES,
                  result_ttl: float | None = DEFAULT_RESULT_TTL, **options: Any) -> None:
         # Each backend takes its own options and passes the rest on: what arrives here is unknown.
         if options:
             raise TypeError(f"{type(self).__name__} got unexpected options: {', '.join(options)}")
-        if concurrency < 1 or lease_timeout <= 0 or max_deliveries < 1:
-            raise ValueError("concurrency, lease_timeout and max_deliveries must be positive")
+        if concurrency < 1 or async_concurrency < 1 or lease_timeout <= 0 or max_deliveries < 1:
+            raise ValueError("concurrency, async_concurrency, lease_timeout and max_deliveries must be "
+                             "positive")
         self.concurrency = concurrency
+        self.async_concurrency = async_concurrency
         self.lease_timeout = lease_timeout
         self.max_deliveries = max_deliveries
         self.result_ttl = result_ttl
         self._tasks: dict[str, Task] = {}
+        self._async_tasks: set[str] = set()       # the names of the tasks whose run is async def
         self._schedules: dict[str, _Schedule] = {}
         # Reentrant: stop() may run in a signal handler on a thread that holds it.
         self._loop_lock = threading.RLock()       # guards _stopping, _loop_thread and _loop_done
@@ -417,7 +435,11 @@ class Queue:
         self._loop_done = threading.Event()
         self._loop_done.set()
         self._idle = threading.Condition()        # guards _held; signalled when a job ends
-        self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads
+        self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads and loop
+        self._async_held = 0                      # how many of them run on the event loop
+        self._event_loop: Any = None              # the worker's asyncio loop, once an async job ran
+        self._loop_seen = 0.0                     # time.monotonic() when that loop last ran its check
+        self._loop_warned = 0.0                   # _loop_seen when the timer last warned of a block
         self._report_lock = threading.Lock()      # guards Job._reported
         # Guards Job._thread and _interrupted. A plain lock, unlike the Condition above: its
         # acquire and release are C calls, so an interrupt can't land between them and leave
@@ -435,6 +457,8 @@ class Queue:
         if task.name in self._tasks:
             raise ValueError(f"task {task.name!r} is already registered")
         self._tasks[task.name] = task
+        if _is_coroutine_function(task.run):
+            self._async_tasks.add(task.name)
 
     def task(self, name: str | Callable[..., Any] | None = None, *, max_retries: int = 0,
              retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT,
@@ -450,8 +474,9 @@ class Queue:
         _check_priority(priority)
 
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
-            self.register_task(FunctionTask(name if isinstance(name, str) else function.__name__,
-                                            function, max_retries, retry_delay, time_limit, priority))
+            kind = AsyncFunctionTask if _is_coroutine_function(function) else FunctionTask
+            self.register_task(kind(name if isinstance(name, str) else function.__name__,
+                                    function, max_retries, retry_delay, time_limit, priority))
             return function
         return register(name) if callable(name) else register
 
@@ -519,10 +544,8 @@ class Queue:
         ``unique_keys``, if given, has one key (or None) per params, as enqueue's ``unique_key``.
         """
         params_list = list(params_list)
-        keys: list[str | None] = [None] * len(params_list) if unique_keys is None else list(unique_keys)
-        if len(keys) != len(params_list):
-            raise ValueError(f"{len(keys)} unique_keys for {len(params_list)} jobs: give one per job")
-        return self._enqueue(task_name, params_list, keys, None, delay, eta, time_limit, priority)
+        return self._enqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None, delay,
+                             eta, time_limit, priority)
 
     def enqueue_wait(self, task_name: str, params: JobParams | None = None,
                      timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
@@ -549,9 +572,18 @@ class Queue:
             raise QueueWaitTimeoutError(job=job)
         return done
 
-    def _enqueue(self, task_name: str, params_list: list[JobParams | None], unique_keys: list[str | None],
+    def _enqueue(self, *args: Any) -> list[Job]:
+        batch, jobs = self._prepare(*args)
+        if not jobs:
+            return []
+        with self._server():
+            return self._built(batch, jobs, self._insert(batch, jobs))
+
+    def _prepare(self, task_name: str, params_list: list[JobParams | None], unique_keys: list[str | None],
                  waiter_timeout: float | None, delay: float | None, eta: datetime | None,
-                 time_limit: float | object | None, priority: int | None) -> list[Job]:
+                 time_limit: float | object | None, priority: int | None
+                 ) -> tuple[_Batch, list[tuple[str, str | None]]]:
+        """Check and encode what enqueue and its twins are given, or raise; nothing is stored."""
         _check_task_name(task_name)
         if priority is None:
             priority = self._tasks[task_name].priority if task_name in self._tasks else 0
@@ -568,15 +600,69 @@ class Queue:
             if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
                 raise ValueError(f"a unique_key must be a non-empty string, not {unique_key!r}")
             jobs.append((_encode(params), unique_key))
+        return spec, jobs
+
+    def _built(self, batch: _Batch, jobs: list[tuple[str, str | None]],
+               stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]) -> list[Job]:
+        """The Job of each job _insert stored, or the stored job that holds its unique key."""
+        return [self._decode(job_id, holder) if holder is not None else
+                Job(self, job_id, batch.task, json.loads(params),
+                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), batch.stack,
+                    time_limit=batch.time_limit, priority=batch.priority, unique_key=unique_key)
+                for (job_id, enqueued, scheduled, holder), (params, unique_key) in zip(stored, jobs)]
+
+    # -- producing from asyncio code -------------------------------------------
+
+    async def aenqueue(self, task_name: str, params: JobParams | None = None, *,
+                       delay: float | None = None, eta: datetime | None = None,
+                       time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
+                       unique_key: str | None = None) -> Job:
+        """enqueue(), for code on an event loop: the same options and errors, and it never
+        blocks the loop."""
+        return (await self._aenqueue(task_name, [params], [unique_key], None, delay, eta, time_limit,
+                                     priority))[0]
+
+    async def aenqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
+                            delay: float | None = None, eta: datetime | None = None,
+                            time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
+                            unique_keys: Iterable[str | None] | None = None) -> list[Job]:
+        """enqueue_many(), for code on an event loop."""
+        params_list = list(params_list)
+        return await self._aenqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None,
+                                    delay, eta, time_limit, priority)
+
+    async def aenqueue_wait(self, task_name: str, params: JobParams | None = None,
+                            timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
+                            eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
+                            priority: int | None = None) -> Job:
+        """enqueue_wait(), for code on an event loop: a thousand of them wait at once on one loop,
+        with no thread each. Cancelled while it waits, it withdraws: exactly one of the
+        caller and the worker's success() sees the hand-off."""
+        timeout = max(timeout, 0.0)
+        job = (await self._aenqueue(task_name, [params], [None], timeout, delay, eta, time_limit,
+                                    priority))[0]
+        try:
+            with self._server():
+                done = await self._aawait_outcome(job, timeout)
+        except BaseException:  # asyncio.CancelledError too
+            with contextlib.suppress(Exception):
+                await self._aawait_outcome(job, 0)
+            raise
+        if done is None:
+            raise QueueWaitTimeoutError(job=job)
+        return done
+
+    async def aretrieve_job(self, job_id: str) -> Job:
+        """retrieve_job(), for code on an event loop."""
+        with self._server():
+            return self._decode(job_id, await self._aload(job_id))
+
+    async def _aenqueue(self, *args: Any) -> list[Job]:
+        batch, jobs = self._prepare(*args)
         if not jobs:
             return []
         with self._server():
-            stored = self._insert(spec, jobs)
-        return [self._decode(job_id, holder) if holder is not None else
-                Job(self, job_id, task_name, json.loads(params),
-                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), spec.stack,
-                    time_limit=spec.time_limit, priority=spec.priority, unique_key=unique_key)
-                for (job_id, enqueued, scheduled, holder), (params, unique_key) in zip(stored, jobs)]
+            return self._built(batch, jobs, await self._ainsert(batch, jobs))
 
     # -- reading and deleting ------------------------------------------------
 
@@ -747,10 +833,9 @@ class Queue:
             helper.start()
         try:
             while not stopping.is_set():
-                free = self._wait_for_free_threads(stopping)
-                names = list(self._tasks)
-                if not free or not names:
-                    stopping.wait(IDLE_WAKE_INTERVAL if not names else 0)
+                names, free = self._wait_for_free_slots(stopping)
+                if not free:
+                    stopping.wait(0 if stopping.is_set() or self._tasks else IDLE_WAKE_INTERVAL)
                     continue
                 try:
                     with self._server():
@@ -779,6 +864,11 @@ class Queue:
             self._wake_timer.set()
             for helper in helpers:
                 helper.join()
+            if self._event_loop is not None:
+                loop, self._event_loop = self._event_loop, None
+                loop.call_soon_threadsafe(loop.stop)
+                self._loop_runner.join()
+                loop.close()
             # Else it is dropped three leases later.
             with contextlib.suppress(Exception), self._server():
                 self._retire(worker)
@@ -805,20 +895,50 @@ class Queue:
             self._loop_done.wait()
 
     def wait(self) -> None:
-        """Wait until no job is running on this queue's worker threads."""
+        """Wait until no job is running on this queue's worker threads or event loop."""
         with self._idle:
             self._idle.wait_for(lambda: not self._held)
 
-    def _wait_for_free_threads(self, stopping: threading.Event) -> int:
+    def _free(self) -> tuple[int, int]:
+        """How many more jobs of sync tasks and of async tasks this worker can start now."""
+        return (self.concurrency - (len(self._held) - self._async_held),
+                self.async_concurrency - self._async_held)
+
+    def _wait_for_free_slots(self, stopping: threading.Event) -> tuple[list[str], int]:
+        """Wait until a job can start; return the tasks whose jobs can, and how many may be claimed
+        (for both kinds, no more than either can start: never claim a job nobody can run)."""
+        sync_names = [name for name in self._tasks if name not in self._async_tasks]
+        async_names = [name for name in self._tasks if name in self._async_tasks]
+
+        def startable() -> list[tuple[list[str], int]]:
+            threads, coroutines = self._free()
+            return [(names, free) for names, free in ((sync_names, threads), (async_names, coroutines))
+                    if names and free > 0]
         with self._idle:
-            self._idle.wait_for(lambda: len(self._held) < self.concurrency or stopping.is_set())
+            self._idle.wait_for(lambda: startable() or stopping.is_set() or not self._tasks)
             # Short jobs free their threads one at a time: wait a moment for half of them,
             # to claim them in one round trip and wake this loop once, not once per job.
             batch = max(self.concurrency // 2, 1)
-            if self.concurrency - len(self._held) < batch:
-                self._idle.wait_for(lambda: self.concurrency - len(self._held) >= batch
-                                    or stopping.is_set(), CLAIM_LINGER)
-            return 0 if stopping.is_set() else self.concurrency - len(self._held)
+            if sync_names and not async_names and self._free()[0] < batch:
+                self._idle.wait_for(lambda: self._free()[0] >= batch or stopping.is_set(), CLAIM_LINGER)
+            kinds = startable()
+        if stopping.is_set() or not kinds:
+            return [], 0
+        return [name for names, _ in kinds for name in names], min(free for _, free in kinds)
+
+    def _release(self, job: Job) -> None:
+        """Take an ended or interrupted job off this worker, and wake the loop if it may be
+        waiting: for a first free place, or for a batch of them. Call it holding _idle."""
+        if self._held.get(job.id) is not job:
+            return  # a retried job may be claimed again before this run ends: leave its new entry
+        del self._held[job.id]
+        if job.task_name in self._async_tasks:
+            self._async_held -= 1
+            free, size = self._free()[1], self.async_concurrency
+        else:
+            free, size = self._free()[0], self.concurrency
+        if free in (1, max(size // 2, 1)) or not self._held:
+            self._idle.notify_all()
 
     def _start(self, job_id: str, fields: dict[str, Any]) -> None:
         try:
@@ -830,22 +950,31 @@ class Queue:
             job._report(None, str(exc), retryable=False)
             return
         limit = self._time_limit_of(job)
+        coroutine = job.task_name in self._async_tasks
         with self._idle:
             if limit:
                 job._deadline = time.monotonic() + limit
             self._held[job_id] = job
+            self._async_held += coroutine
         if job._deadline < self._next_deadline:
             self._wake_timer.set()
-        self._inbox.put(job)
+        if coroutine:
+            self._loop().call_soon_threadsafe(self._spawn, job)
+        else:
+            self._inbox.put(job)
 
-    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None) -> None:
-        """Start a worker thread; one that replaces an interrupted job's thread records its outcome."""
-        thread = threading.Thread(target=self._serve, args=(interrupted,), name="monsterqueue", daemon=True)
+    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+                    serves: bool = True) -> None:
+        """Start a worker thread; one that replaces an interrupted job's thread records its outcome
+        first. One that ``serves`` no jobs only records it (an interrupted coroutine's)."""
+        thread = threading.Thread(target=self._serve, args=(interrupted, serves), name="monsterqueue",
+                                  daemon=True)
         with self._idle:
             self._threads.append(thread)
         thread.start()
 
-    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None) -> None:
+    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+               serves: bool) -> None:
         """Run the jobs handed to this thread until it is handed None, or replaced."""
         if interrupted is not None:
             job, error, retryable, stack = interrupted
@@ -855,7 +984,7 @@ class Queue:
                 self._report(job, None, error, retryable, trace)
             except Exception:  # the server refused it (out of memory, say): the lease decides
                 logger.exception("job %s: outcome not recorded", job.id)
-        while True:
+        while serves:
             next_job = self._inbox.get()
             if next_job is None:
                 return
@@ -890,16 +1019,56 @@ class Queue:
             job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
         finally:
             with self._idle:
-                # A retried job may be claimed again before this run ends: leave its new run's entry.
-                if self._held.get(job.id) is job:
-                    del self._held[job.id]
-                # Wake the loop when it may be waiting: for a first free thread or for a batch.
-                if self.concurrency - len(self._held) in (1, max(self.concurrency // 2, 1)) or not self._held:
-                    self._idle.notify_all()
+                self._release(job)
+
+    # -- async def tasks, on the worker's event loop ----------------------------
+
+    def _loop(self) -> Any:
+        """The worker's event loop, started on its own thread the first time a coroutine runs."""
+        if self._event_loop is None:
+            import asyncio
+
+            self._event_loop = asyncio.new_event_loop()
+            self._loop_runner = threading.Thread(target=self._event_loop.run_forever,
+                                                 name="monsterqueue-loop", daemon=True)
+            self._loop_runner.start()
+            self._event_loop.call_soon_threadsafe(self._loop_check)
+        return self._event_loop
+
+    def _loop_check(self) -> None:
+        """Note that the loop runs, again and again: the timer thread reads it to tell a blocked loop."""
+        self._loop_seen = time.monotonic()
+        self._event_loop.call_later(LOOP_BLOCKED_WARNING / 5, self._loop_check)
+
+    def _spawn(self, job: Job) -> None:
+        with self._thread_lock:  # guards _coroutine and _interrupted, as for threads
+            if not job._interrupted:
+                job._coroutine = self._event_loop.create_task(self._arun(job))
+
+    async def _arun(self, job: Job) -> None:
+        """Run a job of an async task: the twin of _run for coroutines, cancelled where _run's
+        thread has an exception raised in it."""
+        import asyncio
+
+        job._began = time.monotonic()
+        logger.info("job %s (%s) started", job.id, job.task_name)
+        try:
+            await self._tasks[job.task_name].run(job)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            pass  # interrupted: the interrupting side records the outcome
+        except BaseException as exc:  # a task must never take its worker down
+            logger.exception("task %s failed on job %s", job.task_name, job.id)
+            job.error(exc)
+        else:
+            job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
+        finally:
+            with self._idle:
+                self._release(job)
 
     def _interrupt(self, job: Job, exception: type[BaseException], error: str, retryable: bool) -> None:
         """Raise ``exception`` in a running job's thread, and replace that thread with one that
-        records ``error`` as the job's outcome.
+        records ``error`` as the job's outcome; or cancel the coroutine of an async one, and
+        record it on a thread of its own.
 
         The exception is raised when the thread next runs Python code: a task
         blocked in C (a long sleep, a socket read) keeps its thread until it
@@ -911,11 +1080,16 @@ class Queue:
                 if self._held.get(job.id) is not job or job._reported:
                     return  # it ended, or reported its outcome, meanwhile
                 job._reported = True
-            del self._held[job.id]
+            self._release(job)
             stack = None
             with self._thread_lock:
                 job._interrupted = True
-                if job._thread is not None:
+                if job._coroutine is not None:
+                    stack = traceback.StackSummary.extract(((frame, frame.f_lineno)
+                                                            for frame in job._coroutine.get_stack()),
+                                                           lookup_lines=False)
+                    self._event_loop.call_soon_threadsafe(job._coroutine.cancel)
+                elif job._thread is not None:
                     frame = sys._current_frames().get(job._thread)
                     if frame is not None:  # where it was: read now, formatted by the new thread
                         stack = traceback.StackSummary.extract(traceback.walk_stack(frame),
@@ -924,7 +1098,7 @@ class Queue:
                     _raise_in_thread(job._thread, exception)
                     self._threads = [thread for thread in self._threads if thread.ident != job._thread]
             # Added before the loop can see the job gone, so that its shutdown waits for the report.
-            self._add_thread((job, error, retryable, stack))
+            self._add_thread((job, error, retryable, stack), serves=job.task_name not in self._async_tasks)
             self._idle.notify_all()
         logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
 
@@ -942,7 +1116,24 @@ class Queue:
             for job in late:
                 self._interrupt(job, TimeLimitExceeded, "TimeLimitExceeded: the job ran past its time "
                                 f"limit of {self._time_limit_of(job):g}s", True)
+            self._warn_if_loop_blocked(now)
             self._wake_timer.wait(self._next_deadline - now)
+
+    def _warn_if_loop_blocked(self, now: float) -> None:
+        """Log the job whose coroutine holds the event loop, when it has held it too long:
+        blocking code in a coroutine (time.sleep, a sync client) stalls every async job."""
+        blocked = now - self._loop_seen
+        loop = self._event_loop
+        if loop is None or blocked < LOOP_BLOCKED_WARNING or self._loop_seen == self._loop_warned:
+            return
+        self._loop_warned = self._loop_seen  # once per blocking
+        import asyncio
+
+        running = asyncio.current_task(loop)
+        culprits = [job for job in list(self._held.values()) if job._coroutine is running]
+        logger.warning("the event loop has been blocked for %.1fs by %s: a coroutine that calls "
+                       "blocking code (time.sleep, a sync client) stalls every async job", blocked,
+                       f"job {culprits[0].id} of task {culprits[0].task_name}" if culprits else "a coroutine")
 
     def _fire_schedules(self, worker: str, stopping: threading.Event) -> None:
         """Fire this queue's schedules at their ticks until stop(), racing the other workers
@@ -1224,6 +1415,26 @@ class Queue:
         """Remove every job and every structure of this queue."""
         raise NotImplementedError
 
+    # The primitives of the a* methods: each one's sync twin, without blocking the event loop.
+    # These run the twin on a thread of the loop's executor, for a client passed in that
+    # has no asyncio twin; the backends use their drivers' asyncio clients.
+
+    async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                       ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self._insert, batch, jobs)
+
+    async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self._await_outcome, job, timeout)
+
+    async def _aload(self, job_id: str) -> dict[str, Any]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self._load, job_id)
+
 
 # ---------------------------------------------------------------------------
 # Shared machinery: encoding, times, the enqueue stack, outages, dispatch
@@ -1281,6 +1492,21 @@ def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
 def _check_task_name(name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a task name must be a non-empty string, not {name!r}")
+
+
+def _one_key_each(params_list: list[JobParams | None], unique_keys: Iterable[str | None] | None
+                  ) -> list[str | None]:
+    keys: list[str | None] = [None] * len(params_list) if unique_keys is None else list(unique_keys)
+    if len(keys) != len(params_list):
+        raise ValueError(f"{len(keys)} unique_keys for {len(params_list)} jobs: give one per job")
+    return keys
+
+
+def _is_coroutine_function(function: Any) -> bool:
+    """Whether a function or method is ``async def``: read from its code's flags, which
+    spares every producer and sync worker the import of inspect or asyncio."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return code is not None and bool(code.co_flags & 0x80)  # inspect.CO_COROUTINE
 
 
 def _check_priority(priority: Any) -> int:
@@ -1699,6 +1925,7 @@ class MemoryQueue(Queue):
         self._scheduled: list[tuple[int, str]] = []    # heap of (due ms, id)
         self._unique: dict[tuple[str, str], str] = {}  # (task, unique key) -> the id that holds it
         self._schedules_fired: dict[str, dict[str, Any]] = {}  # schedule name -> its record
+        self._async_waiters: dict[str, tuple[Any, Any]] = {}  # id -> (event loop, future) of an a* waiter
         self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
         self._metrics: collections.Counter[str] = collections.Counter()  # see _observe
         self._ids = itertools.count(1)
@@ -1798,9 +2025,16 @@ class MemoryQueue(Queue):
             if job._progress_text is not None:
                 fields["progress"] = job._progress_text
             received = fields["waiter"]
-            fields["waiter"] = False
-            self._changed.notify_all()
+            self._hand_over(job.id)
             return received
+
+    def _hand_over(self, job_id: str) -> None:
+        """The job is done: its waiter, if any, gets it (an a* waiter on its own event loop)."""
+        self._jobs[job_id]["waiter"] = False
+        self._changed.notify_all()
+        loop, done = self._async_waiters.pop(job_id, (None, None))
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
     def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None) -> None:
         fields = self._jobs[job_id]
@@ -1843,6 +2077,28 @@ class MemoryQueue(Queue):
                 return None
             return self._decode(job.id, dict(fields))
 
+    async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                       ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        return self._insert(batch, jobs)  # in memory: never waits
+
+    async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._changed:
+            fields = self._jobs.get(job.id)
+            done = loop.create_future()
+            if fields is not None and fields["waiter"]:
+                self._async_waiters[job.id] = (loop, done)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done, timeout)
+        with self._changed:
+            self._async_waiters.pop(job.id, None)
+        return self._await_outcome(job, 0)  # under the lock: the outcome, or the waiter withdrawn
+
+    async def _aload(self, job_id: str) -> dict[str, Any]:
+        return self._load(job_id)
+
     def _save_progress(self, progress: dict[Job, str]) -> None:
         with self._changed:
             for job, text in progress.items():
@@ -1858,8 +2114,7 @@ class MemoryQueue(Queue):
             state = fields["state"]
             if state == JOB_STATE_ENQUEUED:
                 self._done(job_id, None, f"{CANCELLED} before it ran", None)
-                fields["waiter"] = False
-                self._changed.notify_all()
+                self._hand_over(job_id)
             elif state == JOB_STATE_RUNNING:
                 fields["cancel"] = True
             return state != JOB_STATE_DONE
@@ -2502,6 +2757,12 @@ class RedisQueue(Queue):
         super().__init__(**options)
         redis = _require("redis", "redis")
         self._owns_client = client is None  # close() leaves a client passed in to its owner
+        # The a* methods make asyncio clients like the one made from the URL; with a client
+        # passed in, they run the sync calls on the loop's executor.
+        self._url = None if client is not None else url or "redis://localhost:6379/0"
+        self._redis, self._connect_timeout = redis, connect_timeout
+        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._aspare: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         if client is None:
             # No automatic retries: a retried enqueue whose reply was lost would store it twice.
             # No pool limit (redis-py 8 sets 100): each enqueue_wait caller holds a connection
@@ -2551,22 +2812,38 @@ class RedisQueue(Queue):
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        return [job for args, some in self._enqueue_calls(batch, jobs)
+                for job in self._stored(self._enqueue_script([self._key("seq")], args), some)]
+
+    async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                       ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        if self._url is None:
+            return await super()._ainsert(batch, jobs)
+        seq = [self._key("seq")]
+        return [job for args, some in self._enqueue_calls(batch, jobs)
+                for job in self._stored(await self._ascript(_REDIS_ENQUEUE, seq, args), some)]
+
+    def _enqueue_calls(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                       ) -> list[tuple[list[Any], list[tuple[str, str | None]]]]:
+        """The enqueue script's arguments for each 1000 jobs (well below Lua's limits), with those jobs."""
         waiter = "" if batch.waiter_timeout is None else str(int(batch.waiter_timeout * 1000))
         limit = "" if batch.time_limit is None else repr(batch.time_limit)
-        stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]] = []
-        # Batches stay well below Lua's limits on arguments and stack.
-        for start in range(0, len(jobs), 1000):
-            some = jobs[start:start + 1000]
-            now, first, due, held = self._enqueue_script(
-                [self._key("seq")],
-                [self._prefix, batch.task, batch.stack, waiter, int(batch.delay * 1000), limit,
-                 batch.priority, *itertools.chain.from_iterable((text, key or "") for text, key in some)])
-            enqueued, scheduled = _time(now), _time(due)
-            assert enqueued is not None
-            holders = {int(index): (_text(job_id), _pairs(fields)) for index, job_id, fields in held}
-            for i in range(1, len(some) + 1):
-                job_id, fields = holders.get(i, (str(int(first) + i - 1), None))
-                stored.append((job_id, enqueued, scheduled, fields))
+        head = [self._prefix, batch.task, batch.stack, waiter, int(batch.delay * 1000), limit, batch.priority]
+        return [([*head, *itertools.chain.from_iterable((text, key or "") for text, key in some)], some)
+                for some in (jobs[start:start + 1000] for start in range(0, len(jobs), 1000))]
+
+    @staticmethod
+    def _stored(reply: Any, some: list[tuple[str, str | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        """What _insert returns, from the enqueue script's reply for ``some`` jobs."""
+        now, first, due, held = reply
+        enqueued, scheduled = _time(now), _time(due)
+        assert enqueued is not None
+        holders = {int(index): (_text(job_id), _pairs(fields)) for index, job_id, fields in held}
+        stored = []
+        for i in range(1, len(some) + 1):
+            job_id, fields = holders.get(i, (str(int(first) + i - 1), None))
+            stored.append((job_id, enqueued, scheduled, fields))
         return stored
 
     def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
@@ -2650,6 +2927,71 @@ class RedisQueue(Queue):
         payload = popped[1] if popped else self._withdraw_script([self._key("job", job.id)],
                                                                  [self._prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
+
+    async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
+        if self._url is None:
+            return await super()._aawait_outcome(job, timeout)
+        popped = (await self._aclient().blpop([self._key("outcome", job.id)], timeout)
+                  if timeout >= 0.001 else None)
+        payload = popped[1] if popped else await self._ascript(_REDIS_WITHDRAW, [self._key("job", job.id)],
+                                                               [self._prefix, job.id])
+        return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
+
+    async def _aload(self, job_id: str) -> dict[str, Any]:
+        if self._url is None:
+            return await super()._aload(job_id)
+        try:
+            fields = await self._aclient().hgetall(self._key("job", job_id))
+        except self._response_error:
+            raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
+        if not fields:
+            raise NoSuchJobError()
+        return _pairs(fields)
+
+    def _aclient(self) -> Any:
+        """The client of the running event loop (asyncio clients are bound to one), made on first use."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            redis = self._redis
+            # As the sync client, but no read timeout: BLPOP waits as long as asked.
+            client = self._aclients[loop] = redis.asyncio.Redis.from_url(
+                self._url, decode_responses=True, socket_connect_timeout=self._connect_timeout,
+                max_connections=2**31, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
+            self._aspare[client] = []
+        return client
+
+    async def _ascript(self, text: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script on a connection of the loop's client, as _Connections does for the sync
+        one: packed here, without redis-py's per-command costs."""
+        client = self._aclient()
+        spare = self._aspare[client]
+        try:
+            conn = spare.pop()
+        except IndexError:
+            try:
+                conn = await client.connection_pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                conn = await client.connection_pool.get_connection("EVALSHA")
+        try:
+            command = _resp(["EVALSHA", _sha1(text), len(keys), *keys, *args])
+            await conn.send_packed_command(command)
+            try:
+                return await conn.read_response()
+            except self._redis.exceptions.NoScriptError:  # the server restarted or flushed its scripts
+                await conn.send_packed_command(_resp(["SCRIPT", "LOAD", text]))
+                await conn.read_response()
+                await conn.send_packed_command(command)
+                return await conn.read_response()
+        except self._response_error:
+            raise  # the error reply was read: the connection is clean
+        except BaseException:
+            await conn.disconnect()  # a reply may be unread: it reconnects on its next use
+            raise
+        finally:
+            spare.append(conn)  # kept for the next script: no pool checkout per call
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         cancelled = self._heartbeat_script(
@@ -2782,7 +3124,7 @@ class _Connections:
         self._spare: list[Any] = []
 
     def script(self, text: str) -> Callable[[list[str], list[Any]], Any]:
-        sha = hashlib.sha1(text.encode()).hexdigest()
+        sha = _sha1(text)
 
         def run(keys: list[str], args: list[Any]) -> Any:
             return self.command("EVALSHA", sha, len(keys), *keys, *args, script=text)
@@ -2859,6 +3201,11 @@ class _Connections:
                 self._pool.release(conn)
 
 
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 class _NoAnswer(Exception):
     """A command was sent to Redis and its reply never came: whether it ran is unknown."""
 
@@ -2918,6 +3265,12 @@ class MongoQueue(Queue):
         pymongo = _require("pymongo", "mongo")
         url = url or "mongodb://localhost:27017"
         self._owns_client = client is None  # close() leaves a client passed in to its owner
+        # The a* methods make pymongo's asyncio clients (4.9 and later) like the one made from
+        # the URL; with a client passed in, or an older pymongo, they run the sync calls on
+        # the loop's executor.
+        self._url = url if client is None and hasattr(pymongo, "AsyncMongoClient") else None
+        self._pymongo, self._connect_timeout = pymongo, connect_timeout
+        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if client is None:
             client = pymongo.MongoClient(url, tz_aware=True,
                                          serverSelectionTimeoutMS=int(connect_timeout * 1000),
@@ -3125,24 +3478,75 @@ class MongoQueue(Queue):
         return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        deadline = time.monotonic() + timeout
-        pause = 0.005
+        # Poll the job, from 5 ms backing off to poll_interval; on a timeout withdraw the
+        # waiter, unless the outcome was handed meanwhile.
+        query = {"_id": self._object_id_class(job.id)}
+        deadline, pause = time.monotonic() + timeout, 0.005
         while True:
-            doc = self._jobs.find_one({"_id": self._object_id_class(job.id)})
-            if doc is not None and doc["state"] == JOB_STATE_DONE and not doc.get("waiter"):
-                return self._decode(job.id, _mongo_fields(doc))
-            if time.monotonic() + pause > deadline:
+            doc = self._jobs.find_one(query)
+            if self._handed(doc) or time.monotonic() + pause > deadline:
                 break
             time.sleep(pause)
             pause = min(pause * 2, self.poll_interval)
-        withdrawn = self._jobs.update_one({"_id": self._object_id_class(job.id), "waiter": True},
-                                          {"$set": {"waiter": False}})
-        if withdrawn.modified_count or doc is None:
+        if not self._handed(doc) and (self._jobs.update_one({**query, "waiter": True},
+                                                            {"$set": {"waiter": False}}).modified_count
+                                      or doc is None):
             return None
-        try:
-            return self._decode(job.id, self._load(job.id))
-        except NoSuchJobError:  # deleted meanwhile
+        return self._outcome(job, doc if self._handed(doc) else self._jobs.find_one(query))
+
+    async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
+        if self._url is None:
+            return await super()._aawait_outcome(job, timeout)
+        import asyncio
+
+        jobs, query = self._ajobs(), {"_id": self._object_id_class(job.id)}
+        deadline, pause = time.monotonic() + timeout, 0.005
+        while True:
+            doc = await jobs.find_one(query)
+            if self._handed(doc) or time.monotonic() + pause > deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.poll_interval)
+        if not self._handed(doc) and ((await jobs.update_one({**query, "waiter": True},
+                                                             {"$set": {"waiter": False}})).modified_count
+                                      or doc is None):
             return None
+        return self._outcome(job, doc if self._handed(doc) else await jobs.find_one(query))
+
+    @staticmethod
+    def _handed(doc: dict[str, Any] | None) -> bool:
+        return doc is not None and doc["state"] == JOB_STATE_DONE and not doc.get("waiter")
+
+    def _outcome(self, job: Job, doc: dict[str, Any] | None) -> Job | None:
+        return None if doc is None else self._decode(job.id, _mongo_fields(doc))  # None: deleted meanwhile
+
+    async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
+                       ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        if self._url is None or any(key for _, key in jobs):  # unique keys: the executor's thread
+            return await super()._ainsert(batch, jobs)
+        now, due, docs = self._documents(batch, [text for text, _ in jobs])
+        ids = (await self._ajobs().insert_many(docs)).inserted_ids
+        return [(str(job_id), now, due if batch.delay else None, None) for job_id in ids]
+
+    async def _aload(self, job_id: str) -> dict[str, Any]:
+        if self._url is None:
+            return await super()._aload(job_id)
+        doc = await self._ajobs().find_one({"_id": self._object_id(job_id)})
+        if doc is None:
+            raise NoSuchJobError()
+        return _mongo_fields(doc)
+
+    def _ajobs(self) -> Any:
+        """The jobs collection through the running event loop's asyncio client, made on first use."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            ms = int(self._connect_timeout * 1000)
+            client = self._aclients[loop] = self._pymongo.AsyncMongoClient(
+                self._url, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms)
+        return client[self._jobs.database.name][self._jobs.name]
 
     def _expiry(self) -> dict[str, datetime]:
         return {"expires": _utc_now(self.result_ttl)} if self.result_ttl else {}

@@ -1664,6 +1664,228 @@ def test_unique_key_races_between_processes_give_one_job(backend: str, request: 
 
 
 # ---------------------------------------------------------------------------
+# asyncio: async def tasks in the worker, and the a* methods for producers
+# ---------------------------------------------------------------------------
+
+def test_async_tasks_run_on_the_worker_loop_beside_sync_ones(queue: Queue, task: TestTask) -> None:
+    import asyncio
+
+    loops: set[int] = set()
+
+    @queue.task()
+    async def fetch(url: str) -> str:
+        loops.add(id(asyncio.get_running_loop()))
+        await asyncio.sleep(0.01)
+        return f"<{url}>"
+
+    class Crawl(Task):
+        name = "crawl"
+
+        async def run(self, job: Job) -> None:
+            await asyncio.sleep(0.01)
+            job.set_progress(1)
+            job.success(job.params["depth"] + 1)
+
+    queue.register_task(Crawl())
+    assert type(queue._tasks["fetch"]).__name__ == "AsyncFunctionTask"
+    with running(queue):
+        assert queue.enqueue_wait("fetch", {"url": "a"}, timeout=5).result() == "<a>"
+        done = queue.enqueue_wait("crawl", {"depth": 1}, timeout=5)
+        assert done.result() == 2 and done.progress == 1
+        assert queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+        jobs = queue.enqueue_many("fetch", [{"url": str(i)} for i in range(load(queue, 200))])
+        assert wait_until(lambda: all(queue.retrieve_job(j.id).status.state == JOB_STATE_DONE
+                                      for j in jobs), 30)
+    assert len(loops) == 1  # one event loop, the worker's
+
+
+def test_async_concurrency_bounds_the_coroutines_and_threads_run_beside(new_queue: Any) -> None:
+    import asyncio
+
+    queue = new_queue(concurrency=2, async_concurrency=5)
+    queue.reset_storage()
+    running_now, most = [0], [0]
+
+    @queue.task()
+    async def nap() -> None:
+        running_now[0] += 1
+        most[0] = max(most[0], running_now[0])
+        await asyncio.sleep(0.2)
+        running_now[0] -= 1
+
+    together = threading.Barrier(3, timeout=10)
+
+    @queue.task()
+    def meet() -> None:
+        together.wait()  # two worker threads and this test meet while coroutines run
+
+    naps = queue.enqueue_many("nap", [{} for _ in range(12)])
+    queue.enqueue_many("meet", [{}, {}])
+    with running(queue):
+        together.wait()
+        assert wait_until(lambda: all(queue.retrieve_job(j.id).status.state == JOB_STATE_DONE
+                                      for j in naps), 20)
+    assert most[0] == 5
+
+
+def test_async_tasks_time_out_are_cancelled_and_retried(new_queue: Any) -> None:
+    import asyncio
+
+    queue = new_queue(lease_timeout=1.5)
+    queue.reset_storage()
+    cancelled: list[str] = []
+
+    @queue.task(time_limit=0.3)
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+
+    @queue.task()
+    async def forever() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+
+    @queue.task(max_retries=1, retry_delay=0.01)
+    async def flaky() -> str:
+        if not cancelled.count("flaky"):
+            cancelled.append("flaky")
+            raise ValueError("once")
+        return "twice"
+
+    with running(queue):
+        timed = queue.enqueue("slow")
+        failed_with(queue, timed.id, "TimeLimitExceeded: the job ran past its time limit of 0.3s", 3)
+        assert queue.retrieve_job(timed.id).traceback is not None
+        assert wait_until(lambda: "slow" in cancelled)
+        endless = queue.enqueue("forever")
+        assert wait_until(lambda: queue.retrieve_job(endless.id).status.state == JOB_STATE_RUNNING)
+        queue.cancel_job(endless.id)
+        failed_with(queue, endless.id, "cancelled while running", 3)
+        assert queue.enqueue_wait("flaky", timeout=5).result() == "twice"
+
+
+def test_a_coroutine_that_blocks_the_loop_is_named_in_the_log(queue: Queue,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    @queue.task()
+    async def sleepy() -> None:
+        time.sleep(1.5)  # blocks the worker's event loop
+
+    with running(queue):
+        job = queue.enqueue("sleepy")
+        assert wait_until(lambda: "blocked" in caplog.text, 5), caplog.text
+        assert f"job {job.id} of task sleepy" in caplog.text
+        assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE)
+
+
+def test_the_a_methods_enqueue_wait_and_retrieve(queue: Queue, task: TestTask) -> None:
+    import asyncio
+
+    async def produce() -> None:
+        job = await queue.aenqueue("test-task", {"n": 1}, priority=3)
+        assert (await queue.aretrieve_job(job.id)).params == {"n": 1} and job.priority == 3
+        jobs = await queue.aenqueue_many("test-task", [{"n": 2}, {"n": 3}], unique_keys=["k", "k"])
+        assert jobs[0].id == jobs[1].id
+        with pytest.raises(TypeError):
+            await queue.aenqueue("test-task", {"bad": object()})
+        with pytest.raises(NoSuchJobError):
+            await queue.aretrieve_job("404")
+        with pytest.raises(QueueWaitTimeoutError):
+            await queue.aenqueue_wait("nobody", timeout=0.2)
+        done = await queue.aenqueue_wait("test-task", {"n": 4}, timeout=10)
+        assert done.result() == "my result"
+
+    with running(queue):
+        asyncio.run(produce())
+    assert sorted(p.get("n") for p in task.params) == [1, 2, 4]
+
+
+def test_a_thousand_concurrent_aenqueue_waits_on_a_handful_of_threads(queue: Queue) -> None:
+    import asyncio
+
+    @queue.task()
+    async def double(n: int) -> int:
+        return 2 * n
+
+    calls = load(queue, 1000)
+
+    async def produce() -> tuple[list[int], int]:
+        threads = [0]
+
+        async def one(n: int) -> int:
+            job = await queue.aenqueue_wait("double", {"n": n}, timeout=60)
+            threads[0] = max(threads[0], threading.active_count())
+            return int(job.result())
+        return await asyncio.gather(*(one(n) for n in range(calls))), threads[0]
+
+    before = threading.active_count()
+    with running(queue):
+        results, threads = asyncio.run(produce())
+    assert results == [2 * n for n in range(calls)]
+    # The worker's threads, heartbeat, timer and event loop (and the thread it runs on), and the
+    # producer loop's executor (at most min(32, CPUs + 4) threads: asyncio resolves host names on
+    # it, and the a* methods of a client passed in, the cluster's, run there): no thread per call.
+    executor = min(32, (os.cpu_count() or 1) + 4)
+    assert threads - before <= queue.concurrency + 4 + executor, threads
+
+
+def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue) -> None:
+    import asyncio
+
+    acked: list[bool] = []
+
+    class Slow(Task):
+        name = "slow"
+
+        def run(self, job: Job) -> None:
+            time.sleep(0.3)
+            acked.append(job.success("late"))
+
+    queue.register_task(Slow())
+
+    async def impatient() -> None:
+        waiting = asyncio.ensure_future(queue.aenqueue_wait("slow", timeout=10))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    with running(queue):
+        asyncio.run(impatient())
+        assert wait_until(lambda: acked == [False])  # the caller had withdrawn: nobody received it
+
+
+FASTAPI_STYLE_EXAMPLE = """
+import monsterqueue
+
+queue = monsterqueue.Queue(URL)
+
+async def thumbnail(request):                      # e.g. @app.post("/thumbnails") in FastAPI
+    job = await queue.aenqueue_wait("resize", {"path": request["path"]}, timeout=10)
+    return {"job": job.id, "thumbnail": job.result()}
+"""
+
+
+def test_the_readme_s_fastapi_style_handler(queue: Queue) -> None:
+    import asyncio
+
+    namespace: dict[str, Any] = {}
+    exec(FASTAPI_STYLE_EXAMPLE.replace("monsterqueue.Queue(URL)", "QUEUE"), {"QUEUE": queue}, namespace)
+    assert FASTAPI_STYLE_EXAMPLE.strip() in (HERE / "README.md").read_text()
+
+    @queue.task()
+    async def resize(path: str) -> str:
+        return path.replace(".png", ".small.png")
+
+    with running(queue):
+        answers = asyncio.run(asyncio.wait_for(asyncio.gather(
+            *(namespace["thumbnail"]({"path": f"{i}.png"}) for i in range(20))), 30))
+    assert [answer["thumbnail"] for answer in answers] == [f"{i}.small.png" for i in range(20)]
+
+
+# ---------------------------------------------------------------------------
 # The command line, on the server backends
 # ---------------------------------------------------------------------------
 
