@@ -440,6 +440,8 @@ class Queue:
         self._event_loop: Any = None              # the worker's asyncio loop, once an async job ran
         self._loop_seen = 0.0                     # time.monotonic() when that loop last ran its check
         self._loop_warned = 0.0                   # _loop_seen when the timer last warned of a block
+        # Event loop -> the asyncio client of the server the a* methods use on it.
+        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._report_lock = threading.Lock()      # guards Job._reported
         # Guards Job._thread and _interrupted. A plain lock, unlike the Condition above: its
         # acquire and release are C calls, so an interrupt can't land between them and leave
@@ -910,21 +912,22 @@ class Queue:
         sync_names = [name for name in self._tasks if name not in self._async_tasks]
         async_names = [name for name in self._tasks if name in self._async_tasks]
 
-        def startable() -> list[tuple[list[str], int]]:
+        def free() -> tuple[int, int]:  # places for the kinds of tasks this worker runs
             threads, coroutines = self._free()
-            return [(names, free) for names, free in ((sync_names, threads), (async_names, coroutines))
-                    if names and free > 0]
+            return threads if sync_names else 0, coroutines if async_names else 0
         with self._idle:
-            self._idle.wait_for(lambda: startable() or stopping.is_set() or not self._tasks)
+            self._idle.wait_for(lambda: max(free()) > 0 or stopping.is_set() or not self._tasks)
             # Short jobs free their threads one at a time: wait a moment for half of them,
             # to claim them in one round trip and wake this loop once, not once per job.
             batch = max(self.concurrency // 2, 1)
-            if sync_names and not async_names and self._free()[0] < batch:
-                self._idle.wait_for(lambda: self._free()[0] >= batch or stopping.is_set(), CLAIM_LINGER)
-            kinds = startable()
-        if stopping.is_set() or not kinds:
+            if not async_names and free()[0] < batch:
+                self._idle.wait_for(lambda: free()[0] >= batch or stopping.is_set(), CLAIM_LINGER)
+            threads, coroutines = free()
+        if stopping.is_set():
             return [], 0
-        return [name for names, _ in kinds for name in names], min(free for _, free in kinds)
+        if threads > 0 and coroutines > 0:
+            return sync_names + async_names, min(threads, coroutines)
+        return (sync_names, threads) if threads > 0 else (async_names, coroutines)
 
     def _release(self, job: Job) -> None:
         """Take an ended or interrupted job off this worker, and wake the loop if it may be
@@ -1434,6 +1437,17 @@ class Queue:
         import asyncio
 
         return await asyncio.get_running_loop().run_in_executor(None, self._load, job_id)
+
+    def _loop_client(self, make: Callable[[], Any]) -> Any:
+        """The running event loop's asyncio client of the server, made on first use: a driver's
+        asyncio client is bound to the loop it first ran on."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = self._aclients[loop] = make()
+        return client
 
 
 # ---------------------------------------------------------------------------
@@ -2761,7 +2775,6 @@ class RedisQueue(Queue):
         # passed in, they run the sync calls on the loop's executor.
         self._url = None if client is not None else url or "redis://localhost:6379/0"
         self._redis, self._connect_timeout = redis, connect_timeout
-        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._aspare: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         if client is None:
             # No automatic retries: a retried enqueue whose reply was lost would store it twice.
@@ -2949,25 +2962,17 @@ class RedisQueue(Queue):
         return _pairs(fields)
 
     def _aclient(self) -> Any:
-        """The client of the running event loop (asyncio clients are bound to one), made on first use."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            redis = self._redis
-            # As the sync client, but no read timeout: BLPOP waits as long as asked.
-            client = self._aclients[loop] = redis.asyncio.Redis.from_url(
-                self._url, decode_responses=True, socket_connect_timeout=self._connect_timeout,
-                max_connections=2**31, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
-            self._aspare[client] = []
-        return client
+        redis = self._redis
+        # As the sync client, but no read timeout: BLPOP waits as long as asked.
+        return self._loop_client(lambda: redis.asyncio.Redis.from_url(
+            self._url, decode_responses=True, socket_connect_timeout=self._connect_timeout,
+            max_connections=2**31, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)))
 
     async def _ascript(self, text: str, keys: list[str], args: list[Any]) -> Any:
         """Run a script on a connection of the loop's client, as _Connections does for the sync
         one: packed here, without redis-py's per-command costs."""
         client = self._aclient()
-        spare = self._aspare[client]
+        spare = self._aspare.setdefault(client, [])
         try:
             conn = spare.pop()
         except IndexError:
@@ -3270,7 +3275,6 @@ class MongoQueue(Queue):
         # the loop's executor.
         self._url = url if client is None and hasattr(pymongo, "AsyncMongoClient") else None
         self._pymongo, self._connect_timeout = pymongo, connect_timeout
-        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if client is None:
             client = pymongo.MongoClient(url, tz_aware=True,
                                          serverSelectionTimeoutMS=int(connect_timeout * 1000),
@@ -3537,15 +3541,10 @@ class MongoQueue(Queue):
         return _mongo_fields(doc)
 
     def _ajobs(self) -> Any:
-        """The jobs collection through the running event loop's asyncio client, made on first use."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            ms = int(self._connect_timeout * 1000)
-            client = self._aclients[loop] = self._pymongo.AsyncMongoClient(
-                self._url, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms)
+        """The jobs collection, through the running event loop's asyncio client."""
+        ms = int(self._connect_timeout * 1000)
+        client = self._loop_client(lambda: self._pymongo.AsyncMongoClient(
+            self._url, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms))
         return client[self._jobs.database.name][self._jobs.name]
 
     def _expiry(self) -> dict[str, datetime]:

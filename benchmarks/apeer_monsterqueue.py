@@ -1,17 +1,13 @@
 """monsterqueue adapter for async_bench.py, written against the public asyncio API only."""
 import os
-import signal
 import sys
-import threading
 
 # Work from a plain checkout too (without `pip install -e .`).
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import task_result
+from peer_monsterqueue import serve
 
 import monsterqueue
-
-if not hasattr(monsterqueue.Queue, "aenqueue"):
-    raise ImportError(f"{monsterqueue.__file__} has no asyncio API (Queue.aenqueue) yet")
 
 THREADS = 8
 VERSION = monsterqueue.__version__
@@ -62,17 +58,4 @@ class Client:
 
 
 def worker(url, concurrency):
-    q = make_queue(url, concurrency)
-    stop = threading.Event()
-
-    def run():
-        # stop() waits for process_loop to return: run the loop on another thread.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        loop = threading.Thread(target=q.process_loop)
-        loop.start()
-        stop.wait()
-        q.stop()
-        loop.join()
-        q.close()
-
-    return run
+    return serve(make_queue(url, concurrency))

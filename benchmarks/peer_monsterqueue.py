@@ -69,7 +69,11 @@ class Client(SyncClient):
 
 
 def worker(url, variant, threads):
-    q = make_queue(url, threads)
+    return serve(make_queue(url, threads))
+
+
+def serve(q):
+    """The body of a worker process of ``q``: until SIGTERM, process_loop, then stop."""
     stop = threading.Event()
 
     def run():
