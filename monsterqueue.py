@@ -869,8 +869,11 @@ class Queue:
             if self._event_loop is not None:
                 loop, self._event_loop = self._event_loop, None
                 loop.call_soon_threadsafe(loop.stop)
-                self._loop_runner.join()
-                loop.close()
+                self._loop_runner.join(IDLE_WAKE_INTERVAL)
+                if self._loop_runner.is_alive():  # a coroutine blocks it (interrupted long since)
+                    logger.error("the event loop of the async tasks is still blocked: left behind")
+                else:
+                    loop.close()
             # Else it is dropped three leases later.
             with contextlib.suppress(Exception), self._server():
                 self._retire(worker)
@@ -957,6 +960,9 @@ class Queue:
         with self._idle:
             if limit:
                 job._deadline = time.monotonic() + limit
+            earlier = self._held.get(job_id)  # a run of it whose lease ran out, redelivered here
+            if earlier is not None and earlier.task_name in self._async_tasks:
+                self._async_held -= 1  # its entry is replaced: _release will skip it
             self._held[job_id] = job
             self._async_held += coroutine
         if job._deadline < self._next_deadline:
@@ -1035,13 +1041,13 @@ class Queue:
             self._loop_runner = threading.Thread(target=self._event_loop.run_forever,
                                                  name="monsterqueue-loop", daemon=True)
             self._loop_runner.start()
-            self._event_loop.call_soon_threadsafe(self._loop_check)
+            self._event_loop.call_soon_threadsafe(self._loop_check, self._event_loop)
         return self._event_loop
 
-    def _loop_check(self) -> None:
+    def _loop_check(self, loop: Any) -> None:
         """Note that the loop runs, again and again: the timer thread reads it to tell a blocked loop."""
         self._loop_seen = time.monotonic()
-        self._event_loop.call_later(LOOP_BLOCKED_WARNING / 5, self._loop_check)
+        loop.call_later(LOOP_BLOCKED_WARNING / 5, self._loop_check, loop)
 
     def _spawn(self, job: Job) -> None:
         with self._thread_lock:  # guards _coroutine and _interrupted, as for threads
@@ -1057,8 +1063,9 @@ class Queue:
         logger.info("job %s (%s) started", job.id, job.task_name)
         try:
             await self._tasks[job.task_name].run(job)  # type: ignore[misc]
-        except asyncio.CancelledError:
-            pass  # interrupted: the interrupting side records the outcome
+        except asyncio.CancelledError as exc:
+            if not job._interrupted:  # cancelled by the task's own code: a failure like any other
+                job.error(exc)
         except BaseException as exc:  # a task must never take its worker down
             logger.exception("task %s failed on job %s", job.task_name, job.id)
             job.error(exc)
@@ -2072,7 +2079,7 @@ class MemoryQueue(Queue):
                 return None
             if fields.get("cancel"):  # cancelled while it ran: done, not retried
                 self._done(job.id, None, f"{CANCELLED} while running", traceback)
-                self._changed.notify_all()
+                self._hand_over(job.id)
                 return True
             due = _now_ms() + int(delay * 1000)
             fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
@@ -2104,10 +2111,14 @@ class MemoryQueue(Queue):
             done = loop.create_future()
             if fields is not None and fields["waiter"]:
                 self._async_waiters[job.id] = (loop, done)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(done, timeout)
-        with self._changed:
-            self._async_waiters.pop(job.id, None)
+            else:  # handed over already, or gone
+                done.set_result(None)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done, timeout)
+        finally:
+            with self._changed:
+                self._async_waiters.pop(job.id, None)
         return self._await_outcome(job, 0)  # under the lock: the outcome, or the waiter withdrawn
 
     async def _aload(self, job_id: str) -> dict[str, Any]:
@@ -2980,20 +2991,36 @@ class RedisQueue(Queue):
                 conn = await client.connection_pool.get_connection()
             except TypeError:  # redis-py before 5.3 wants a command name
                 conn = await client.connection_pool.get_connection("EVALSHA")
+        sent = False
         try:
+            if time.monotonic() - getattr(conn, "monsterqueue_used", 0.0) > IDLE_WAKE_INTERVAL:
+                await conn.connect()  # a no-op on a live connection
+                try:  # closed by its server meanwhile (as _Connections.command checks)
+                    closed = await conn.can_read_destructive()
+                except self._server_errors:
+                    closed = True
+                if closed:
+                    await conn.disconnect()
             command = _resp(["EVALSHA", _sha1(text), len(keys), *keys, *args])
             await conn.send_packed_command(command)
+            sent = True
             try:
-                return await conn.read_response()
+                reply = await conn.read_response()
             except self._redis.exceptions.NoScriptError:  # the server restarted or flushed its scripts
+                sent = False
                 await conn.send_packed_command(_resp(["SCRIPT", "LOAD", text]))
                 await conn.read_response()
                 await conn.send_packed_command(command)
-                return await conn.read_response()
+                sent = True
+                reply = await conn.read_response()
+            conn.monsterqueue_used = time.monotonic()
+            return reply
         except self._response_error:
             raise  # the error reply was read: the connection is clean
-        except BaseException:
+        except BaseException as exc:
             await conn.disconnect()  # a reply may be unread: it reconnects on its next use
+            if sent and isinstance(exc, self._server_errors):
+                raise _NoAnswer(_describe(exc)) from exc
             raise
         finally:
             spare.append(conn)  # kept for the next script: no pool checkout per call
@@ -3355,8 +3382,8 @@ class MongoQueue(Queue):
                 job_id = self._jobs.insert_one({**doc, **extra}).inserted_id
                 return str(job_id), now, due if batch.delay else None, None
             except self._duplicate as exc:
-                if unique_key is None or "periodic" in str(exc.details):
-                    raise
+                if unique_key is None or "periodic" in (exc.details or {}).get("keyPattern", {"periodic": 1}):
+                    raise  # this tick's job exists (or the server didn't say which index refused it)
             holder = self._jobs.find_one({"task": batch.task, "unique": unique_key})
             if holder is not None:  # else it finished meanwhile: the key is free
                 return str(holder["_id"]), now, None, _mongo_fields(holder)
