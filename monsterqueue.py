@@ -2995,8 +2995,11 @@ class RedisQueue(Queue):
         try:
             if time.monotonic() - getattr(conn, "monsterqueue_used", 0.0) > IDLE_WAKE_INTERVAL:
                 await conn.connect()  # a no-op on a live connection
-                try:  # closed by its server meanwhile (as _Connections.command checks)
-                    closed = await conn.can_read_destructive()
+                # Closed by its server meanwhile (as _Connections.command checks)? redis-py 8
+                # renamed the check.
+                check = getattr(conn, "can_read", None) or conn.can_read_destructive
+                try:
+                    closed = await check()
                 except self._server_errors:
                     closed = True
                 if closed:

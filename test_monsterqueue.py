@@ -1846,7 +1846,8 @@ def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue) -> N
     queue.register_task(Slow())
 
     async def impatient() -> None:
-        waiting = asyncio.ensure_future(queue.aenqueue_wait("slow", timeout=10))
+        # (Shorter than a cluster client's 5 s read timeout: its a* methods wait on the executor.)
+        waiting = asyncio.ensure_future(queue.aenqueue_wait("slow", timeout=3))
         await asyncio.sleep(0.1)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
