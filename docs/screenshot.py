@@ -43,6 +43,13 @@ def fill(queue: monsterqueue.Queue) -> None:
                 time.sleep(0.05)
 
     queue.register_task(Report())
+
+    @queue.periodic("0 3 * * MON-FRI", name="nightly-cleanup")
+    def cleanup() -> None: ...
+
+    @queue.periodic(every=60.0)
+    def sync_stock() -> None: ...
+
     queue.enqueue_many("resize", [{"width": 200 + 37 * i} for i in range(60)])
     queue.enqueue_many("charge", [{"cents": 100 + i} for i in range(40)])
     queue.enqueue("report", {"month": "2026-10"})
@@ -61,7 +68,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,900",
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,1100",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tempfile.mkdtemp()}"):
         options.add_argument(flag)
