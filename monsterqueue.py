@@ -1021,11 +1021,20 @@ class Queue:
                 with self._thread_lock:  # from here on no interrupt is raised in this thread
                     job._thread = None
         except BaseException as exc:  # a task must never take its worker down
-            if not job._interrupted:
-                logger.exception("task %s failed on job %s", job.task_name, job.id)
-            job.error(exc)
+            self._ran(job, exc)
         else:
-            job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
+            self._ran(job, None)
+
+    def _ran(self, job: Job, exc: BaseException | None) -> None:
+        """Record how a run ended: its exception, or no result if the task reported none (and
+        nothing if it was interrupted, which recorded it); then free its place."""
+        try:
+            if exc is None:
+                job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
+            else:
+                if not job._interrupted:
+                    logger.error("task %s failed on job %s", job.task_name, job.id, exc_info=exc)
+                job.error(exc)  # a no-op if interrupted
         finally:
             with self._idle:
                 self._release(job)
@@ -1057,23 +1066,14 @@ class Queue:
     async def _arun(self, job: Job) -> None:
         """Run a job of an async task: the twin of _run for coroutines, cancelled where _run's
         thread has an exception raised in it."""
-        import asyncio
-
         job._began = time.monotonic()
         logger.info("job %s (%s) started", job.id, job.task_name)
         try:
             await self._tasks[job.task_name].run(job)  # type: ignore[misc]
-        except asyncio.CancelledError as exc:
-            if not job._interrupted:  # cancelled by the task's own code: a failure like any other
-                job.error(exc)
-        except BaseException as exc:  # a task must never take its worker down
-            logger.exception("task %s failed on job %s", job.task_name, job.id)
-            job.error(exc)
+        except BaseException as exc:  # CancelledError too: interrupted, or by the task's own code
+            self._ran(job, exc)
         else:
-            job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
-        finally:
-            with self._idle:
-                self._release(job)
+            self._ran(job, None)
 
     def _interrupt(self, job: Job, exception: type[BaseException], error: str, retryable: bool) -> None:
         """Raise ``exception`` in a running job's thread, and replace that thread with one that
