@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 
 import redis
 from redis.connection import parse_url
@@ -160,22 +159,10 @@ def main():
             print(f"skipping {p}: {e}", file=sys.stderr)
             peers.remove(p)
 
-    results, failed = {p: [] for p in peers}, {}
-    for r in range(args.repeats):
-        k = r % len(peers)
-        for p in peers[k:] + peers[:k]:
-            if p in failed:
-                continue
-            try:
-                res = run_cycle(p, args)
-            except Exception as e:  # one broken peer shouldn't sink the others' numbers
-                traceback.print_exc()
-                failed[p] = f"failed in repeat {r + 1} ({type(e).__name__}: {e}); dropped from the run"
-                continue
-            results[p].append(res)
-            print(f"[repeat {r + 1}/{args.repeats}] {p:12} enqueue {res['enqueue']:8,.0f}/s  "
-                  f"process {res['process']:7,.0f}/s  wait p50 {res['p50']:7.2f} ms "
-                  f"p95 {res['p95']:7.2f} ms {res['note']}", file=sys.stderr, flush=True)
+    results, failed = bench.run_repeats(
+        peers, args.repeats, lambda p: run_cycle(p, args),
+        lambda res: f"enqueue {res['enqueue']:8,.0f}/s  process {res['process']:7,.0f}/s  wait p50 "
+                    f"{res['p50']:7.2f} ms p95 {res['p95']:7.2f} ms {res['note']}")
 
     def med(p, key):
         vals = [r[key] for r in results.get(p, [])]

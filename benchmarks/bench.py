@@ -113,6 +113,26 @@ class Worker:
                 self.proc.wait()
 
 
+def run_repeats(peers, repeats, cycle, describe):
+    """Run cycle(peer) for each peer in turn, starting one further along each repeat; return
+    each peer's results and the peers dropped (one broken peer shouldn't sink the others)."""
+    results, failed = {p: [] for p in peers}, {}
+    for r in range(repeats):
+        k = r % len(peers)
+        for p in peers[k:] + peers[:k]:
+            if p in failed:
+                continue
+            try:
+                res = cycle(p)
+            except Exception as e:
+                traceback.print_exc()
+                failed[p] = f"failed in repeat {r + 1} ({type(e).__name__}: {e}); dropped from the run"
+                continue
+            results[p].append(res)
+            print(f"[repeat {r + 1}/{repeats}] {p:13} {describe(res)}", file=sys.stderr, flush=True)
+    return results, failed
+
+
 def run_cycle(name, url, args):
     module, variant, _ = PEERS[name]
     mod = importlib.import_module("peer_" + module)
@@ -241,24 +261,12 @@ def main():
     if os.path.exists(checkout):
         py_compile.compile(checkout, doraise=True)
 
-    results = {p: [] for p in peers}
-    failed = {}
-    for r in range(args.repeats):
-        k = r % len(peers)
-        for p in peers[k:] + peers[:k]:
-            if p in failed:
-                continue
-            try:
-                res = run_cycle(p, urls[p], args)
-            except Exception as e:  # one broken peer shouldn't sink the others' numbers
-                traceback.print_exc()
-                failed[p] = f"failed in repeat {r + 1} ({type(e).__name__}: {e}); dropped from the run"
-                continue
-            results[p].append(res)
-            print(f"[repeat {r + 1}/{args.repeats}] {p:13} enqueue {res['enqueue']:8,.0f}/s  "
-                  f"process {res['process']:7,.0f}/s  wait p50 {res['p50']:6.2f} ms "
-                  f"p95 {res['p95']:6.2f} ms  cmds/job {fmt_cmds(res['cmds'], res['enq_cmds'])}  "
-                  f"RSS {fmt(res['rss'], '.1f')} MB {res['note']}", file=sys.stderr, flush=True)
+    results, failed = run_repeats(
+        peers, args.repeats, lambda p: run_cycle(p, urls[p], args),
+        lambda res: f"enqueue {res['enqueue']:8,.0f}/s  process {res['process']:7,.0f}/s  wait p50 "
+                    f"{res['p50']:6.2f} ms p95 {res['p95']:6.2f} ms  cmds/job "
+                    f"{fmt_cmds(res['cmds'], res['enq_cmds'])}  RSS {fmt(res['rss'], '.1f')} MB "
+                    f"{res['note']}")
 
     def med(p, key):
         vals = [r[key] for r in results[p] if r[key] is not None]
