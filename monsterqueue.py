@@ -2210,6 +2210,8 @@ class MemoryQueue(Queue):
             # Due now: its queue wait counts from here, not from when it was first enqueued.
             fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
                           due=_now_ms(), attempt=1, traceback=None, progress=None, cancel=None)
+            if fields["unique_key"]:  # held again, unless an unfinished job took it meanwhile
+                self._unique.setdefault((fields["task"], fields["unique_key"]), job_id)
             self._make_ready(job_id, None)
             self._changed.notify_all()
             return True
@@ -2712,6 +2714,9 @@ local function retry_done(prefix, id)
   redis.call('HSET', key, 'attempt', 1, 'due', now_ms())
   redis.call('PERSIST', key)
   requeue(prefix, id, task)
+  -- It holds its unique key again, unless an unfinished job took it meanwhile.
+  local unique_key = redis.call('HGET', key, 'unique_key')
+  if unique_key then redis.call('HSETNX', prefix .. 'unique:' .. task, unique_key, id) end
 end
 
 local function delete_job(prefix, id)
@@ -3508,7 +3513,9 @@ class MongoQueue(Queue):
         # One command: MongoDB changes the documents one at a time, blocking no other request.
         query = _mongo_query(state, task_name)
         if action == "retry":
-            return int(self._jobs.update_many(query, _mongo_requeue()).modified_count)
+            retried = int(self._jobs.update_many(query, _mongo_requeue()).modified_count)
+            self._retake_unique_keys({} if task_name is None else {"task": task_name})
+            return retried
         return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
@@ -3681,7 +3688,15 @@ class MongoQueue(Queue):
                                          _mongo_requeue())
         if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
             raise NoSuchJobError()
+        self._retake_unique_keys({"_id": self._object_id(job_id)})
         return bool(requeued.matched_count)
+
+    def _retake_unique_keys(self, query: dict[str, Any]) -> None:
+        """Let retried jobs hold their unique keys again, each unless an unfinished job took it."""
+        for doc in self._jobs.find({**query, "state": JOB_STATE_ENQUEUED, "unique_key": {"$exists": True},
+                                    "unique": {"$exists": False}}, projection={"unique_key": True}):
+            with contextlib.suppress(self._duplicate):
+                self._jobs.update_one({"_id": doc["_id"]}, {"$set": {"unique": doc["unique_key"]}})
 
     def _delete(self, job_id: str) -> bool:
         try:

@@ -1622,7 +1622,15 @@ def test_unique_keys_return_the_unfinished_job(queue: Queue, task: TestTask) -> 
     cancelled_free = queue.enqueue("test-task", unique_key="held")
     assert cancelled_free.id != held.id
     queue.delete_job(cancelled_free.id)
-    assert queue.enqueue("test-task", unique_key="held").id != cancelled_free.id  # deleting frees it too
+    again = queue.enqueue("test-task", unique_key="held")
+    assert again.id != cancelled_free.id  # deleting frees it too
+    queue.cancel_job(again.id)
+    queue.retry_job(again.id)  # run again: it holds its key again
+    assert queue.enqueue("test-task", unique_key="held").id == again.id
+    queue.cancel_job(again.id)
+    other = queue.enqueue("test-task", unique_key="held")
+    queue.retry_jobs("test-task")  # the key is taken meanwhile: the retried job runs without it
+    assert queue.enqueue("test-task", unique_key="held").id == other.id
 
 
 UNIQUE_RACE = """
