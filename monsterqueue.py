@@ -595,13 +595,9 @@ class Queue:
                       _check_priority(priority))
         jobs = []
         for params, unique_key in zip(params_list, unique_keys):
-            if params is None:
-                params = {}
-            if not isinstance(params, dict):
-                raise TypeError(f"job params must be a dict, not {type(params).__name__}")
             if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
                 raise ValueError(f"a unique_key must be a non-empty string, not {unique_key!r}")
-            jobs.append((_encode(params), unique_key))
+            jobs.append((_encoded_params(params), unique_key))
         return spec, jobs
 
     def _built(self, batch: _Batch, jobs: list[tuple[str, str | None]],
@@ -1362,7 +1358,8 @@ class Queue:
         """Apply ``action`` ("retry" as _requeue, or "delete" as _delete) to every job in
         ``state`` (as list_jobs reads it), of one task or all; return how many.
 
-        Each server call changes at most BULK_BATCH jobs, each checked atomically.
+        Each job is checked again atomically as it is changed; on a server that runs one
+        command at a time (Redis), one call changes at most BULK_BATCH jobs.
         """
         raise NotImplementedError
 
@@ -1472,6 +1469,15 @@ def _encode(value: Any) -> str:
         raise TypeError(str(exc)) from None
     except RecursionError:
         raise TypeError("value is nested too deeply or is circular") from None
+
+
+def _encoded_params(params: JobParams | None) -> str:
+    """A job's params as JSON text ({} for None); TypeError if they aren't a JSON object."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise TypeError(f"job params must be a dict, not {type(params).__name__}")
+    return _encode(params)
 
 
 def _describe(exc: BaseException) -> str:
@@ -1830,11 +1836,9 @@ class _Schedule:
         if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
                                   or every < 0.001):
             raise ValueError(f"every must be a number of seconds of at least 0.001, not {every!r}")
-        if params is not None and not isinstance(params, dict):
-            raise TypeError(f"job params must be a dict, not {type(params).__name__}")
         self.name, self.task, self.every, self.unique_key = name, task, every, unique_key
         self.cron = None if cron is None else _Cron(cron)
-        self.params = _encode(params or {})
+        self.params = _encoded_params(params)
         self.expression = str(cron) if every is None else f"every {every:g}s"
 
     def tick_after(self, ms: int) -> int:
@@ -2148,7 +2152,7 @@ class MemoryQueue(Queue):
         with self._changed:
             ids = [job_id for job_id, fields in self._jobs.items() if _matches(fields, state, task_name)]
             for job_id in ids:
-                self._requeue(job_id) if action == "retry" else self._delete(job_id)
+                (self._requeue if action == "retry" else self._delete)(job_id)
             return len(ids)
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
@@ -2940,12 +2944,9 @@ class RedisQueue(Queue):
         # and every member present throughout is seen), so that jobs changed meanwhile
         # can't shift the walk; then the script checks each again, BULK_BATCH per call.
         index = JOB_STATE_ENQUEUED if state == JOB_STATE_ENQUEUED else "done"
-        members = {_text(member) for member, _ in self.client.zscan_iter(self._key(index), count=1000)}
-        if index == "done":  # members are OUTCOME:TASK:ID
-            members = {m.rsplit(":", 1)[1] for m in members
-                       if (state != "failed" or m.startswith("failed:"))
-                       and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)}
-        ids = sorted(members, key=lambda job_id: (len(job_id), job_id))  # oldest first
+        members = list({_text(member) for member, _ in self.client.zscan_iter(self._key(index), count=1000)})
+        ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
+                     key=lambda job_id: (len(job_id), job_id))  # oldest first
         return sum(int(self._bulk_script([self._key("jobs")], [self._prefix, action, state, task_name or "",
                                                                *ids[start:start + BULK_BATCH]]))
                    for start in range(0, len(ids), BULK_BATCH))
@@ -3081,10 +3082,8 @@ class RedisQueue(Queue):
             if not members:
                 break
             start += page
-            if index == "done":  # members are OUTCOME:TASK:ID
-                members = [m.rsplit(":", 1)[1] for m in members
-                           if (state != "failed" or m.startswith("failed:"))
-                           and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
+            if index == "done":
+                members = _done_ids(members, state, task_name)
             if exact:
                 skipped, members = members[:skip], members[skip:]
                 skip -= len(skipped)
@@ -3258,6 +3257,13 @@ def _resp(args: Iterable[Any]) -> bytes:
         data = arg.encode() if isinstance(arg, str) else arg if isinstance(arg, bytes) else repr(arg).encode()
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def _done_ids(members: list[str], state: str | None, task_name: str | None) -> list[str]:
+    """The ids of the members of the done index ("OUTCOME:TASK:ID") that pass list_jobs' filters."""
+    return [m.rsplit(":", 1)[1] for m in members
+            if (state != "failed" or m.startswith("failed:"))
+            and (task_name is None or m.split(":", 1)[1].rsplit(":", 1)[0] == task_name)]
 
 
 def _text(value: Any) -> str:
