@@ -182,11 +182,7 @@ def main():
     print("\nConfigurations:")
     for p in peers:
         print(f"- {p}: {modules[p].CONFIG.format(concurrency=args.concurrency)}")
-        for r, res in enumerate(results[p], 1):
-            if res["note"]:
-                print(f"  - repeat {r}: {res['note']}")
-        if p in failed:
-            print(f"  - {failed[p]}")
+        bench.print_notes(results[p], failed.get(p))
 
     print("\nTargets (monsterqueue / the better of SAQ and arq):")
     for key, label, better, op, target in TARGETS:

@@ -133,6 +133,15 @@ def run_repeats(peers, repeats, cycle, describe):
     return results, failed
 
 
+def print_notes(results, failure):
+    """A peer's notes under its configuration: each repeat's, and why it was dropped."""
+    for r, res in enumerate(results, 1):
+        if res["note"]:
+            print(f"  - repeat {r}: {res['note']}")
+    if failure:
+        print(f"  - {failure}")
+
+
 def run_cycle(name, url, args):
     module, variant, _ = PEERS[name]
     mod = importlib.import_module("peer_" + module)
@@ -296,11 +305,7 @@ def main():
         config = mod.CONFIGS[variant] if hasattr(mod, "CONFIGS") else mod.CONFIG
         backend = "" if urls[p] == args.redis_url else f" [backend {urls[p]}]"
         print(f"- {p}: {config.format(threads=args.threads)}{backend}")
-        for r, res in enumerate(results[p], 1):
-            if res["note"]:
-                print(f"  - repeat {r}: {res['note']}")
-        if p in failed:
-            print(f"  - {failed[p]}")
+        print_notes(results[p], failed.get(p))
 
 
 if __name__ == "__main__":
