@@ -46,7 +46,7 @@ import traceback
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
@@ -121,6 +121,10 @@ DEFAULT_ASYNC_CONCURRENCY = 100 # coroutines of async def tasks a worker runs at
 IDLE_WAKE_INTERVAL = 1.0
 CLAIM_LINGER = 0.002            # seconds the loop waits for more free threads to claim for
 OUTAGE_PAUSES = (0.1, 5.0)
+
+# How often a MongoDB queue re-reads the server's clock, whose time its leases and
+# due times are in: clocks drift apart slowly, and are stepped seldom.
+CLOCK_CHECK_INTERVAL = 60.0
 
 # A worker's event loop that hasn't run its own check for this long is blocked by
 # a coroutine calling blocking code: the worker logs which job it is running.
@@ -836,8 +840,9 @@ class Queue:
                     stopping.wait(0 if stopping.is_set() or self._tasks else IDLE_WAKE_INTERVAL)
                     continue
                 try:
-                    with self._server():
-                        claimed = self._claim(names, free, worker, IDLE_WAKE_INTERVAL)
+                    with self._server():  # each job starts as soon as it is claimed
+                        for job_id, fields in self._claim(names, free, worker, IDLE_WAKE_INTERVAL):
+                            self._start(job_id, fields)
                 except ServerUnavailableError as exc:
                     stopping.wait(self._outage.failed(exc))
                     continue
@@ -846,8 +851,6 @@ class Queue:
                     stopping.wait(IDLE_WAKE_INTERVAL)
                     continue
                 self._outage.recovered()
-                for job_id, fields in claimed:
-                    self._start(job_id, fields)
         finally:
             stopping.set()  # also when an error ends the loop
             # Leases and time limits go on while the running jobs finish.
@@ -1312,14 +1315,16 @@ class Queue:
         raise NotImplementedError
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> list[tuple[str, dict[str, Any]]]:
+               block: float) -> Iterable[tuple[str, dict[str, Any]]]:
         """Atomically take up to ``limit`` due enqueued jobs of these tasks, oldest first per task.
 
         A job in a task's queue that is no longer enqueued (cancelled) is dropped.
 
         Each taken job is running, with ``started``, ``worker``, a lease and a
         new ``delivery`` recorded in the same step. With nothing to take, wait
-        up to ``block`` seconds for new work. Return (id, stored fields) pairs.
+        up to ``block`` seconds for new work. Return (id, stored fields) pairs,
+        or yield them: a backend that takes one job per round trip lets each
+        start while it takes the next.
         """
         raise NotImplementedError
 
@@ -1644,9 +1649,9 @@ def _matches(fields: dict[str, Any], state: str | None, task_name: str | None) -
     return state is None or fields.get("state") == state
 
 
-def _minutes() -> list[int]:
-    """The starts, in ms, of the last 15 minutes (the current one last), for stats."""
-    this_minute = _now_ms() // 60_000 * 60_000
+def _minutes(now_ms: int) -> list[int]:
+    """The starts, in ms, of the 15 minutes to ``now_ms`` (the current one last), for stats."""
+    this_minute = now_ms // 60_000 * 60_000
     return [this_minute - 60_000 * back for back in range(14, -1, -1)]
 
 
@@ -2193,7 +2198,7 @@ class MemoryQueue(Queue):
             return list(itertools.islice(found, offset, None if limit is None else offset + limit))
 
     def _stats(self) -> _Stats:
-        minutes = _minutes()
+        minutes = _minutes(_now_ms())
         per_minute = [0] * len(minutes)
         counts: collections.Counter[str] = collections.Counter()
         with self._changed:
@@ -3106,7 +3111,7 @@ class RedisQueue(Queue):
         pipe.hgetall(self._key("counts"))
         pipe.hgetall(self._key("workers"))
         pipe.hgetall(self._key("metrics"))
-        for start in _minutes():
+        for start in _minutes(_now_ms()):
             pipe.zcount(self._key("done"), start, start + 59_999)
         counts, workers, metrics, *per_minute = pipe.execute()
         alive = []
@@ -3291,22 +3296,39 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # first; unique partial indexes on (task, unique) and on periodic make the
 # server refuse a second holder of a key and a second job for a tick.
 #
+# A failed job is stored with state "failed" (read back as done with its
+# error), so that every listing and count is one equality on state: the
+# indexes by_task (task, state, _id) and by_state (state, _id) serve list_jobs
+# in _id order and stats' counts, and by_done (done) the jobs done per minute.
+#
+# Times are the server's: each process reads the offset of its clock from
+# hello's localTime (once a minute), and every date it writes or compares
+# (leases, due times, expiry, heartbeats) is its clock plus that offset. An
+# offset rather than $$NOW in update pipelines, because inserts (enqueue) can't
+# run expressions and one rule for every write is simpler.
+#
 # Round trips per job: enqueue 1 (insert_many, also for enqueue_many); claim 1
 # find_one_and_update per job; finish 1 update_one (2 when a caller waits: the
 # second flips the waiter flag; 3 if the caller withdrew in between);
-# enqueue_wait polls with find_one, from 5 ms backing off to
-# ``poll_interval``, plus 1 update only when it times out. Idle workers poll
-# every ``poll_interval``: a standalone server has no way to push. The
-# heartbeat is one update_many per worker per third of a lease, plus one
-# find for expired leases.
+# enqueue_wait 1 find_one when its job is done, plus 1 update only when it
+# times out. Idle workers and waiters don't poll: one change stream per queue
+# object (_JobEvents) wakes a worker when a job becomes claimable and a waiter
+# when its job is done; where the server refuses change streams (a standalone
+# mongod) or while the stream is down, they poll every ``poll_interval``. The
+# heartbeat is one update_many per worker per third of a lease, plus one find
+# for expired leases.
+
+# The stored states of done jobs: "failed" is read back as done with its error.
+_MONGO_DONE = [JOB_STATE_DONE, "failed"]
+
 
 class MongoQueue(Queue):
     """A queue stored in a MongoDB collection, for many workers."""
 
     def __init__(self, url: str | None = None, *, database: str | None = None,
                  collection_prefix: str = "monsterqueue", client: Any = None,
-                 poll_interval: float = 0.1, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 **options: Any) -> None:
+                 poll_interval: float = 0.1, change_streams: bool = True,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **options: Any) -> None:
         super().__init__(**options)
         pymongo = _require("pymongo", "mongo")
         url = url or "mongodb://localhost:27017"
@@ -3336,32 +3358,56 @@ class MongoQueue(Queue):
         self._duplicate = pymongo.errors.DuplicateKeyError
         self._bulk_write_error = pymongo.errors.BulkWriteError
         self._operation_failure = pymongo.errors.OperationFailure
+        self._closed_client = pymongo.errors.InvalidOperation
         self._jobs = client[database][f"{collection_prefix}_jobs"]
         self._workers = client[database][f"{collection_prefix}_workers"]
         # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
         self._metrics = client[database][f"{collection_prefix}_metrics"]
         self._schedules_fired = client[database][f"{collection_prefix}_periodic"]
         self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
+        self._awaited: set[str] = set()  # ids of the jobs held here that had a waiter when claimed
         self._wakeup = threading.Event()
+        self._events = _JobEvents(self) if change_streams else None
+        self._clock_offset, self._clock_read = 0, -math.inf  # ms the server's clock is ahead; when read
         self._indexed = False
         # A queue built while its server is away (at import time, say) fails at
         # its first enqueue instead; its first claim then creates the indexes.
         with contextlib.suppress(*self._server_errors):
             self._create_index()
+            self._now()  # reads the server's clock
 
     def _create_index(self) -> None:
-        """Create the claim's index, the TTL index that deletes done jobs when ``expires`` passes,
-        and the unique indexes that hold a unique key while its job isn't done (``unique``
-        is set only then) and let one job per tick of a schedule in (``periodic``)."""
+        """Create the claim's index, the listing's, the TTL index that deletes done jobs when
+        ``expires`` passes, and the unique indexes that hold a unique key while its job isn't
+        done (``unique`` is set only then) and let one job per tick of a schedule in
+        (``periodic``)."""
+        if "by_task" not in self._jobs.index_information():
+            # Stored by an earlier version, failed jobs said "done": once, before the index.
+            self._jobs.update_many({"state": JOB_STATE_DONE, "error": {"$type": "string"}},
+                                   {"$set": {"state": "failed"}})
         self._jobs.create_index([("state", 1), ("task", 1), ("priority", -1), ("_id", 1)],
                                 name="claim_by_priority")
         with contextlib.suppress(self._operation_failure):  # the claim index before priorities
             self._jobs.drop_index("claim")
+        for name, keys in (("by_task", [("task", 1), ("state", 1), ("_id", 1)]),
+                           ("by_state", [("state", 1), ("_id", 1)]), ("by_done", [("done", 1)])):
+            self._jobs.create_index(keys, name=name)
         self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
         for name, keys in (("unique", [("task", 1), ("unique", 1)]), ("periodic", [("periodic", 1)])):
             self._jobs.create_index(keys, name=name, unique=True,
                                     partialFilterExpression={keys[-1][0]: {"$exists": True}})
         self._indexed = True
+
+    def _now(self, later: float = 0.0) -> datetime:
+        """The server's time (plus ``later`` seconds), cut to the milliseconds BSON dates keep."""
+        if time.monotonic() - self._clock_read > CLOCK_CHECK_INTERVAL:
+            before = _now_ms()
+            server = self.client.admin.command("hello")["localTime"].replace(tzinfo=timezone.utc)
+            after = _now_ms()
+            self._clock_offset = round(server.timestamp() * 1000) - (before + after) // 2
+            self._clock_read = time.monotonic()
+        return datetime.fromtimestamp((_now_ms() + self._clock_offset + int(later * 1000)) / 1000,
+                                      timezone.utc)
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -3369,8 +3415,8 @@ class MongoQueue(Queue):
             else self._insert_many(batch, [text for text, _ in jobs])
 
     def _documents(self, batch: _Batch, texts: list[str]) -> tuple[datetime, datetime, list[dict[str, Any]]]:
-        now = _utc_now()
-        due = _utc_now(batch.delay) if batch.delay else now
+        now = self._now()
+        due = self._now(batch.delay) if batch.delay else now
         limit = {} if batch.time_limit is None else {"time_limit": batch.time_limit}
         return now, due, [{"task": batch.task, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
                            "due": due, "stack": batch.stack, "delivery": 0, "attempt": 1,
@@ -3425,29 +3471,43 @@ class MongoQueue(Queue):
                  "last_job": doc.get("last_job")} for doc in self._schedules_fired.find()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> list[tuple[str, dict[str, Any]]]:
+               block: float) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self._indexed:
             self._create_index()
-        claimed = self._claim_now(task_names, limit, worker)
-        if not claimed and not self._wakeup.wait(min(block, self.poll_interval)):
-            claimed = self._claim_now(task_names, limit, worker)
-        self._wakeup.clear()
-        return claimed
+        events = self._events if self._events is not None and self._events.pushing() else None
+        self._wakeup.clear()  # before the claim: a wake-up pushed while it runs is kept
+        # With the stream, claim as many jobs as it announced: an idle worker woken for one
+        # job makes one round trip, not a second that finds nothing. Those left over
+        # (more than ``limit``) are claimed next time.
+        announced = limit if events is None else events.take()
+        wanted = int(min(limit, announced))
+        claimed = (yield from self._claim_now(task_names, wanted, worker)) if wanted else 0
+        if events is not None and claimed == wanted:
+            events.announce(announced - claimed)
+        if claimed:
+            return
+        wait = self.poll_interval if events is None else events.until_due(task_names)
+        # Woken: back to the loop, which claims at once unless stop() woke it. Else a
+        # delayed job is due, or it is the poll (the stream's safety net, each ``block``).
+        if not self._wakeup.wait(min(block, wait)):
+            yield from self._claim_now(task_names, limit, worker)
 
     def _claim_now(self, task_names: list[str], limit: int,
-                   worker: str) -> list[tuple[str, dict[str, Any]]]:
-        claimed: list[tuple[str, dict[str, Any]]] = []
-        while len(claimed) < limit:
+                   worker: str) -> Generator[tuple[str, dict[str, Any]], None, int]:
+        """Claim one job per round trip, up to ``limit``; return how many."""
+        for claimed in range(limit):
             doc = self._jobs.find_one_and_update(
-                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$lte": _utc_now()}},
-                {"$set": {"state": JOB_STATE_RUNNING, "started": _utc_now(), "worker": worker,
-                          "lease": _utc_now(self.lease_timeout)},
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$lte": self._now()}},
+                {"$set": {"state": JOB_STATE_RUNNING, "started": self._now(), "worker": worker,
+                          "lease": self._now(self.lease_timeout)},
                  "$inc": {"delivery": 1}},
                 sort=[("priority", -1), ("_id", 1)], hint="claim_by_priority", return_document=self._after)
             if doc is None:
-                break
-            claimed.append((str(doc["_id"]), _mongo_fields(doc)))
-        return claimed
+                return claimed
+            if doc.get("waiter"):
+                self._awaited.add(str(doc["_id"]))
+            yield str(doc["_id"]), _mongo_fields(doc)
+        return limit
 
     def _holding(self, job: Job) -> dict[str, Any]:
         """The filter that matches the job only while this delivery of it holds it."""
@@ -3457,17 +3517,18 @@ class MongoQueue(Queue):
     def _finish(self, job: Job, result: str | None, error: str | None,
                 traceback: str | None) -> bool | None:
         # The waiter flag is decided by each update's filter, not by reading it back,
-        # so that this and the waiter's withdrawal can't both win. Without a waiter,
-        # the usual case, the first update is the only one.
-        now = _utc_now()
-        done = {"$set": {"state": JOB_STATE_DONE, "done": now, "result": result, "error": error,
-                         "waiter": False, **self._expiry(), **_set_if("traceback", traceback),
-                         **_set_if("progress", job._progress_text)},
+        # so that this and the waiter's withdrawal can't both win. The flag only ever
+        # goes from true to false, so a job claimed without a waiter, the usual case,
+        # needs one update, and one claimed with a waiter a second only if it withdrew.
+        awaited = job.id in self._awaited
+        self._awaited.discard(job.id)
+        now = self._now()
+        done = {"$set": {"state": JOB_STATE_DONE if error is None else "failed", "done": now,
+                         "result": result, "error": error, "waiter": False, **self._expiry(),
+                         **_set_if("traceback", traceback), **_set_if("progress", job._progress_text)},
                 "$unset": {"worker": "", "lease": "", "unique": "",
                            **({} if traceback else {"traceback": ""})}}
-        # A waiter that withdraws between the first two leaves the flag false for good,
-        # so the third then matches.
-        for waiter, flag in ((False, {"$ne": True}), (True, True), (False, {"$ne": True})):
+        for waiter, flag in ((True, True), (False, {"$ne": True}))[0 if awaited else 1:]:
             if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
                 # Counted here and added to the server by the next heartbeat: one update
                 # can't change the job and its task's metrics both.
@@ -3483,10 +3544,12 @@ class MongoQueue(Queue):
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._jobs.update_one(
             {**self._holding(job), "cancel": {"$ne": True}},
-            {"$set": {"state": JOB_STATE_ENQUEUED, "due": _utc_now(delay), **_set_if("traceback", traceback)},
+            {"$set": {"state": JOB_STATE_ENQUEUED, "due": self._now(delay),
+                      **_set_if("traceback", traceback)},
              "$unset": {"started": "", "worker": "", "lease": "", **({} if traceback else {"traceback": ""})},
              "$inc": {"attempt": 1}})
         if retried.modified_count:
+            self._awaited.discard(job.id)  # its next claim says again
             return True
         # Cancelled while it ran: done, not retried (or no longer held: None).
         return None if self._finish(job, None, f"{CANCELLED} while running", traceback) is None else True
@@ -3500,7 +3563,7 @@ class MongoQueue(Queue):
         while True:  # again if it moved between running and enqueued meanwhile
             before = self._jobs.find_one_and_update(
                 {**query, "state": JOB_STATE_ENQUEUED},
-                {"$set": {"state": JOB_STATE_DONE, "done": _utc_now(), "error": f"{CANCELLED} before it ran",
+                {"$set": {"state": "failed", "done": self._now(), "error": f"{CANCELLED} before it ran",
                           "waiter": False, **self._expiry()}, "$unset": {"unique": ""}},
                 projection={"task": True})
             if before is not None:
@@ -3512,29 +3575,32 @@ class MongoQueue(Queue):
             doc = self._jobs.find_one(query, projection={"state": True})
             if doc is None:
                 raise NoSuchJobError()
-            if doc.get("state") == JOB_STATE_DONE:
+            if doc.get("state") in _MONGO_DONE:
                 return False
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
         # One command: MongoDB changes the documents one at a time, blocking no other request.
         query = _mongo_query(state, task_name)
         if action == "retry":
-            retried = int(self._jobs.update_many(query, _mongo_requeue()).modified_count)
+            retried = int(self._jobs.update_many(query, self._requeued()).modified_count)
             self._retake_unique_keys({} if task_name is None else {"task": task_name})
             return retried
         return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        # Poll the job, from 5 ms backing off to poll_interval; on a timeout withdraw the
-        # waiter, unless the outcome was handed meanwhile.
-        query = {"_id": self._object_id_class(job.id)}
-        deadline, pause = time.monotonic() + timeout, 0.005
-        while True:
-            doc = self._jobs.find_one(query)
-            if self._handed(doc) or time.monotonic() + pause > deadline:
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, self.poll_interval)
+        # Read the job when the change stream says it is done (else from 5 ms backing off
+        # to poll_interval); on a timeout withdraw the waiter, unless the outcome was
+        # handed meanwhile.
+        query, woken = {"_id": self._object_id_class(job.id)}, threading.Event()
+        deadline, pauses = time.monotonic() + timeout, self._pauses()
+        with self._woken_by(job.id, woken.set):
+            while True:
+                woken.clear()
+                doc = self._jobs.find_one(query)
+                left = deadline - time.monotonic()
+                if self._handed(doc) or left <= 0:
+                    break
+                woken.wait(min(next(pauses), left))
         if not self._handed(doc) and (self._jobs.update_one({**query, "waiter": True},
                                                             {"$set": {"waiter": False}}).modified_count
                                       or doc is None):
@@ -3547,22 +3613,46 @@ class MongoQueue(Queue):
         import asyncio
 
         jobs, query = self._ajobs(), {"_id": self._object_id_class(job.id)}
-        deadline, pause = time.monotonic() + timeout, 0.005
-        while True:
-            doc = await jobs.find_one(query)
-            if self._handed(doc) or time.monotonic() + pause > deadline:
-                break
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, self.poll_interval)
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
+        deadline, pauses = time.monotonic() + timeout, self._pauses()
+        with self._woken_by(job.id, lambda: loop.call_soon_threadsafe(woken.set)):
+            while True:
+                woken.clear()
+                doc = await jobs.find_one(query)
+                left = deadline - time.monotonic()
+                if self._handed(doc) or left <= 0:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(next(pauses), left))
         if not self._handed(doc) and ((await jobs.update_one({**query, "waiter": True},
                                                              {"$set": {"waiter": False}})).modified_count
                                       or doc is None):
             return None
         return self._outcome(job, doc if self._handed(doc) else await jobs.find_one(query))
 
+    @contextlib.contextmanager
+    def _woken_by(self, job_id: str, wake: Callable[[], object]) -> Iterator[None]:
+        """Have the change stream call ``wake`` when the job is done or deleted, for the with-block."""
+        if self._events is None:
+            yield
+            return
+        self._events.watch(job_id, wake)
+        try:
+            yield
+        finally:
+            self._events.unwatch(job_id, wake)
+
+    def _pauses(self) -> Iterator[float]:
+        """A waiter's pauses between reads: a second while the change stream pushes (it is
+        woken sooner), else from 5 ms doubling up to poll_interval."""
+        pause = 0.005
+        while True:
+            yield IDLE_WAKE_INTERVAL if self._events is not None and self._events.pushing() else pause
+            pause = min(pause * 2, self.poll_interval)
+
     @staticmethod
     def _handed(doc: dict[str, Any] | None) -> bool:
-        return doc is not None and doc["state"] == JOB_STATE_DONE and not doc.get("waiter")
+        return doc is not None and doc["state"] in _MONGO_DONE and not doc.get("waiter")
 
     def _outcome(self, job: Job, doc: dict[str, Any] | None) -> Job | None:
         return None if doc is None else self._decode(job.id, _mongo_fields(doc))  # None: deleted meanwhile
@@ -3591,17 +3681,17 @@ class MongoQueue(Queue):
         return client[self._jobs.database.name][self._jobs.name]
 
     def _expiry(self) -> dict[str, datetime]:
-        return {"expires": _utc_now(self.result_ttl)} if self.result_ttl else {}
+        return {"expires": self._now(self.result_ttl)} if self.result_ttl else {}
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
-        now = _utc_now()
+        now = self._now()
         self._workers.replace_one({"_id": worker}, {"seen": now, "tasks": sorted(self._tasks)}, upsert=True)
-        self._workers.delete_many({"seen": {"$lt": _utc_now(-3 * self.lease_timeout)}})
+        self._workers.delete_many({"seen": {"$lt": self._now(-3 * self.lease_timeout)}})
         cancelled = []
         if held:
             mine = {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
                     "state": JOB_STATE_RUNNING, "worker": worker}
-            self._jobs.update_many(mine, {"$set": {"lease": _utc_now(self.lease_timeout)}})
+            self._jobs.update_many(mine, {"$set": {"lease": self._now(self.lease_timeout)}})
             cancelled = [str(doc["_id"]) for doc in self._jobs.find({**mine, "cancel": True},
                                                                     projection={"_id": True})]
         for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
@@ -3615,7 +3705,7 @@ class MongoQueue(Queue):
                      f"lease {lost} times" if lost >= self.max_deliveries else None)
             if error is not None:
                 if self._jobs.update_one(expired, {
-                        "$set": {"state": JOB_STATE_DONE, "done": now, "waiter": False, "lost": lost,
+                        "$set": {"state": "failed", "done": now, "waiter": False, "lost": lost,
                                  **self._expiry(), "error": error},
                         "$unset": {"worker": "", "lease": "", "unique": ""}}).matched_count:
                     self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
@@ -3668,34 +3758,45 @@ class MongoQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
-        found = self._jobs.find(_mongo_query(state, task_name)).sort("_id", -1 if newest_first else 1)
+        query = _mongo_query(state, task_name)
+        # With no filter, the _id index is named: some servers (SecantusDB) would scan otherwise.
+        found = self._jobs.find(query, hint=None if query else "_id_").sort("_id", -1 if newest_first else 1)
         found = found.skip(offset).limit(limit or 0)
         return [(str(doc["_id"]), _mongo_fields(doc)) for doc in found]
 
     def _stats(self) -> _Stats:
-        counts: dict[str, int] = {}
-        failed = {"$eq": [{"$type": "$error"}, "string"]}
-        for group in self._jobs.aggregate([{"$group": {
-                "_id": {"state": "$state", "task": "$task", "failed": failed}, "n": {"$sum": 1}}}]):
-            key = group["_id"]
-            state = "failed" if key["state"] == JOB_STATE_DONE and key["failed"] else key["state"]
-            counts[f"{state}:{key['task']}"] = counts.get(f"{state}:{key['task']}", 0) + group["n"]
-        per_minute = [self._jobs.count_documents({"state": JOB_STATE_DONE, "done": {
-                          "$gte": _time(start), "$lt": _time(start + 60_000)}})
-                      for start in _minutes()]
+        # Both aggregations read only their index's keys; with no filter to go by, the
+        # server would scan the collection unless told which index.
+        groups = self._jobs.aggregate([{"$group": {"_id": {"state": "$state", "task": "$task"},
+                                                   "n": {"$sum": 1}}}], hint="by_task")
+        counts = {f"{group['_id']['state']}:{group['_id']['task']}": group["n"] for group in groups}
+        minutes = _minutes(round(self._now().timestamp() * 1000))
+        done = {"$toLong": "$done"}
+        per_minute = [0] * len(minutes)
+        for group in self._jobs.aggregate([{"$match": {"done": {"$gte": _time(minutes[0])}}}, {"$group": {
+                "_id": {"$subtract": [done, {"$mod": [done, 60_000]}]}, "n": {"$sum": 1}}}], hint="by_done"):
+            if minutes[0] <= group["_id"] <= minutes[-1]:
+                per_minute[(group["_id"] - minutes[0]) // 60_000] += group["n"]
         workers = [(doc["_id"], doc["seen"], doc["tasks"])
-                   for doc in self._workers.find({"seen": {"$gte": _utc_now(-3 * self.lease_timeout)}})]
+                   for doc in self._workers.find({"seen": {"$gte": self._now(-3 * self.lease_timeout)}})]
         metrics = {_metric_key(doc["_id"], field): number for doc in self._metrics.find()
                    for field, number in doc.items() if field != "_id"}
         return counts, workers, per_minute, metrics
 
     def _requeue(self, job_id: str) -> bool:
-        requeued = self._jobs.update_one({"_id": self._object_id(job_id), "state": JOB_STATE_DONE},
-                                         _mongo_requeue())
+        requeued = self._jobs.update_one({"_id": self._object_id(job_id), "state": {"$in": _MONGO_DONE}},
+                                         self._requeued())
         if not requeued.matched_count and not self._jobs.count_documents({"_id": self._object_id(job_id)}):
             raise NoSuchJobError()
         self._retake_unique_keys({"_id": self._object_id(job_id)})
         return bool(requeued.matched_count)
+
+    def _requeued(self) -> dict[str, Any]:
+        """What retry_job and retry_jobs do to a done job: enqueued again from its first attempt,
+        due now (its queue wait counts from here)."""
+        return {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": self._now()},
+                "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
+                           "traceback": "", "progress": "", "cancel": ""}}
 
     def _retake_unique_keys(self, query: dict[str, Any]) -> None:
         """Let retried jobs hold their unique keys again, each unless an unfinished job took it."""
@@ -3722,23 +3823,162 @@ class MongoQueue(Queue):
 
     def close(self) -> None:
         super().close()
+        if self._events is not None:
+            self._events.close()
         if self._owns_client:
             self.client.close()
 
 
-def _mongo_requeue() -> dict[str, Any]:
-    """What retry_job and retry_jobs do to a done job: enqueued again from its first attempt,
-    due now (its queue wait counts from here)."""
-    return {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": _utc_now()},
-            "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
-                       "traceback": "", "progress": "", "cancel": ""}}
+# What the change stream of the jobs carries: new jobs, jobs claimable again or
+# done, deleted jobs; cut to the fields _JobEvents reads.
+_MONGO_EVENTS = [
+    {"$match": {"$or": [{"operationType": {"$in": ["insert", "delete"]}},
+                        {"operationType": "update", "updateDescription.updatedFields.state": {
+                            "$in": [JOB_STATE_ENQUEUED, *_MONGO_DONE]}}]}},
+    {"$project": {"operationType": True, "documentKey": True, "fullDocument.task": True,
+                  "fullDocument.due": True, "updateDescription.updatedFields.state": True,
+                  "updateDescription.updatedFields.due": True}}]
+
+# The codes of a server that has no change streams: a standalone mongod (40573),
+# one that doesn't know the stage (40324) or the command (115).
+_STREAMS_REFUSED = (40573, 40324, 115)
+
+
+class _JobEvents:
+    """The change stream of a MongoQueue's jobs, read by a thread from the first wait on:
+    it wakes the idle worker when a job becomes claimable (and keeps the due times of
+    delayed ones) and each enqueue_wait caller when its job is done or deleted.
+
+    Whenever the stream opens or reopens, every waiter and the worker are woken to
+    read again: what happened while it was closed is found by reading, so no wake-up
+    is lost, resume token or not. While it is down, and for good where the server
+    refuses change streams, they poll."""
+
+    def __init__(self, queue: MongoQueue) -> None:
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[Callable[[], object]]] = {}  # job id: its waiters' wake-ups
+        self._dues: list[int] = []  # a heap of the due times (server ms) of delayed jobs seen
+        self._look_for_due = True  # whether to read the soonest due time of the collection
+        self._announced: float = 0  # claimable jobs pushed since the worker last asked
+        self._thread: threading.Thread | None = None
+        self._live = False
+        self._closed = threading.Event()
+
+    def pushing(self) -> bool:
+        """Whether the stream is open; the first call opens it."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._read, name="monsterqueue-changes", daemon=True)
+                self._thread.start()
+            return self._live
+
+    def watch(self, job_id: str, wake: Callable[[], object]) -> None:
+        with self._lock:
+            self._waiters.setdefault(job_id, []).append(wake)
+
+    def unwatch(self, job_id: str, wake: Callable[[], object]) -> None:
+        with self._lock:
+            wakes = self._waiters[job_id]
+            wakes.remove(wake)
+            if not wakes:
+                del self._waiters[job_id]
+
+    def take(self) -> float:
+        """How many jobs became claimable since the last call (inf: unknown, the stream opened)."""
+        with self._lock:
+            announced, self._announced = self._announced, 0
+            return announced
+
+    def announce(self, jobs: float) -> None:
+        with self._lock:
+            self._announced += jobs
+
+    def until_due(self, task_names: list[str]) -> float:
+        """Seconds until the soonest due time known of a delayed job; read from the collection
+        when the stream opened and each time one passed (the jobs delayed before it opened)."""
+        now = self._queue._now()
+        now_ms = round(now.timestamp() * 1000)
+        with self._lock:
+            while self._dues and self._dues[0] <= now_ms:
+                heapq.heappop(self._dues)
+                self._look_for_due = True
+            look = self._look_for_due
+        if look:
+            doc = self._queue._jobs.find_one(
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$gt": now}},
+                projection={"due": True}, sort=[("due", 1)])
+            with self._lock:
+                self._look_for_due = False
+                if doc is not None:
+                    heapq.heappush(self._dues, round(doc["due"].timestamp() * 1000))
+        with self._lock:
+            return (self._dues[0] - now_ms) / 1000 if self._dues else math.inf
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _read(self) -> None:
+        pause = OUTAGE_PAUSES[0]
+        while not self._closed.is_set():
+            try:
+                with self._queue._jobs.watch(_MONGO_EVENTS, max_await_time_ms=1000) as stream:
+                    self._opened(True)
+                    pause = OUTAGE_PAUSES[0]
+                    while stream.alive and not self._closed.is_set():
+                        change = stream.try_next()
+                        if change is not None:
+                            self._dispatch(change)
+            except self._queue._closed_client:  # closed by its owner: no stream to read again
+                return
+            except Exception as exc:  # anything that closed it: the waits poll meanwhile
+                refused = getattr(exc, "code", None) in _STREAMS_REFUSED
+                if not self._closed.is_set():
+                    logger.warning("MongoDB at %s %s (%s): idle workers and enqueue_wait poll every %.3g s%s",
+                                   self._queue._address, "refused a change stream" if refused else
+                                   "closed the change stream", _describe(exc), self._queue.poll_interval,
+                                   "" if refused else " until it reopens")
+                if refused:
+                    self._opened(False)
+                    return
+            self._opened(False)
+            self._closed.wait(pause)
+            pause = min(pause * 2, OUTAGE_PAUSES[1])
+
+    def _opened(self, live: bool) -> None:
+        """Mark the stream open or closed and wake everyone to read again."""
+        with self._lock:
+            self._live = live
+            self._look_for_due, self._announced = True, math.inf
+            wakes = [wake for job_wakes in self._waiters.values() for wake in job_wakes]
+        self._queue._wakeup.set()
+        for wake in wakes:
+            wake()
+
+    def _dispatch(self, change: dict[str, Any]) -> None:
+        fields = change.get("fullDocument") or change.get("updateDescription", {}).get("updatedFields", {})
+        if change["operationType"] == "delete" or fields.get("state") in _MONGO_DONE:
+            with self._lock:
+                wakes = list(self._waiters.get(str(change["documentKey"]["_id"]), ()))
+            for wake in wakes:
+                wake()
+        elif fields.get("task") in (None, *self._queue._tasks):  # an insert names its task, an update not
+            due = fields.get("due")
+            due_in = 0.0 if due is None else (due - self._queue._now()).total_seconds()
+            if due_in > 0:
+                with self._lock:
+                    heapq.heappush(self._dues, round(due.timestamp() * 1000))
+            if due_in < IDLE_WAKE_INTERVAL:  # else the worker's wait ends before it is due
+                with self._lock:
+                    self._announced += 1
+                self._queue._wakeup.set()
 
 
 def _mongo_query(state: str | None, task_name: str | None) -> dict[str, Any]:
-    """The filter of the jobs in ``state`` (as list_jobs reads it), of one task or all."""
-    query: dict[str, Any] = {} if state is None else {"state": state}
-    if state == "failed":
-        query = {"state": JOB_STATE_DONE, "error": {"$type": "string"}}
+    """The filter of the jobs in ``state`` (as list_jobs reads it: done includes failed), of
+    one task or all; by_task or by_state serves it, in _id order."""
+    query: dict[str, Any] = {} if state is None else {"state": {"$in": _MONGO_DONE} if state == JOB_STATE_DONE
+                                                                else state}
     if task_name is not None:
         query["task"] = task_name
     return query
@@ -3748,15 +3988,12 @@ def _set_if(field: str, value: Any) -> dict[str, Any]:
     return {} if value is None else {field: value}
 
 
-def _utc_now(later: float = 0.0) -> datetime:
-    """Now (plus ``later`` seconds) in UTC, cut to the milliseconds that BSON dates keep."""
-    return datetime.fromtimestamp((_now_ms() + int(later * 1000)) / 1000, timezone.utc)
-
-
 def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
     """Turn a job document into Queue._decode's fields: BSON dates become milliseconds."""
     fields = {key: round(value.timestamp() * 1000) if isinstance(value, datetime) else value
               for key, value in doc.items() if value is not None}
+    if fields.get("state") == "failed":
+        fields["state"] = JOB_STATE_DONE
     if fields.get("due", 0) <= fields.get("enqueued", 0):
         fields.pop("due", None)  # every document has a due time; only a later one is a schedule
     return fields
