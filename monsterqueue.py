@@ -3589,14 +3589,15 @@ class MongoQueue(Queue):
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         # Read the job when the change stream says it is done (else from 5 ms backing off
-        # to poll_interval); on a timeout withdraw the waiter, unless the outcome was
-        # handed meanwhile.
-        query, woken = {"_id": self._object_id_class(job.id)}, threading.Event()
+        # to poll_interval), through outages of the server; on a timeout withdraw the
+        # waiter, unless the outcome was handed meanwhile.
+        query, woken, doc = {"_id": self._object_id_class(job.id)}, threading.Event(), None
         deadline, pauses = time.monotonic() + timeout, self._pauses()
         with self._woken_by(job.id, woken.set):
             while True:
                 woken.clear()
-                doc = self._jobs.find_one(query)
+                with contextlib.suppress(*self._server_errors):
+                    doc = self._jobs.find_one(query)
                 left = deadline - time.monotonic()
                 if self._handed(doc) or left <= 0:
                     break
@@ -3612,13 +3613,14 @@ class MongoQueue(Queue):
             return await super()._aawait_outcome(job, timeout)
         import asyncio
 
-        jobs, query = self._ajobs(), {"_id": self._object_id_class(job.id)}
+        jobs, query, doc = self._ajobs(), {"_id": self._object_id_class(job.id)}, None
         loop, woken = asyncio.get_running_loop(), asyncio.Event()
         deadline, pauses = time.monotonic() + timeout, self._pauses()
         with self._woken_by(job.id, lambda: loop.call_soon_threadsafe(woken.set)):
             while True:
                 woken.clear()
-                doc = await jobs.find_one(query)
+                with contextlib.suppress(*self._server_errors):
+                    doc = await jobs.find_one(query)
                 left = deadline - time.monotonic()
                 if self._handed(doc) or left <= 0:
                     break

@@ -57,7 +57,8 @@ from monsterqueue import (
 )
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["memory", "redis", "mongodb", "redis-cluster"]
+# mongodb-poll: MongoDB with change streams turned off, as on a server that refuses them.
+BACKENDS = ["memory", "redis", "mongodb", "mongodb-poll", "redis-cluster"]
 
 
 # ---------------------------------------------------------------------------
@@ -244,8 +245,9 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
         return MemoryQueue(**options)
     if backend == "redis":
         return RedisQueue(request.getfixturevalue("redis_url"), **options)
-    if backend == "mongodb":
-        return MongoQueue(request.getfixturevalue("mongodb_url"), **options)
+    if backend in ("mongodb", "mongodb-poll"):
+        return MongoQueue(request.getfixturevalue("mongodb_url"), change_streams=backend == "mongodb",
+                          **options)
     if backend == "redis-cluster":
         from redis.cluster import RedisCluster
         node = request.getfixturevalue("redis_cluster")[0]
@@ -2206,6 +2208,198 @@ def test_mongodb_round_trips_per_job(mongodb_url: str, monkeypatch: pytest.Monke
     queue.reset_storage()
     queue.close()
     worker.close()
+
+
+def test_mongodb_listing_and_stats_read_indexes_not_the_collection(mongodb_url: str) -> None:
+    """Every query that stats(), list_jobs and the dashboard send, replayed with explain: none scans
+    the collection."""
+    import pymongo
+    from pymongo import monitoring
+
+    class Queries(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name in ("find", "aggregate", "count") and \
+                    event.command.get(event.command_name) == "mq_plans_jobs":
+                self.sent.append({key: value for key, value in event.command.items()
+                                  if not key.startswith(("$", "lsid", "txnNumber"))})
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    queries = Queries()
+    client = pymongo.MongoClient(mongodb_url, tz_aware=True, event_listeners=[queries])
+    queue = MongoQueue(client=client, database="monsterqueue_test", collection_prefix="mq_plans")
+    queue.reset_storage()
+    queue.register_task(FunctionTask("t", lambda fail: 1 / 0 if fail else None))
+    queue.enqueue_many("t", [{"fail": i % 2 == 0} for i in range(6)])
+    queue.enqueue_many("other", [{} for _ in range(3)])
+    with running(queue):
+        assert wait_until(lambda: queue.stats()["counts"]["t"]["failed"] == 3)
+    queries.sent.clear()
+    queue.stats()
+    for state in (None, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed"):
+        for task in (None, "t"):
+            queue.list_jobs(state, task, limit=50, newest_first=True)
+            queue.list_jobs(state, task, limit=50, offset=2)
+    site = Site(queue)
+    try:
+        for path in ("/", "/jobs", "/jobs?state=failed&task=t", "/jobs?task=other", "/metrics"):
+            assert site.request(path)[0] == 200
+    finally:
+        site.server.shutdown()
+        site.server.server_close()
+    assert len(queries.sent) > 20
+    for command in queries.sent:
+        plan = json.dumps(queue._jobs.database.command("explain", command, verbosity="queryPlanner"),
+                          default=str)
+        assert "COLLSCAN" not in plan and ("IXSCAN" in plan or "COUNT_SCAN" in plan), (command, plan)
+    assert queue.stats()["counts"]["t"] == {"enqueued": 0, "running": 0, "done": 3, "failed": 3}
+    assert [len(queue.list_jobs(state, "t")) for state in (JOB_STATE_DONE, "failed")] == [6, 3]
+    assert sum(queue.stats()["done_per_minute"]) == 6
+    queue.reset_storage()
+    queue.close()
+
+
+def test_mongodb_failed_jobs_of_earlier_versions_are_moved_to_their_state(mongo_queue: MongoQueue,
+                                                                          mongodb_url: str) -> None:
+    """Earlier versions stored failed jobs as state done: the first queue of this one moves them."""
+    now = datetime.now(timezone.utc)
+    old = {"task": "t", "params": "{}", "enqueued": now, "due": now, "done": now, "attempt": 1}
+    ids = mongo_queue._jobs.insert_many([{**old, "state": "done", "error": "boom"},
+                                         {**old, "state": "done", "result": "1"}]).inserted_ids
+    mongo_queue._jobs.drop_index("by_task")
+    MongoQueue(mongodb_url, collection_prefix="mq_test").close()
+    assert [mongo_queue._jobs.find_one({"_id": i})["state"] for i in ids] == ["failed", "done"]
+    assert mongo_queue.stats()["counts"]["t"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 1}
+    assert mongo_queue.retrieve_job(str(ids[0])).status.state == JOB_STATE_DONE
+
+
+def test_mongodb_falls_back_to_polling_where_change_streams_are_refused(
+        mongodb_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A standalone mongod answers a change stream with error 40573 (here a failpoint says it):
+    the queue says so once and polls, keeping every guarantee."""
+    import pymongo
+    admin = pymongo.MongoClient(mongodb_url).admin
+    try:
+        admin.command("configureFailPoint", "failCommand", mode="alwaysOn",
+                      data={"failCommands": ["aggregate"], "errorCode": 40573})
+    except pymongo.errors.OperationFailure:
+        pytest.skip("this server has no failCommand failpoint")
+    try:
+        queue = MongoQueue(mongodb_url, collection_prefix="mq_refused")
+        queue.reset_storage()
+        queue.register_task(FunctionTask("t", lambda: "polled"))
+        with running(queue):
+            assert queue.enqueue_wait("t", timeout=10).result() == "polled"
+            assert queue.enqueue_wait("t", timeout=10, delay=0.3).result() == "polled"
+        assert queue._events is not None and not queue._events.pushing()
+        said = [r.getMessage() for r in caplog.records if "refused a change stream" in r.getMessage()]
+        assert len(said) == 1 and "poll every 0.1 s" in said[0], said
+        queue.close()
+    finally:
+        admin.command("configureFailPoint", "failCommand", mode="off")
+        admin.client.close()
+
+
+def test_mongodb_waits_and_claims_go_on_through_a_server_restart(tmp_path: Path) -> None:
+    """The server is killed while a caller waits on a running job, and again before a job is
+    enqueued: the caller gets its result, the job is picked up, and the streams reopen."""
+    pytest.importorskip("pymongo")
+    server = MongoServer()
+    worker = MongoQueue(server.url, collection_prefix="mq_restart", connect_timeout=1, lease_timeout=5)
+    producer = MongoQueue(server.url, collection_prefix="mq_restart", connect_timeout=1)
+
+    @worker.task()
+    def slow(seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    def restart() -> None:
+        time.sleep(1.5)  # SecantusDB keeps what it was sent a second ago, like mongod's w:1 writes
+        server.stop(kill=True)
+        server.start()
+
+    try:
+        with running(worker):
+            assert wait_until(lambda: worker._events.pushing() and producer._events.pushing(), 10)  # type: ignore[union-attr]
+            waited: dict[str, Job] = {}
+            caller = threading.Thread(target=lambda: waited.update(
+                job=producer.enqueue_wait("slow", {"seconds": 3}, timeout=60)))
+            caller.start()
+            assert wait_until(lambda: worker._held, 10)
+            restart()
+            caller.join(60)
+            assert waited["job"].result() == "slept"
+
+            restart()
+            for _ in range(50):  # the producer's first requests after a restart may find it away
+                try:
+                    job = producer.enqueue("slow", {"seconds": 0})
+                    break
+                except ServerUnavailableError:
+                    time.sleep(0.1)
+            assert wait_until(lambda: producer.retrieve_job(job.id).status.state == JOB_STATE_DONE, 30)
+            assert wait_until(lambda: worker._events.pushing(), 30)  # type: ignore[union-attr]
+    finally:
+        worker.close()
+        producer.close()
+        server.remove()
+
+
+SKEWED_WORKER = """if True:
+    import sys, time
+    skew = float(sys.argv[2])
+    real_time, real_ns = time.time, time.time_ns
+    time.time = lambda: real_time() + skew
+    time.time_ns = lambda: real_ns() + int(skew * 1e9)
+    import monsterqueue
+    queue = monsterqueue.MongoQueue(sys.argv[1], collection_prefix="mq_skew", lease_timeout=1.5)
+
+    @queue.task()
+    def delayed():
+        return real_time()
+
+    @queue.task()
+    def held_there():
+        time.sleep(3)
+
+    queue.process_loop()
+"""
+
+
+@pytest.mark.parametrize("skew", [300.0, -300.0])
+def test_mongodb_times_are_the_servers_whatever_a_workers_clock_says(mongodb_url: str, skew: float) -> None:
+    """A worker whose clock runs 5 minutes fast (or slow) neither redelivers a live job early nor
+    starts a delayed job early (or late), and the leases it takes hold."""
+    queue = MongoQueue(mongodb_url, collection_prefix="mq_skew", lease_timeout=1.5)
+    queue.reset_storage()
+
+    @queue.task()
+    def held_here() -> None:
+        time.sleep(3)
+
+    skewed = subprocess.Popen([sys.executable, "-c", SKEWED_WORKER, mongodb_url, str(skew)], cwd=HERE)
+    try:
+        with running(queue):
+            assert wait_until(lambda: len(queue.stats()["workers"]) == 2, 20)
+            jobs = [queue.enqueue("held_here"), queue.enqueue("held_there")]
+            due = time.time() + 2
+            delayed = queue.enqueue("delayed", delay=2)
+            assert wait_until(lambda: all(queue.retrieve_job(job.id).status.state == JOB_STATE_DONE
+                                          for job in [*jobs, delayed]), 20)
+        assert [queue._load(job.id)["delivery"] for job in jobs] == [1, 1]
+        assert due - 0.05 <= queue.retrieve_job(delayed.id).result() <= due + 1.0
+    finally:
+        skewed.terminate()
+        skewed.wait(30)
+        queue.reset_storage()
+        queue.close()
 
 
 def test_mongodb_database_comes_from_the_url_or_the_argument(mongodb_url: str) -> None:
