@@ -593,7 +593,7 @@ class Queue:
         _check_task_name(task_name)
         if priority is None:
             priority = self._tasks[task_name].priority if task_name in self._tasks else 0
-        spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta),
+        spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta, self._clock_ms()),
                       # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
                       None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0),
                       _check_priority(priority))
@@ -1150,13 +1150,13 @@ class Queue:
         ticks = {name: self._fire_tick(schedule, None) for name, schedule in self._schedules.items()}
         while True:
             name, tick = min(ticks.items(), key=lambda item: item[1])
-            if stopping.wait(max(tick - _now_ms(), 0) / 1000):
+            if stopping.wait(max(tick - self._clock_ms(), 0) / 1000):
                 return
             ticks[name] = self._fire_tick(self._schedules[name], tick)
 
     def _fire_tick(self, schedule: _Schedule, tick: int | None) -> int:
         """Fire one tick of a schedule (None: only record it) and return the next; log missed ones."""
-        next_tick = schedule.tick_after(max(_now_ms(), tick or 0))
+        next_tick = schedule.tick_after(max(self._clock_ms(), tick or 0))
         # The job's enqueue stack says which schedule and tick enqueued it.
         batch = _Batch(schedule.task, f"periodic {schedule.name!r}, tick {_iso(_time(tick))}\n", None, 0.0,
                        None, self._tasks[schedule.task].priority)
@@ -1171,10 +1171,15 @@ class Queue:
             logger.info("schedule %s: job %s for the tick of %s", schedule.name, job_id, _iso(_time(tick)))
         # Ticks before this one (or, at start, before the last second) that nobody fired.
         missed = None if last is None else schedule.tick_after(last)
-        if missed is not None and missed < (tick or _now_ms() - 1000):
+        if missed is not None and missed < (tick or self._clock_ms() - 1000):
             logger.warning("schedule %s skipped its ticks from %s to before %s: no worker ran then",
                            schedule.name, _iso(_time(missed)), _iso(_time(tick or next_tick)))
         return next_tick
+
+    def _clock_ms(self) -> int:
+        """The time, in ms, that this queue's ticks and etas are read in: this process's clock
+        (MongoDB's queue reads its server's)."""
+        return _now_ms()
 
     def _time_limit_of(self, job: Job) -> float | None:
         """The job's own time limit if it was enqueued with one, else its task's."""
@@ -1690,14 +1695,14 @@ def _time(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, timezone.utc)
 
 
-def _delay(delay: float | None, eta: datetime | None) -> float:
-    """Seconds from now until a job may start, from enqueue's ``delay`` or ``eta``."""
+def _delay(delay: float | None, eta: datetime | None, now_ms: int) -> float:
+    """Seconds from ``now_ms`` until a job may start, from enqueue's ``delay`` or ``eta``."""
     if eta is not None:
         if delay is not None:
             raise ValueError("pass delay or eta, not both")
         if eta.tzinfo is None:
             raise ValueError("eta must be a timezone-aware datetime")
-        return max((eta - datetime.now(timezone.utc)).total_seconds(), 0.0)
+        return max(eta.timestamp() - now_ms / 1000, 0.0)
     return max(delay or 0.0, 0.0)
 
 
@@ -3359,13 +3364,16 @@ class MongoQueue(Queue):
         self._bulk_write_error = pymongo.errors.BulkWriteError
         self._operation_failure = pymongo.errors.OperationFailure
         self._closed_client = pymongo.errors.InvalidOperation
-        self._jobs = client[database][f"{collection_prefix}_jobs"]
-        self._workers = client[database][f"{collection_prefix}_workers"]
+        # Dates read back aware, in UTC, also through a client passed in without tz_aware.
+        db = client[database].with_options(codec_options=_require("bson", "mongo").CodecOptions(
+            tz_aware=True, tzinfo=timezone.utc))
+        self._jobs = db[f"{collection_prefix}_jobs"]
+        self._workers = db[f"{collection_prefix}_workers"]
         # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
-        self._metrics = client[database][f"{collection_prefix}_metrics"]
-        self._schedules_fired = client[database][f"{collection_prefix}_periodic"]
+        self._metrics = db[f"{collection_prefix}_metrics"]
+        self._schedules_fired = db[f"{collection_prefix}_periodic"]
         self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
-        self._awaited: set[str] = set()  # ids of the jobs held here that had a waiter when claimed
+        self._awaited: set[tuple[str, int]] = set()  # (id, delivery) of held jobs that had a waiter
         self._wakeup = threading.Event()
         self._events = _JobEvents(self) if change_streams else None
         self._clock_offset, self._clock_read = 0, -math.inf  # ms the server's clock is ahead; when read
@@ -3374,7 +3382,7 @@ class MongoQueue(Queue):
         # its first enqueue instead; its first claim then creates the indexes.
         with contextlib.suppress(*self._server_errors):
             self._create_index()
-            self._now()  # reads the server's clock
+            self._read_clock()
 
     def _create_index(self) -> None:
         """Create the claim's index, the listing's, the TTL index that deletes done jobs when
@@ -3389,28 +3397,35 @@ class MongoQueue(Queue):
                                 name="claim_by_priority")
         with contextlib.suppress(self._operation_failure):  # the claim index before priorities
             self._jobs.drop_index("claim")
-        for name, keys in (("by_task", [("task", 1), ("state", 1), ("_id", 1)]),
-                           ("by_state", [("state", 1), ("_id", 1)]), ("by_done", [("done", 1)])):
-            self._jobs.create_index(keys, name=name)
+        self._jobs.create_index([("task", 1), ("state", 1), ("_id", 1)], name="by_task")
+        self._jobs.create_index([("state", 1), ("_id", 1)], name="by_state")
+        self._jobs.create_index("done", name="by_done", partialFilterExpression={"done": {"$exists": True}})
         self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
         for name, keys in (("unique", [("task", 1), ("unique", 1)]), ("periodic", [("periodic", 1)])):
             self._jobs.create_index(keys, name=name, unique=True,
                                     partialFilterExpression={keys[-1][0]: {"$exists": True}})
         self._indexed = True
 
-    def _now(self, later: float = 0.0) -> datetime:
-        """The server's time (plus ``later`` seconds), cut to the milliseconds BSON dates keep."""
+    def _read_clock(self) -> None:
+        """Read how far the server's clock is ahead of this process's, unless read in the last
+        minute. Called by the sync steps only (enqueue, claim, stats): not on an event loop."""
         if time.monotonic() - self._clock_read > CLOCK_CHECK_INTERVAL:
             before = _now_ms()
             server = self.client.admin.command("hello")["localTime"].replace(tzinfo=timezone.utc)
             after = _now_ms()
             self._clock_offset = round(server.timestamp() * 1000) - (before + after) // 2
             self._clock_read = time.monotonic()
-        return datetime.fromtimestamp((_now_ms() + self._clock_offset + int(later * 1000)) / 1000,
-                                      timezone.utc)
+
+    def _clock_ms(self) -> int:
+        return _now_ms() + self._clock_offset
+
+    def _now(self, later: float = 0.0) -> datetime:
+        """The server's time (plus ``later`` seconds), cut to the milliseconds BSON dates keep."""
+        return datetime.fromtimestamp((self._clock_ms() + int(later * 1000)) / 1000, timezone.utc)
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        self._read_clock()
         return [self._insert_one(batch, text, key) for text, key in jobs] if any(key for _, key in jobs) \
             else self._insert_many(batch, [text for text, _ in jobs])
 
@@ -3474,15 +3489,18 @@ class MongoQueue(Queue):
                block: float) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self._indexed:
             self._create_index()
+        self._read_clock()
         events = self._events if self._events is not None and self._events.pushing() else None
         self._wakeup.clear()  # before the claim: a wake-up pushed while it runs is kept
+        if self._stopping is not None and self._stopping.is_set():
+            return  # stop() came before the clear
         # With the stream, claim as many jobs as it announced: an idle worker woken for one
-        # job makes one round trip, not a second that finds nothing. Those left over
-        # (more than ``limit``) are claimed next time.
+        # job makes one round trip, not a second that finds nothing. Those left over (more
+        # than ``limit``, or of the tasks not claimed for now) are claimed next time.
         announced = limit if events is None else events.take()
         wanted = int(min(limit, announced))
         claimed = (yield from self._claim_now(task_names, wanted, worker)) if wanted else 0
-        if events is not None and claimed == wanted:
+        if events is not None and (claimed == wanted or len(task_names) < len(self._tasks)):
             events.announce(announced - claimed)
         if claimed:
             return
@@ -3490,7 +3508,9 @@ class MongoQueue(Queue):
         # Woken: back to the loop, which claims at once unless stop() woke it. Else a
         # delayed job is due, or it is the poll (the stream's safety net, each ``block``).
         if not self._wakeup.wait(min(block, wait)):
-            yield from self._claim_now(task_names, limit, worker)
+            claimed = yield from self._claim_now(task_names, limit, worker)
+            if events is not None and claimed == limit:
+                events.announce(math.inf)  # jobs that came due may be left
 
     def _claim_now(self, task_names: list[str], limit: int,
                    worker: str) -> Generator[tuple[str, dict[str, Any]], None, int]:
@@ -3505,7 +3525,7 @@ class MongoQueue(Queue):
             if doc is None:
                 return claimed
             if doc.get("waiter"):
-                self._awaited.add(str(doc["_id"]))
+                self._awaited.add((str(doc["_id"]), doc["delivery"]))
             yield str(doc["_id"]), _mongo_fields(doc)
         return limit
 
@@ -3520,8 +3540,7 @@ class MongoQueue(Queue):
         # so that this and the waiter's withdrawal can't both win. The flag only ever
         # goes from true to false, so a job claimed without a waiter, the usual case,
         # needs one update, and one claimed with a waiter a second only if it withdrew.
-        awaited = job.id in self._awaited
-        self._awaited.discard(job.id)
+        awaited = (job.id, job._delivery) in self._awaited
         now = self._now()
         done = {"$set": {"state": JOB_STATE_DONE if error is None else "failed", "done": now,
                          "result": result, "error": error, "waiter": False, **self._expiry(),
@@ -3530,6 +3549,7 @@ class MongoQueue(Queue):
                            **({} if traceback else {"traceback": ""})}}
         for waiter, flag in ((True, True), (False, {"$ne": True}))[0 if awaited else 1:]:
             if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
+                self._awaited.discard((job.id, job._delivery))
                 # Counted here and added to the server by the next heartbeat: one update
                 # can't change the job and its task's metrics both.
                 status, ms = job.status, round(now.timestamp() * 1000)
@@ -3539,6 +3559,7 @@ class MongoQueue(Queue):
                     _observe(self._observed, job.task_name, error is not None, started and ms - started,
                              started and due and started - round(due.timestamp() * 1000))
                 return waiter
+        self._awaited.discard((job.id, job._delivery))  # no longer held by this delivery
         return None
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
@@ -3549,7 +3570,7 @@ class MongoQueue(Queue):
              "$unset": {"started": "", "worker": "", "lease": "", **({} if traceback else {"traceback": ""})},
              "$inc": {"attempt": 1}})
         if retried.modified_count:
-            self._awaited.discard(job.id)  # its next claim says again
+            self._awaited.discard((job.id, job._delivery))
             return True
         # Cancelled while it ran: done, not retried (or no longer held: None).
         return None if self._finish(job, None, f"{CANCELLED} while running", traceback) is None else True
@@ -3767,6 +3788,9 @@ class MongoQueue(Queue):
         return [(str(doc["_id"]), _mongo_fields(doc)) for doc in found]
 
     def _stats(self) -> _Stats:
+        if not self._indexed:
+            self._create_index()
+        self._read_clock()
         # Both aggregations read only their index's keys; with no filter to go by, the
         # server would scan the collection unless told which index.
         groups = self._jobs.aggregate([{"$group": {"_id": {"state": "$state", "task": "$task"},
@@ -3841,6 +3865,13 @@ _MONGO_EVENTS = [
                   "fullDocument.due": True, "updateDescription.updatedFields.state": True,
                   "updateDescription.updatedFields.due": True}}]
 
+def _wake(wakes: list[Callable[[], object]]) -> None:
+    """Call waiters' wake-ups; one that fails (its event loop closed) is theirs to miss."""
+    for wake in wakes:
+        with contextlib.suppress(Exception):
+            wake()
+
+
 # The codes of a server that has no change streams: a standalone mongod (40573),
 # one that doesn't know the stage (40324) or the command (115).
 _STREAMS_REFUSED = (40573, 40324, 115)
@@ -3897,14 +3928,18 @@ class _JobEvents:
             self._announced += jobs
 
     def until_due(self, task_names: list[str]) -> float:
-        """Seconds until the soonest due time known of a delayed job; read from the collection
-        when the stream opened and each time one passed (the jobs delayed before it opened)."""
+        """Seconds until the soonest due time known of a delayed job (0 if one passed since the
+        last call); read from the collection when the stream opened and each time one passed
+        (the jobs delayed before it opened)."""
         now = self._queue._now()
         now_ms = round(now.timestamp() * 1000)
         with self._lock:
+            passed = bool(self._dues) and self._dues[0] <= now_ms
             while self._dues and self._dues[0] <= now_ms:
                 heapq.heappop(self._dues)
+            if passed:
                 self._look_for_due = True
+                return 0.0
             look = self._look_for_due
         if look:
             doc = self._queue._jobs.find_one(
@@ -3921,25 +3956,27 @@ class _JobEvents:
         self._closed.set()
 
     def _read(self) -> None:
-        pause = OUTAGE_PAUSES[0]
+        pause, said = OUTAGE_PAUSES[0], False  # said: the warning for this outage was logged
         while not self._closed.is_set():
             try:
                 with self._queue._jobs.watch(_MONGO_EVENTS, max_await_time_ms=1000) as stream:
                     self._opened(True)
-                    pause = OUTAGE_PAUSES[0]
+                    pause, said = OUTAGE_PAUSES[0], False
                     while stream.alive and not self._closed.is_set():
                         change = stream.try_next()
                         if change is not None:
                             self._dispatch(change)
             except self._queue._closed_client:  # closed by its owner: no stream to read again
+                self._opened(False)
                 return
             except Exception as exc:  # anything that closed it: the waits poll meanwhile
                 refused = getattr(exc, "code", None) in _STREAMS_REFUSED
-                if not self._closed.is_set():
+                if not (said or self._closed.is_set()):
                     logger.warning("MongoDB at %s %s (%s): idle workers and enqueue_wait poll every %.3g s%s",
                                    self._queue._address, "refused a change stream" if refused else
                                    "closed the change stream", _describe(exc), self._queue.poll_interval,
                                    "" if refused else " until it reopens")
+                    said = True
                 if refused:
                     self._opened(False)
                     return
@@ -3954,17 +3991,16 @@ class _JobEvents:
             self._look_for_due, self._announced = True, math.inf
             wakes = [wake for job_wakes in self._waiters.values() for wake in job_wakes]
         self._queue._wakeup.set()
-        for wake in wakes:
-            wake()
+        _wake(wakes)
 
     def _dispatch(self, change: dict[str, Any]) -> None:
         fields = change.get("fullDocument") or change.get("updateDescription", {}).get("updatedFields", {})
+        task = fields.get("task")  # an insert names its task, an update not
         if change["operationType"] == "delete" or fields.get("state") in _MONGO_DONE:
             with self._lock:
                 wakes = list(self._waiters.get(str(change["documentKey"]["_id"]), ()))
-            for wake in wakes:
-                wake()
-        elif fields.get("task") in (None, *self._queue._tasks):  # an insert names its task, an update not
+            _wake(wakes)
+        elif self._queue._tasks and (task is None or task in self._queue._tasks):  # a worker's
             due = fields.get("due")
             due_in = 0.0 if due is None else (due - self._queue._now()).total_seconds()
             if due_in > 0:

@@ -912,6 +912,24 @@ def test_delayed_jobs_wait_for_their_time(queue: Queue, task: TestTask) -> None:
         queue.enqueue("test-task", delay=1, eta=eta)
 
 
+def test_delayed_jobs_due_together_all_start_at_their_time(new_queue: Any) -> None:
+    """More jobs come due at once than the worker has threads: all start at their time, in
+    batches back to back, not one batch per idle wake-up."""
+    queue = new_queue(concurrency=4)
+    queue.reset_storage()
+    started: list[float] = []
+
+    @queue.task()
+    def tick() -> None:
+        started.append(time.monotonic())
+
+    with running(queue):
+        enqueued = time.monotonic()
+        queue.enqueue_many("tick", [{} for _ in range(12)], delay=0.5)
+        assert wait_until(lambda: len(started) == 12)
+    assert max(started) - enqueued < 1.2, [round(t - enqueued, 2) for t in started]
+
+
 def test_list_jobs_filters_and_pages(queue: Queue, task: TestTask) -> None:
     ok = queue.enqueue_many("test-task", [{"i": i} for i in range(6)])
     bad = queue.enqueue("test-task", {"err": "broken"})
@@ -2335,7 +2353,7 @@ def test_mongodb_waits_and_claims_go_on_through_a_server_restart(tmp_path: Path)
             assert wait_until(lambda: worker._held, 10)
             restart()
             caller.join(60)
-            assert waited["job"].result() == "slept"
+            assert not caller.is_alive() and waited["job"].result() == "slept"
 
             restart()
             for _ in range(50):  # the producer's first requests after a restart may find it away
@@ -2352,6 +2370,42 @@ def test_mongodb_waits_and_claims_go_on_through_a_server_restart(tmp_path: Path)
         server.remove()
 
 
+def test_mongodb_a_finish_retried_after_a_server_error_still_reaches_its_waiter(
+        mongo_queue: MongoQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pymongo
+    waited: dict[str, Job] = {}
+    caller = threading.Thread(target=lambda: waited.update(job=mongo_queue.enqueue_wait("t", timeout=10)))
+    caller.start()
+    ((job_id, fields),) = mongo_queue._claim(["t"], 1, "worker", 5)
+    holding, failures = mongo_queue._holding, [pymongo.errors.AutoReconnect("the server went away")]
+
+    def flaky(job: Job) -> dict[str, Any]:
+        if failures:
+            raise failures.pop()
+        return holding(job)
+    monkeypatch.setattr(mongo_queue, "_holding", flaky)
+    assert mongo_queue._decode(job_id, fields).success("got it") is True  # retried, then handed over
+    caller.join(10)
+    assert waited["job"].result() == "got it"
+
+
+def test_mongodb_a_client_without_tz_aware_dates_works(mongodb_url: str) -> None:
+    import pymongo
+    queue = MongoQueue(client=pymongo.MongoClient(mongodb_url), database="monsterqueue_test",
+                       collection_prefix="mq_naive")
+    queue.reset_storage()
+    queue.register_task(FunctionTask("t", lambda: "ok"))
+    with running(queue):
+        assert wait_until(lambda: queue._events is not None and queue._events.pushing())
+        job = queue.enqueue_wait("t", timeout=10, delay=0.2)
+        assert job.result() == "ok" and job.status.started >= job.status.scheduled  # type: ignore[operator]
+        assert queue._events.pushing()  # type: ignore[union-attr]
+    assert job.status.enqueued.tzinfo is not None
+    queue.reset_storage()
+    queue.close()
+    queue.client.close()
+
+
 SKEWED_WORKER = """if True:
     import sys, time
     skew = float(sys.argv[2])
@@ -2359,7 +2413,7 @@ SKEWED_WORKER = """if True:
     time.time = lambda: real_time() + skew
     time.time_ns = lambda: real_ns() + int(skew * 1e9)
     import monsterqueue
-    queue = monsterqueue.MongoQueue(sys.argv[1], collection_prefix="mq_skew", lease_timeout=1.5)
+    queue = monsterqueue.MongoQueue(sys.argv[1], collection_prefix="mq_skew", lease_timeout=2.4)
 
     @queue.task()
     def delayed():
@@ -2367,7 +2421,7 @@ SKEWED_WORKER = """if True:
 
     @queue.task()
     def held_there():
-        time.sleep(3)
+        time.sleep(4)
 
     queue.process_loop()
 """
@@ -2377,12 +2431,12 @@ SKEWED_WORKER = """if True:
 def test_mongodb_times_are_the_servers_whatever_a_workers_clock_says(mongodb_url: str, skew: float) -> None:
     """A worker whose clock runs 5 minutes fast (or slow) neither redelivers a live job early nor
     starts a delayed job early (or late), and the leases it takes hold."""
-    queue = MongoQueue(mongodb_url, collection_prefix="mq_skew", lease_timeout=1.5)
+    queue = MongoQueue(mongodb_url, collection_prefix="mq_skew", lease_timeout=2.4)
     queue.reset_storage()
 
     @queue.task()
     def held_here() -> None:
-        time.sleep(3)
+        time.sleep(4)
 
     skewed = subprocess.Popen([sys.executable, "-c", SKEWED_WORKER, mongodb_url, str(skew)], cwd=HERE)
     try:

@@ -1,11 +1,13 @@
 """Time list_jobs and stats with many jobs stored: python benchmarks/listing.py [--url URL] [--jobs N].
 
 Fills a queue of its own (key prefix "mq-listing") with N jobs of three tasks,
-runs a fifth of them to done (one in ten failing), then times each listing
-query as the CLI and the dashboard make it: one page of 50, newest first.
+runs a third of them to done (one in ten failing; on MongoDB their outcomes are
+stored directly), then times each listing query as the CLI and the dashboard
+make it: one page of 50, newest first.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -37,12 +39,23 @@ def main() -> None:
         queue.enqueue_many(name, ({"i": i} for i in range(args.jobs // 3)))
     queue.enqueue_many("rare", ({"i": i} for i in range(10)))
     print(f"enqueued {args.jobs // 3 * 3 + 10:,} jobs in {time.perf_counter() - started:.1f}s")
-    worker = threading.Thread(target=queue.process_loop)
-    worker.start()
-    while queue.stats()["counts"]["work"]["enqueued"]:
-        time.sleep(0.5)
-    queue.stop()
-    worker.join()
+    if isinstance(queue, monsterqueue.MongoQueue):
+        # SecantusDB, the MongoDB server here, claims too slowly to run thousands of jobs:
+        # store their outcomes as the finish step would, one update_many per outcome.
+        now = queue._now()
+        failing = [doc["_id"] for doc in queue._jobs.find({"task": "work"}, projection={"params": True})
+                   if json.loads(doc["params"])["i"] % 10 == 0]
+        error = "ValueError: one in ten fails"
+        for query, outcome in (({"task": "work", "_id": {"$nin": failing}}, {"state": "done", "result": "1"}),
+                               ({"_id": {"$in": failing}}, {"state": "failed", "error": error})):
+            queue._jobs.update_many(query, {"$set": {"started": now, "done": now, "delivery": 1, **outcome}})
+    else:
+        worker = threading.Thread(target=queue.process_loop)
+        worker.start()
+        while queue.stats()["counts"]["work"]["enqueued"]:
+            time.sleep(0.5)
+        queue.stop()
+        worker.join()
 
     queries = {
         "list_jobs(limit=50, newest_first=True)": dict(limit=50, newest_first=True),
