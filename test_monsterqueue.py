@@ -3087,7 +3087,9 @@ def test_web_metrics_for_prometheus(new_queue: Any, serve: Any) -> None:
         for fail in (False, False, True):
             queue.enqueue_wait('odd "name"\\', {"fail": fail}, timeout=5)
         queue.enqueue("idle")
-        time.sleep(0.6)  # MongoDB adds a worker's counts with its heartbeat
+        # Workers add the run and wait times they counted with their next claim (Redis) or
+        # heartbeat (MongoDB).
+        assert wait_until(lambda: queue.stats()["metrics"]['odd "name"\\']["run_seconds"]["count"] == 3, 5)
         site = serve(queue)
         status, headers, body = site.request("/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")

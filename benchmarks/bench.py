@@ -10,6 +10,8 @@ each repeat) goes through one cycle on a flushed benchmark DB:
                                                              -> processing jobs/s
   4. INFO commandstats: calls since 2, minus our own polls    -> commands/job
      (shown as total = enqueue + processing)
+     INFO cpu: the server's user + sys CPU in 2 and in 3      -> Redis CPU us/job
+     (likewise; it includes the polls, a few us per job at most)
   5. --samples enqueue-and-wait round trips with that worker   -> p50 / p95
   6. worker VmHWM just before stopping it                      -> peak RSS
 
@@ -69,6 +71,12 @@ def total_calls(ctl):
 # shown apart (each one round trip, whatever it runs inside).
 SCRIPT_COMMANDS = ("cmdstat_eval", "cmdstat_evalsha", "cmdstat_eval_ro", "cmdstat_evalsha_ro",
                    "cmdstat_fcall")
+
+
+def cpu_seconds(ctl):
+    """The CPU time the Redis server has used, user + sys, in seconds."""
+    cpu = ctl.info("cpu")
+    return cpu["used_cpu_user"] + cpu["used_cpu_sys"]
 
 
 def script_calls(ctl):
@@ -162,10 +170,13 @@ def run_cycle(name, url, args):
         worker = Worker(module, variant, url, args.threads)
         if ctl:
             ctl.config_resetstat()  # counts itself once: subtracted below
+        cpu = [cpu_seconds(ctl)] if ctl else []
         t = time.perf_counter()
         client.enqueue_jobs(n)
         out["enqueue"] = n / (time.perf_counter() - t)
         after_enqueue = total_calls(ctl) if ctl else None  # includes RESETSTAT
+        if ctl:
+            cpu.append(cpu_seconds(ctl))
 
         worker.go()
         t = time.perf_counter()
@@ -178,6 +189,8 @@ def run_cycle(name, url, args):
             polls += 1
         elapsed = time.perf_counter() - t
         at_end = total_calls(ctl) if ctl else None  # includes RESETSTAT and one INFO
+        if ctl:
+            cpu.append(cpu_seconds(ctl))
         if client.stragglers(n):
             # done() was a heuristic and some jobs were still unfinished:
             # keep the clock running until they are.
@@ -187,9 +200,11 @@ def run_cycle(name, url, args):
             out["note"] = "stragglers"
         out["process"] = n / elapsed
 
-        out["cmds"] = out["enq_cmds"] = out["scripts"] = None
+        out["cmds"] = out["enq_cmds"] = out["scripts"] = out["cpu"] = out["enq_cpu"] = None
         if ctl:
             out["scripts"] = script_calls(ctl) / n
+            out["enq_cpu"] = (cpu[1] - cpu[0]) / n * 1e6
+            out["cpu"] = (cpu[2] - cpu[0]) / n * 1e6
         if ctl:
             # What one done() poll costs in commands (minus the first INFO).
             before = total_calls(ctl)
@@ -218,8 +233,8 @@ def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def fmt_cmds(total, enqueue):
-    return "n/a" if total is None else f"{total:.1f} ({enqueue:.1f} + {total - enqueue:.1f})"
+def fmt_cmds(total, enqueue, spec=".1f"):
+    return "n/a" if total is None else f"{total:{spec}} ({enqueue:{spec}} + {total - enqueue:{spec}})"
 
 
 def main():
@@ -274,7 +289,8 @@ def main():
         peers, args.repeats, lambda p: run_cycle(p, urls[p], args),
         lambda res: f"enqueue {res['enqueue']:8,.0f}/s  process {res['process']:7,.0f}/s  wait p50 "
                     f"{res['p50']:6.2f} ms p95 {res['p95']:6.2f} ms  cmds/job "
-                    f"{fmt_cmds(res['cmds'], res['enq_cmds'])}  RSS {fmt(res['rss'], '.1f')} MB "
+                    f"{fmt_cmds(res['cmds'], res['enq_cmds'])}  Redis CPU us/job "
+                    f"{fmt_cmds(res['cpu'], res['enq_cpu'])}  RSS {fmt(res['rss'], '.1f')} MB "
                     f"{res['note']}")
 
     def med(p, key):
@@ -290,14 +306,14 @@ def main():
           f"{os.cpu_count()} CPUs\n")
     print("| peer | version | enqueue jobs/s | enqueue_many jobs/s | processing jobs/s | enqueue_wait p50 ms "
           "| enqueue_wait p95 ms | Redis cmds/job (enqueue + processing) | of which Lua calls/job "
-          "| worker peak RSS MB |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "| Redis CPU µs/job (enqueue + processing) | worker peak RSS MB |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for p in peers:
         print(f"| {p} | {versions[p]} | {fmt(med(p, 'enqueue'), ',.0f')} | {fmt(med(p, 'batch'), ',.0f')} "
               f"| {fmt(med(p, 'process'), ',.0f')} "
               f"| {fmt(med(p, 'p50'), '.2f')} | {fmt(med(p, 'p95'), '.2f')} "
               f"| {fmt_cmds(med(p, 'cmds'), med(p, 'enq_cmds'))} | {fmt(med(p, 'scripts'), '.2f')} "
-              f"| {fmt(med(p, 'rss'), '.1f')} |")
+              f"| {fmt_cmds(med(p, 'cpu'), med(p, 'enq_cpu'))} | {fmt(med(p, 'rss'), '.1f')} |")
     print("\nConfigurations:")
     for p in peers:
         module, variant, _ = PEERS[p]
