@@ -2326,19 +2326,25 @@ local function now_ms()
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
+-- Lua's numbers are doubles, which redis.call turns into text with printf's %.14g, a
+-- costly step of every script: whole numbers go as text made here, for far less.
+local function int(n)
+  return string.format('%d', n)
+end
+
 local function is_job(key)
   return redis.call('TYPE', key).ok == 'hash'
 end
 
 local function count(prefix, state, task, n)
-  redis.call('HINCRBY', prefix .. 'counts', state .. ':' .. task, n)
+  redis.call('HINCRBY', prefix .. 'counts', state .. ':' .. task, int(n))
 end
 
 -- Counts a finished job into the task's metrics; its run and wait times are counted by
 -- the worker (see RedisQueue._finish).
 local function observe(prefix, task, failed)
-  redis.call('HINCRBY', prefix .. 'metrics', 'finished:' .. task, 1)
-  if failed then redis.call('HINCRBY', prefix .. 'metrics', 'failed:' .. task, 1) end
+  redis.call('HINCRBY', prefix .. 'metrics', 'finished:' .. task, '1')
+  if failed then redis.call('HINCRBY', prefix .. 'metrics', 'failed:' .. task, '1') end
 end
 
 local function done_member(key, id)
@@ -2350,7 +2356,7 @@ end
 -- A job's place in its task's queue, a sorted set ordered by priority, then by number:
 -- higher priorities first, the oldest first among equals. An exact integer below 2^53.
 local function queue_score(priority, id)
-  return string.format('%.0f', (100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0))
+  return int((100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0))
 end
 
 -- Puts a job in its task's queue; the caller marks the queue ready.
@@ -2384,8 +2390,8 @@ end
 local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
   local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'unique_key')
-  local task, outcome = got[1] or '', field == 'error' and 'failed' or 'done'
-  redis.call('HSET', key, 'state', 'done', 'done', now, field, value)
+  local task, outcome, now_text = got[1] or '', field == 'error' and 'failed' or 'done', int(now)
+  redis.call('HSET', key, 'state', 'done', 'done', now_text, field, value)
   redis.call('HDEL', key, 'worker')
   release_key(prefix, task, id, got[4])
   if traceback then
@@ -2397,13 +2403,13 @@ local function finish_job(prefix, id, field, value, now, keep, traceback, progre
   observe(prefix, task, outcome == 'failed')
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
-  redis.call('ZADD', prefix .. 'done', now, outcome .. ':' .. task .. ':' .. id)
+  redis.call('ZADD', prefix .. 'done', now_text, outcome .. ':' .. task .. ':' .. id)
   count(prefix, 'running', task, -1)
   count(prefix, outcome, task, 1)
-  if keep > 0 then redis.call('PEXPIRE', key, keep) end
+  if keep > 0 then redis.call('PEXPIRE', key, int(keep)) end
   local deadline = tonumber(got[2])
   if not deadline or deadline == 0 then return 0 end
-  redis.call('HSET', key, 'waiter', 0)
+  redis.call('HSET', key, 'waiter', '0')
   -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
   -- down, still settles a late withdrawal as a timeout.
   if now > deadline + 10000 then return 0 end
@@ -2423,8 +2429,8 @@ end
 _REDIS_ENQUEUE_LIB = _REDIS_LIB + """
 local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority, jobs)
   local now = now_ms()
-  local n = #jobs / 2
-  local last = redis.call('INCRBY', prefix .. 'seq', n)
+  local n, now_text = #jobs / 2, int(now)
+  local last = redis.call('INCRBY', prefix .. 'seq', int(n))
   local unique = prefix .. 'unique:' .. task
   local held, stored, queued = {}, 0, {}
   for i = 1, n do
@@ -2434,11 +2440,10 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
     if state and state ~= 'done' then
       held[#held + 1] = {i, holder, redis.call('HGETALL', prefix .. 'job:' .. holder)}
     else
-      local number = last - n + i
-      local id = tostring(number)
+      local id = int(last - n + i)
       local key = prefix .. 'job:' .. id
       redis.call('HSET', key, 'task', task, 'params', jobs[2 * i - 1], 'state', 'enqueued',
-                 'enqueued', now, 'stack', stack, 'delivery', 0, 'attempt', 1)
+                 'enqueued', now_text, 'stack', stack, 'delivery', '0', 'attempt', '1')
       if waiter ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(waiter)) end
       if limit ~= '' then redis.call('HSET', key, 'time_limit', limit) end
       if priority ~= 0 then redis.call('HSET', key, 'priority', priority) end
@@ -2446,9 +2451,9 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
         redis.call('HSET', key, 'unique_key', unique_key)
         redis.call('HSET', unique, unique_key, id)
       end
-      redis.call('ZADD', prefix .. 'jobs', number, id)
-      redis.call('ZADD', prefix .. 'task:' .. task, number, id)
-      redis.call('ZADD', prefix .. 'enqueued', number, id)
+      redis.call('ZADD', prefix .. 'jobs', id, id)  -- scored by its number: the id itself
+      redis.call('ZADD', prefix .. 'task:' .. task, id, id)
+      redis.call('ZADD', prefix .. 'enqueued', id, id)
       if delay > 0 then
         redis.call('HSET', key, 'due', now + delay)
         redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
@@ -2462,7 +2467,7 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
   if #queued > 0 then redis.call('ZADD', prefix .. 'queue:' .. task, unpack(queued)) end
   count(prefix, 'enqueued', task, stored)
   -- Also for delayed jobs: it wakes a worker to learn when the first is due.
-  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  redis.call('ZADD', prefix .. 'ready:' .. task, '0', '1')
   return now, last - n + 1, delay > 0 and now + delay or false, held
 end
 """
@@ -2507,26 +2512,38 @@ return {fired, last or false}
 _REDIS_CLAIM = _REDIS_LIB + """
 local prefix, limit, first = ARGV[1], tonumber(ARGV[2]), 7 + 2 * tonumber(ARGV[6])
 local now = now_ms()
+local now_text = int(now)
 for i = 7, first - 1, 2 do redis.call('HINCRBY', prefix .. 'metrics', ARGV[i], ARGV[i + 1]) end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now, 'LIMIT', 0, 1000)) do
+local due = redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now_text, 'LIMIT', '0', '1000')
+for _, id in ipairs(due) do
   redis.call('ZREM', prefix .. 'scheduled', id)
   local key = prefix .. 'job:' .. id
   if is_job(key) then
     local f = redis.call('HMGET', key, 'task', 'priority')
     push(prefix, f[1] or '', id, f[2])
-    redis.call('ZADD', prefix .. 'ready:' .. (f[1] or ''), 0, 1)
+    redis.call('ZADD', prefix .. 'ready:' .. (f[1] or ''), '0', '1')
   end
 end
--- The best ids of all these tasks: the highest priority first, then the oldest.
-local best = {}
+-- The best ids of all these tasks: the highest priority first, then the oldest. A
+-- task's queue is in that order; the heads of several are merged by their scores
+-- (read only then: Redis writes each score as text with printf).
+local best, merge, last = {}, #ARGV > first, int(limit - 1)
 for i = first, #ARGV do
-  local top = redis.call('ZRANGE', prefix .. 'queue:' .. ARGV[i], 0, limit - 1, 'WITHSCORES')
-  for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), ARGV[i], top[j]} end
+  local queue = prefix .. 'queue:' .. ARGV[i]
+  if merge then
+    local top = redis.call('ZRANGE', queue, '0', last, 'WITHSCORES')
+    for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), ARGV[i], top[j]} end
+  else
+    for _, id in ipairs(redis.call('ZRANGE', queue, '0', last)) do best[#best + 1] = {0, ARGV[i], id} end
+  end
 end
-table.sort(best, function(a, b) return a[1] < b[1] end)
-local popped = {}
-for j = 1, math.min(limit, #best) do popped[best[j][2]] = (popped[best[j][2]] or 0) + 1 end
-for task, n in pairs(popped) do redis.call('ZPOPMIN', prefix .. 'queue:' .. task, n) end
+if merge then table.sort(best, function(a, b) return a[1] < b[1] end) end
+local taken = {}
+for j = 1, math.min(limit, #best) do
+  taken[best[j][2]] = taken[best[j][2]] or {}
+  table.insert(taken[best[j][2]], best[j][3])
+end
+for task, ids in pairs(taken) do redis.call('ZREM', prefix .. 'queue:' .. task, unpack(ids)) end
 local claimed, started = {}, {}
 for j = 1, math.min(limit, #best) do
   local task, id = best[j][2], best[j][3]
@@ -2553,9 +2570,10 @@ for j = 1, math.min(limit, #best) do
     -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
     if (f[1] == 'enqueued' or not f[1]) and (tonumber(f[6]) or 0) <= now then
       local delivery = (tonumber(f[2]) or 0) + 1
-      redis.call('HSET', key, 'state', 'running', 'started', now, 'worker', ARGV[3], 'delivery', delivery)
+      redis.call('HSET', key, 'state', 'running', 'started', now_text, 'worker', ARGV[3],
+                 'delivery', int(delivery))
       redis.call('ZREM', prefix .. 'enqueued', id)
-      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
+      redis.call('ZADD', KEYS[1], int(now + tonumber(ARGV[4])), id)
       claimed[#claimed + 1] = {id, task, delivery, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
       started[task] = (started[task] or 0) + 1
     end
