@@ -446,9 +446,7 @@ class Queue:
         self._loop_warned = 0.0                   # _loop_seen when the timer last warned of a block
         # Event loop -> the asyncio client of the server the a* methods use on it.
         self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._report_lock = threading.Lock()      # guards Job._reported and _observed
-        # Metrics this worker counted and has yet to add to the server's (Redis, MongoDB).
-        self._observed: collections.Counter[str] = collections.Counter()
+        self._report_lock = threading.Lock()      # guards Job._reported
         # Guards Job._thread and _interrupted. A plain lock, unlike the Condition above: its
         # acquire and release are C calls, so an interrupt can't land between them and leave
         # it held.
@@ -803,20 +801,6 @@ class Queue:
     def _answer_lost(self, exc: BaseException) -> bool:
         """Whether a driver's error came after the request was sent (its outcome is unknown)."""
         return False
-
-    @contextlib.contextmanager
-    def _observed_out(self) -> Iterator[collections.Counter[str]]:
-        """Take the metrics this worker counted, for the with-block to add to the server's; kept
-        for the next try if it fails before the server surely got them (never counted twice)."""
-        with self._report_lock:
-            observed, self._observed = self._observed, collections.Counter()
-        try:
-            yield observed
-        except self._server_errors as exc:
-            if not self._answer_lost(exc):
-                with self._report_lock:
-                    self._observed.update(observed)
-            raise
 
     # -- the worker ----------------------------------------------------------
 
@@ -1585,12 +1569,6 @@ def _observe(metrics: collections.Counter[str], task: str, failed: bool, run_ms:
     metrics[f"finished:{task}"] += 1
     if failed:
         metrics[f"failed:{task}"] += 1
-    _observe_times(metrics, task, run_ms, wait_ms)
-
-
-def _observe_times(metrics: collections.Counter[str], task: str, run_ms: int | None,
-                   wait_ms: int | None) -> None:
-    """Count a job's run time and queue wait into ``metrics``, as _observe does."""
     for kind, ms in (("run", run_ms), ("wait", wait_ms)):
         if ms is not None:
             metrics[f"{kind}:{task}:{bisect.bisect_left(_BUCKETS_MS, ms)}"] += 1
@@ -2305,11 +2283,10 @@ class MemoryQueue(Queue):
 #                           next and last tick, last job
 #
 # Round trips per job: enqueue 1 (one script; enqueue_many one per 1000 jobs);
-# claim 1 script per batch of up to the free threads (which also adds the run
-# and wait times the worker counted), plus one BZPOPMIN when the queue is
-# empty; finish 1 script, which also pushes the outcome to a waiter;
-# enqueue_wait 1 BLPOP that receives the whole job, plus 1 script only when it
-# times out. The heartbeat is one script per worker per third
+# claim 1 script per batch of up to the free threads, plus one BZPOPMIN when
+# the queue is empty; finish 1 script, which also pushes the outcome to a
+# waiter; enqueue_wait 1 BLPOP that receives the whole job, plus 1 script
+# only when it times out. The heartbeat is one script per worker per third
 # of a lease, whatever the number of jobs it holds; it also drops expired
 # results from the indexes (their hashes expire by themselves) and tells the
 # worker which of its jobs were cancelled. Progress costs one script per
@@ -2340,11 +2317,21 @@ local function count(prefix, state, task, n)
   redis.call('HINCRBY', prefix .. 'counts', state .. ':' .. task, int(n))
 end
 
--- Counts a finished job into the task's metrics; its run and wait times are counted by
--- the worker (see RedisQueue._finish).
-local function observe(prefix, task, failed)
-  redis.call('HINCRBY', prefix .. 'metrics', 'finished:' .. task, '1')
-  if failed then redis.call('HINCRBY', prefix .. 'metrics', 'failed:' .. task, '1') end
+-- Counts a finished job into the task's metrics, as Python's _observe does.
+local BUCKETS = {""" + ", ".join(map(str, _BUCKETS_MS)) + """}
+local function observe(prefix, task, failed, started, due, now)
+  local metrics = prefix .. 'metrics'
+  redis.call('HINCRBY', metrics, 'finished:' .. task, '1')
+  if failed then redis.call('HINCRBY', metrics, 'failed:' .. task, '1') end
+  if not (started and due) then return end  -- it never ran, or its record is incomplete
+  for kind, ms in pairs({run = now - started, wait = started - due}) do
+    local bucket = #BUCKETS
+    for i, bound in ipairs(BUCKETS) do
+      if ms <= bound then bucket = i - 1 break end
+    end
+    redis.call('HINCRBY', metrics, kind .. ':' .. task .. ':' .. int(bucket), '1')
+    redis.call('HINCRBY', metrics, kind .. '_ms:' .. task, int(ms))
+  end
 end
 
 local function done_member(key, id)
@@ -2389,18 +2376,19 @@ end
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
 local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
-  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'unique_key')
+  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued',
+                         'unique_key')
   local task, outcome, now_text = got[1] or '', field == 'error' and 'failed' or 'done', int(now)
   redis.call('HSET', key, 'state', 'done', 'done', now_text, field, value)
   redis.call('HDEL', key, 'worker')
-  release_key(prefix, task, id, got[4])
+  release_key(prefix, task, id, got[7])
   if traceback then
     redis.call('HSET', key, 'traceback', traceback)
   elseif got[3] ~= '1' then  -- only a retried job can have one from an earlier attempt
     redis.call('HDEL', key, 'traceback')
   end
   if progress then redis.call('HSET', key, 'progress', progress) end
-  observe(prefix, task, outcome == 'failed')
+  observe(prefix, task, outcome == 'failed', tonumber(got[4]), tonumber(got[5] or got[6]), now)
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
   redis.call('ZADD', prefix .. 'done', now_text, outcome .. ':' .. task .. ':' .. id)
@@ -2506,14 +2494,11 @@ return {fired, last or false}
 # same step, so no crash can lose a popped job: it is in the running set with
 # a lease deadline, or still queued. Returns the claimed jobs and how long
 # until the next scheduled job is due (-1 for none).
-# Also adds the metrics the worker counted since its last claim (see RedisQueue._finish).
-# KEYS: running. ARGV: prefix, limit, worker, lease ms, keep ms (see finish_job), number of
-# metrics, each metric's field and increment, task names...
+# KEYS: running. ARGV: prefix, limit, worker, lease ms, keep ms (see finish_job), task names...
 _REDIS_CLAIM = _REDIS_LIB + """
-local prefix, limit, first = ARGV[1], tonumber(ARGV[2]), 7 + 2 * tonumber(ARGV[6])
+local prefix, limit = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local now_text = int(now)
-for i = 7, first - 1, 2 do redis.call('HINCRBY', prefix .. 'metrics', ARGV[i], ARGV[i + 1]) end
 local due = redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now_text, 'LIMIT', '0', '1000')
 for _, id in ipairs(due) do
   redis.call('ZREM', prefix .. 'scheduled', id)
@@ -2527,8 +2512,8 @@ end
 -- The best ids of all these tasks: the highest priority first, then the oldest. A
 -- task's queue is in that order; the heads of several are merged by their scores
 -- (read only then: Redis writes each score as text with printf).
-local best, merge, last = {}, #ARGV > first, int(limit - 1)
-for i = first, #ARGV do
+local best, merge, last = {}, #ARGV > 6, int(limit - 1)
+for i = 6, #ARGV do
   local queue = prefix .. 'queue:' .. ARGV[i]
   if merge then
     local top = redis.call('ZRANGE', queue, '0', last, 'WITHSCORES')
@@ -2583,7 +2568,7 @@ for task, n in pairs(started) do
   count(prefix, 'enqueued', task, -n)
   count(prefix, 'running', task, n)
 end
-for i = first, #ARGV do
+for i = 6, #ARGV do
   if redis.call('ZCARD', prefix .. 'queue:' .. ARGV[i]) > 0 then
     redis.call('ZADD', prefix .. 'ready:' .. ARGV[i], 0, 1)
   else
@@ -2937,13 +2922,8 @@ class RedisQueue(Queue):
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
-        head = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms()]
-
-        def claim() -> Any:
-            with self._observed_out() as observed:
-                return self._claim_script([self._key("running")], [
-                    *head, len(observed), *itertools.chain.from_iterable(observed.items()), *task_names])
-        claimed, next_due, now = claim()
+        args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
+        claimed, next_due, now = self._claim_script([self._key("running")], args)
         if not claimed:
             due_in = int(next_due) / 1000 if 0 <= int(next_due) < block * 1000 else None
             if due_in is not None and due_in <= 0.2:
@@ -2956,7 +2936,7 @@ class RedisQueue(Queue):
                 wait = block if due_in is None else due_in - 0.2
                 self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
                               self._key("wake", worker), wait, wait=wait)
-            claimed, _, now = claim()
+            claimed, _, now = self._claim_script([self._key("running")], args)
         names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
                  "priority", "unique_key")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
@@ -2970,18 +2950,7 @@ class RedisQueue(Queue):
         received = self._finish_script([self._key("job", job.id)],
                                        [self._prefix, job.id, job._delivery, *outcome, self._keep_ms(),
                                         traceback or "", job._progress_text or ""])
-        if received == -1:
-            return None
-        # The run and wait times are counted here and added by the next claim: the finish
-        # script, run once per job, does the least.
-        status = job.status
-        due = status.scheduled or status.enqueued
-        with self._report_lock:
-            _observe_times(self._observed, job.task_name,
-                           round((time.monotonic() - job._began) * 1000) if job._began else None,
-                           round((status.started - due).total_seconds() * 1000)
-                           if status.started and due else None)
-        return received == 1
+        return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         done = self._retry_script([self._key("job", job.id)], [self._prefix, job.id, job._delivery,
@@ -3104,12 +3073,6 @@ class RedisQueue(Queue):
 
     def _retire(self, worker: str) -> None:
         self.client.hdel(self._key("workers"), worker)
-        with self._observed_out() as observed:
-            if observed:
-                pipe = self.client.pipeline(transaction=False)
-                for field, number in observed.items():
-                    pipe.hincrby(self._key("metrics"), field, number)
-                pipe.execute()
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -3428,6 +3391,7 @@ class MongoQueue(Queue):
         # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
         self._metrics = db[f"{collection_prefix}_metrics"]
         self._schedules_fired = db[f"{collection_prefix}_periodic"]
+        self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
         self._awaited: set[tuple[str, int]] = set()  # (id, delivery) of held jobs that had a waiter
         self._wakeup = threading.Event()
         self._events = _JobEvents(self) if change_streams else None
@@ -3794,9 +3758,19 @@ class MongoQueue(Queue):
         return cancelled
 
     def _add_observed(self) -> None:
-        with self._observed_out() as observed:
-            if observed:
-                self._add_metrics(observed)
+        """Add what this worker's finishes counted to the metrics; kept for the next try if the
+        server surely didn't add them."""
+        with self._report_lock:
+            observed, self._observed = self._observed, collections.Counter()
+        if not observed:
+            return
+        try:
+            self._add_metrics(observed)
+        except self._server_errors as exc:
+            if not self._answer_lost(exc):
+                with self._report_lock:
+                    self._observed.update(observed)
+            raise
 
     def _add_metrics(self, metrics: dict[str, int]) -> None:
         by_task: dict[str, dict[str, int]] = collections.defaultdict(dict)

@@ -3087,8 +3087,7 @@ def test_web_metrics_for_prometheus(new_queue: Any, serve: Any) -> None:
         for fail in (False, False, True):
             queue.enqueue_wait('odd "name"\\', {"fail": fail}, timeout=5)
         queue.enqueue("idle")
-        # Workers add the run and wait times they counted with their next claim (Redis) or
-        # heartbeat (MongoDB).
+        # MongoDB adds a worker's counts with its heartbeat.
         assert wait_until(lambda: queue.stats()["metrics"]['odd "name"\\']["run_seconds"]["count"] == 3, 5)
         site = serve(queue)
         status, headers, body = site.request("/metrics")
