@@ -3332,9 +3332,9 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # run expressions and one rule for every write is simpler.
 #
 # Round trips per job: enqueue 1 (insert_many, also for enqueue_many); claim 1
-# find_one_and_update per job; finish 1 update_one (2 when a caller waits: the
-# second flips the waiter flag; 3 if the caller withdrew in between);
-# enqueue_wait 1 find_one when its job is done, plus 1 update only when it
+# find_one_and_update per job; finish 1 update_one, which also hands the job to
+# a waiter (2 if the waiter withdrew since the claim); enqueue_wait 1 find_one
+# after its insert and 1 when its job is done, plus 1 update only when it
 # times out. Idle workers and waiters don't poll: one change stream per queue
 # object (_JobEvents) wakes a worker when a job becomes claimable and a waiter
 # when its job is done; where the server refuses change streams (a standalone
@@ -3427,7 +3427,8 @@ class MongoQueue(Queue):
 
     def _read_clock(self) -> None:
         """Read how far the server's clock is ahead of this process's, unless read in the last
-        minute. Called by the sync steps only (enqueue, claim, stats): not on an event loop."""
+        minute. Called by the sync steps only (enqueue, claim, stats, cancel, retry): never on
+        an event loop, where aenqueue runs it on the loop's executor."""
         if time.monotonic() - self._clock_read > CLOCK_CHECK_INTERVAL:
             before = _now_ms()
             server = self.client.admin.command("hello")["localTime"].replace(tzinfo=timezone.utc)
@@ -3518,15 +3519,24 @@ class MongoQueue(Queue):
         # than ``limit``, or of the tasks not claimed for now) are claimed next time.
         announced = limit if events is None else events.take()
         wanted = int(min(limit, announced))
-        claimed = (yield from self._claim_now(task_names, wanted, worker)) if wanted else 0
-        if events is not None and (claimed == wanted or len(task_names) < len(self._tasks)):
+        try:
+            claimed = (yield from self._claim_now(task_names, wanted, worker)) if wanted else 0
+        except BaseException:
+            if events is not None:
+                events.announce(announced)  # for the next try: too many costs one empty claim
+            raise
+        # Claiming for one kind of task (the other's places are full): keep the rest.
+        one_kind = len(task_names) < len(self._tasks)
+        if events is not None and (claimed == wanted or one_kind):
             events.announce(announced - claimed)
         if claimed:
             return
-        wait = self.poll_interval if events is None else events.until_due(task_names)
+        wait = self.poll_interval if events is None else events.until_due()
+        if one_kind:  # nothing pushes when a place of the other kind frees
+            wait = min(wait, self.poll_interval)
         # Woken: back to the loop, which claims at once unless stop() woke it. Else a
         # delayed job is due, or it is the poll (the stream's safety net, each ``block``).
-        if not self._wakeup.wait(min(block, wait)):
+        if wait <= 0 or not self._wakeup.wait(min(block, wait)):
             claimed = yield from self._claim_now(task_names, limit, worker)
             if events is not None and claimed == limit:
                 events.announce(math.inf)  # jobs that came due may be left
@@ -3599,6 +3609,7 @@ class MongoQueue(Queue):
                                for job, text in progress.items()], ordered=False)
 
     def _cancel(self, job_id: str) -> bool:
+        self._read_clock()
         query = {"_id": self._object_id(job_id)}
         while True:  # again if it moved between running and enqueued meanwhile
             before = self._jobs.find_one_and_update(
@@ -3703,6 +3714,9 @@ class MongoQueue(Queue):
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         if self._url is None or any(key for _, key in jobs):  # unique keys: the executor's thread
             return await super()._ainsert(batch, jobs)
+        if time.monotonic() - self._clock_read > CLOCK_CHECK_INTERVAL:  # read off the event loop
+            import asyncio
+            await asyncio.get_running_loop().run_in_executor(None, self._read_clock)
         now, due, docs = self._documents(batch, [text for text, _ in jobs])
         ids = (await self._ajobs().insert_many(docs)).inserted_ids
         return [(str(job_id), now, due if batch.delay else None, None) for job_id in ids]
@@ -3839,6 +3853,7 @@ class MongoQueue(Queue):
     def _requeued(self) -> dict[str, Any]:
         """What retry_job and retry_jobs do to a done job: enqueued again from its first attempt,
         due now (its queue wait counts from here)."""
+        self._read_clock()
         return {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": self._now()},
                 "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
                            "traceback": "", "progress": "", "cancel": ""}}
@@ -3912,6 +3927,7 @@ class _JobEvents:
         self._waiters: dict[str, list[Callable[[], object]]] = {}  # job id: its waiters' wake-ups
         self._dues: list[int] = []  # a heap of the due times (server ms) of delayed jobs seen
         self._look_for_due = True  # whether to read the soonest due time of the collection
+        self._looked: int | None = None  # the due time that read found
         self._announced: float = 0  # claimable jobs pushed since the worker last asked
         self._thread: threading.Thread | None = None
         self._live = False
@@ -3946,28 +3962,29 @@ class _JobEvents:
         with self._lock:
             self._announced += jobs
 
-    def until_due(self, task_names: list[str]) -> float:
-        """Seconds until the soonest due time known of a delayed job (0 if one passed since the
-        last call); read from the collection when the stream opened and each time one passed
-        (the jobs delayed before it opened)."""
+    def until_due(self) -> float:
+        """Seconds until the soonest due time known of a delayed job of this worker's tasks (0
+        if one passed since the last call). The jobs delayed before the stream opened are read
+        from the collection, the soonest at a time: when it opened, and when that one passed."""
         now = self._queue._now()
         now_ms = round(now.timestamp() * 1000)
         with self._lock:
             passed = bool(self._dues) and self._dues[0] <= now_ms
             while self._dues and self._dues[0] <= now_ms:
-                heapq.heappop(self._dues)
+                if heapq.heappop(self._dues) == self._looked:
+                    self._look_for_due = True
             if passed:
-                self._look_for_due = True
                 return 0.0
             look = self._look_for_due
         if look:
             doc = self._queue._jobs.find_one(
-                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$gt": now}},
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": list(self._queue._tasks)}, "due": {"$gt": now}},
                 projection={"due": True}, sort=[("due", 1)])
             with self._lock:
-                self._look_for_due = False
+                self._look_for_due, self._looked = False, None
                 if doc is not None:
-                    heapq.heappush(self._dues, round(doc["due"].timestamp() * 1000))
+                    self._looked = round(doc["due"].timestamp() * 1000)
+                    heapq.heappush(self._dues, self._looked)
         with self._lock:
             return (self._dues[0] - now_ms) / 1000 if self._dues else math.inf
 
