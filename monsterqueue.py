@@ -2203,7 +2203,7 @@ class MemoryQueue(Queue):
             return list(itertools.islice(found, offset, None if limit is None else offset + limit))
 
     def _stats(self) -> _Stats:
-        minutes = _minutes(_now_ms())
+        minutes = _minutes(self._clock_ms())
         per_minute = [0] * len(minutes)
         counts: collections.Counter[str] = collections.Counter()
         with self._changed:
@@ -3135,7 +3135,7 @@ class RedisQueue(Queue):
         pipe.hgetall(self._key("counts"))
         pipe.hgetall(self._key("workers"))
         pipe.hgetall(self._key("metrics"))
-        for start in _minutes(_now_ms()):
+        for start in _minutes(self._clock_ms()):
             pipe.zcount(self._key("done"), start, start + 59_999)
         counts, workers, metrics, *per_minute = pipe.execute()
         alive = []
@@ -3545,10 +3545,11 @@ class MongoQueue(Queue):
                    worker: str) -> Generator[tuple[str, dict[str, Any]], None, int]:
         """Claim one job per round trip, up to ``limit``; return how many."""
         for claimed in range(limit):
+            now = self._now()
             doc = self._jobs.find_one_and_update(
-                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$lte": self._now()}},
-                {"$set": {"state": JOB_STATE_RUNNING, "started": self._now(), "worker": worker,
-                          "lease": self._now(self.lease_timeout)},
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": task_names}, "due": {"$lte": now}},
+                {"$set": {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
+                          "lease": now + timedelta(seconds=self.lease_timeout)},
                  "$inc": {"delivery": 1}},
                 sort=[("priority", -1), ("_id", 1)], hint="claim_by_priority", return_document=self._after)
             if doc is None:
@@ -3829,7 +3830,7 @@ class MongoQueue(Queue):
         groups = self._jobs.aggregate([{"$group": {"_id": {"state": "$state", "task": "$task"},
                                                    "n": {"$sum": 1}}}], hint="by_task")
         counts = {f"{group['_id']['state']}:{group['_id']['task']}": group["n"] for group in groups}
-        minutes = _minutes(round(self._now().timestamp() * 1000))
+        minutes = _minutes(self._clock_ms())
         done = {"$toLong": "$done"}
         per_minute = [0] * len(minutes)
         for group in self._jobs.aggregate([{"$match": {"done": {"$gte": _time(minutes[0])}}}, {"$group": {
@@ -3899,13 +3900,6 @@ _MONGO_EVENTS = [
                   "fullDocument.due": True, "updateDescription.updatedFields.state": True,
                   "updateDescription.updatedFields.due": True}}]
 
-def _wake(wakes: list[Callable[[], object]]) -> None:
-    """Call waiters' wake-ups; one that fails (its event loop closed) is theirs to miss."""
-    for wake in wakes:
-        with contextlib.suppress(Exception):
-            wake()
-
-
 # The codes of a server that has no change streams: a standalone mongod (40573),
 # one that doesn't know the stage (40324) or the command (115).
 _STREAMS_REFUSED = (40573, 40324, 115)
@@ -3966,8 +3960,7 @@ class _JobEvents:
         """Seconds until the soonest due time known of a delayed job of this worker's tasks (0
         if one passed since the last call). The jobs delayed before the stream opened are read
         from the collection, the soonest at a time: when it opened, and when that one passed."""
-        now = self._queue._now()
-        now_ms = round(now.timestamp() * 1000)
+        now_ms = self._queue._clock_ms()
         with self._lock:
             passed = bool(self._dues) and self._dues[0] <= now_ms
             while self._dues and self._dues[0] <= now_ms:
@@ -3978,7 +3971,8 @@ class _JobEvents:
             look = self._look_for_due
         if look:
             doc = self._queue._jobs.find_one(
-                {"state": JOB_STATE_ENQUEUED, "task": {"$in": list(self._queue._tasks)}, "due": {"$gt": now}},
+                {"state": JOB_STATE_ENQUEUED, "task": {"$in": list(self._queue._tasks)},
+                 "due": {"$gt": _time(now_ms)}},
                 projection={"due": True}, sort=[("due", 1)])
             with self._lock:
                 self._look_for_due, self._looked = False, None
@@ -4037,15 +4031,21 @@ class _JobEvents:
                 wakes = list(self._waiters.get(str(change["documentKey"]["_id"]), ()))
             _wake(wakes)
         elif self._queue._tasks and (task is None or task in self._queue._tasks):  # a worker's
-            due = fields.get("due")
-            due_in = 0.0 if due is None else (due - self._queue._now()).total_seconds()
-            if due_in > 0:
+            due, now_ms = fields.get("due"), self._queue._clock_ms()
+            due_ms = now_ms if due is None else round(due.timestamp() * 1000)
+            if due_ms > now_ms:
                 with self._lock:
-                    heapq.heappush(self._dues, round(due.timestamp() * 1000))
-            if due_in < IDLE_WAKE_INTERVAL:  # else the worker's wait ends before it is due
-                with self._lock:
-                    self._announced += 1
+                    heapq.heappush(self._dues, due_ms)
+            if due_ms - now_ms < IDLE_WAKE_INTERVAL * 1000:  # else the worker's wait ends before it is due
+                self.announce(1)
                 self._queue._wakeup.set()
+
+
+def _wake(wakes: list[Callable[[], object]]) -> None:
+    """Call waiters' wake-ups; one that fails (its event loop closed) is theirs to miss."""
+    for wake in wakes:
+        with contextlib.suppress(Exception):
+            wake()
 
 
 def _mongo_query(state: str | None, task_name: str | None) -> dict[str, Any]:
