@@ -20,8 +20,10 @@ from __future__ import annotations
 import abc
 import argparse
 import base64
+import binascii
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -2257,6 +2259,10 @@ class MemoryQueue(Queue):
 #
 # Keys, all under one Redis Cluster hash tag so that every script touches one
 # slot. The scripts take the prefix and build the keys of a job from its id.
+# With shards=N the queue is N such sets of keys, each under a tag of its own
+# (see _shard_tags), and each job lives in the shard its id names: every script
+# still touches one slot, and every rule holds per shard. Listing, stats and
+# the heartbeat visit every shard; an idle worker blocks on all of them.
 #
 #   {prefix}:seq            counter that numbers the jobs
 #   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
@@ -2412,10 +2418,11 @@ end
 # Stores jobs of one task, numbered in one step so that no job is ever half-written.
 # ``jobs`` is a flat list of params and unique key ('' for none). A job whose unique
 # key an unfinished job of the task holds isn't stored: its index, that job's id and
-# fields are returned instead. Returns now, the first number, the due time (or false)
-# and those.
+# fields are returned instead. A job's id names its shard: the shard's own count
+# times the number of shards, plus the shard. Returns now, the first id (the next
+# ones follow ``shards`` apart), the due time (or false) and those.
 _REDIS_ENQUEUE_LIB = _REDIS_LIB + """
-local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority, jobs)
+local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, limit, priority, jobs)
   local now = now_ms()
   local n, now_text = #jobs / 2, int(now)
   local last = redis.call('INCRBY', prefix .. 'seq', int(n))
@@ -2428,7 +2435,7 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
     if state and state ~= 'done' then
       held[#held + 1] = {i, holder, redis.call('HGETALL', prefix .. 'job:' .. holder)}
     else
-      local id = int(last - n + i)
+      local id = int((last - n + i) * shards + shard)
       local key = prefix .. 'job:' .. id
       redis.call('HSET', key, 'task', task, 'params', jobs[2 * i - 1], 'state', 'enqueued',
                  'enqueued', now_text, 'stack', stack, 'delivery', '0', 'attempt', '1')
@@ -2456,17 +2463,17 @@ local function enqueue_jobs(prefix, task, stack, waiter, delay, limit, priority,
   count(prefix, 'enqueued', task, stored)
   -- Also for delayed jobs: it wakes a worker to learn when the first is due.
   redis.call('ZADD', prefix .. 'ready:' .. task, '0', '1')
-  return now, last - n + 1, delay > 0 and now + delay or false, held
+  return now, int((last - n) * shards + shard + shards), delay > 0 and now + delay or false, held
 end
 """
 
-# KEYS: seq (for the slot). ARGV: prefix, task, stack, waiter timeout ms ('' for none),
-# delay ms, time limit s ('' for the task's), priority, then params and unique key of each job.
+# KEYS: seq (for the slot). ARGV: prefix, shards, shard, task, stack, waiter timeout ms ('' for
+# none), delay ms, time limit s ('' for the task's), priority, then params and unique key of each job.
 _REDIS_ENQUEUE = _REDIS_ENQUEUE_LIB + """
 local jobs = {}
-for i = 8, #ARGV do jobs[#jobs + 1] = ARGV[i] end
-local now, first, due, held = enqueue_jobs(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6],
-                                           tonumber(ARGV[7]), jobs)
+for i = 10, #ARGV do jobs[#jobs + 1] = ARGV[i] end
+local now, first, due, held = enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
+                                           ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), jobs)
 return {now, first, due, held}
 """
 
@@ -2474,16 +2481,16 @@ return {now, first, due, held}
 # job and records the tick: the one decision every worker racing for the tick meets.
 # Returns the job's id (false if the tick was fired already) and the last tick before.
 # KEYS: periodic. ARGV: prefix, name, tick ms ('' to only record), next tick ms, task,
-# expression, stack, priority, params, unique key ('' for none).
+# expression, stack, priority, params, unique key ('' for none), shards, shard.
 _REDIS_FIRE = _REDIS_ENQUEUE_LIB + """
 local record = cjson.decode(redis.call('HGET', KEYS[1], ARGV[2]) or '{}')
 local last = record.last
 record.name, record.task, record.schedule, record.next = ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[4])
 local fired = false
 if ARGV[3] ~= '' and (tonumber(last) or 0) < tonumber(ARGV[3]) then
-  local _, first, _, held = enqueue_jobs(ARGV[1], ARGV[5], ARGV[7], '', 0, '', tonumber(ARGV[8]),
-                                         {ARGV[9], ARGV[10]})
-  fired = held[1] and held[1][2] or tostring(first)
+  local _, first, _, held = enqueue_jobs(ARGV[1], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[5], ARGV[7],
+                                         '', 0, '', tonumber(ARGV[8]), {ARGV[9], ARGV[10]})
+  fired = held[1] and held[1][2] or first
   record.last, record.last_job = tonumber(ARGV[3]), fired
 end
 redis.call('HSET', KEYS[1], ARGV[2], cjson.encode(record))
@@ -2814,9 +2821,11 @@ class RedisQueue(Queue):
     """A queue stored in Redis (or Valkey, or a Redis Cluster), for many workers."""
 
     def __init__(self, url: str | None = None, *, client: Any = None,
-                 key_prefix: str = "monsterqueue",
+                 key_prefix: str = "monsterqueue", shards: int = 1,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **options: Any) -> None:
         super().__init__(**options)
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise ValueError(f"shards must be a whole number of at least 1, not {shards!r}")
         redis = _require("redis", "redis")
         self._owns_client = client is None  # close() leaves a client passed in to its owner
         # The a* methods make asyncio clients like the one made from the URL; with a client
@@ -2839,8 +2848,14 @@ class RedisQueue(Queue):
         self._address = kwargs.get("path") or (
             f"{kwargs['host']}:{kwargs.get('port', 6379)}" if "host" in kwargs else repr(pool or client))
         self._prefix = "{" + key_prefix + "}:"
+        # The first shard is the queue's own hash tag, so that shards=1 is the layout of old.
+        self._prefixes = [self._prefix, *("{" + tag + "}:" for tag in _shard_tags(key_prefix, shards)[1:])]
+        self._next_shard = itertools.count(secrets.randbelow(shards))  # where the next batch goes
+        self._turn = 0  # the shard the worker claims from next
         self._worker = ""
         self._wakeup = threading.Event()
+        self._pops: dict[int, Any] = {}  # shard: a blocking pop of its ready keys still waiting
+        self._poppers: Any = None  # the threads that wait on the shards, made when first idle
         # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
         # (pool checkout with a poll of the socket, retries, events): run the scripts
         # on connections this queue keeps instead. Other clients (cluster) go through it.
@@ -2865,6 +2880,19 @@ class RedisQueue(Queue):
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
 
+    def _prefix_of(self, job_id: str) -> str:
+        """The key prefix of the shard a job's id names: the id modulo the number of shards."""
+        if len(self._prefixes) == 1 or not (job_id.isascii() and job_id.isdigit()):
+            return self._prefix
+        return self._prefixes[int(job_id) % len(self._prefixes)]
+
+    def _job_key(self, job_id: str) -> str:
+        return self._prefix_of(job_id) + "job:" + job_id
+
+    def _shard_of_key(self, unique_key: str) -> int:
+        # Every job of a unique key lands on one shard, whose script alone decides who holds it.
+        return binascii.crc32(unique_key.encode()) % len(self._prefixes)
+
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
 
@@ -2873,59 +2901,85 @@ class RedisQueue(Queue):
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
-        return [job for args, some in self._enqueue_calls(batch, jobs)
-                for job in self._stored(self._enqueue_script([self._key("seq")], args), some)]
+        stored: list[Any] = [None] * len(jobs)
+        for keys, args, places in self._enqueue_calls(batch, jobs):
+            for place, job in zip(places, self._stored(self._enqueue_script(keys, args), len(places))):
+                stored[place] = job
+        return stored
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         if self._url is None:
             return await super()._ainsert(batch, jobs)
-        seq = [self._key("seq")]
-        return [job for args, some in self._enqueue_calls(batch, jobs)
-                for job in self._stored(await self._ascript(_REDIS_ENQUEUE, seq, args), some)]
+        stored: list[Any] = [None] * len(jobs)
+        for keys, args, places in self._enqueue_calls(batch, jobs):
+            for place, job in zip(places, self._stored(await self._ascript(_REDIS_ENQUEUE, keys, args),
+                                                       len(places))):
+                stored[place] = job
+        return stored
 
     def _enqueue_calls(self, batch: _Batch, jobs: list[tuple[str, str | None]]
-                       ) -> list[tuple[list[Any], list[tuple[str, str | None]]]]:
-        """The enqueue script's arguments for each 1000 jobs (well below Lua's limits), with those jobs."""
+                       ) -> list[tuple[list[str], list[Any], list[int]]]:
+        """The enqueue script's keys and arguments for each 1000 jobs (well below Lua's limits)
+        of each shard, with the places of those jobs in ``jobs``. A batch goes to the next shard
+        in turn, but for jobs with a unique key, which go to the key's."""
         waiter = "" if batch.waiter_timeout is None else str(int(batch.waiter_timeout * 1000))
         limit = "" if batch.time_limit is None else repr(batch.time_limit)
-        head = [self._prefix, batch.task, batch.stack, waiter, int(batch.delay * 1000), limit, batch.priority]
-        return [([*head, *itertools.chain.from_iterable((text, key or "") for text, key in some)], some)
-                for some in (jobs[start:start + 1000] for start in range(0, len(jobs), 1000))]
+        turn = next(self._next_shard) % len(self._prefixes)
+        places: dict[int, list[int]] = {}
+        for place, (_, unique_key) in enumerate(jobs):
+            shard = turn if unique_key is None else self._shard_of_key(unique_key)
+            places.setdefault(shard, []).append(place)
+        calls = []
+        for shard, mine in places.items():
+            prefix = self._prefixes[shard]
+            head = [prefix, len(self._prefixes), shard, batch.task, batch.stack, waiter,
+                    int(batch.delay * 1000), limit, batch.priority]
+            for start in range(0, len(mine), 1000):
+                some = mine[start:start + 1000]
+                calls.append(([prefix + "seq"], [*head, *itertools.chain.from_iterable(
+                    (jobs[place][0], jobs[place][1] or "") for place in some)], some))
+        return calls
 
-    @staticmethod
-    def _stored(reply: Any, some: list[tuple[str, str | None]]
+    def _stored(self, reply: Any, count: int
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
-        """What _insert returns, from the enqueue script's reply for ``some`` jobs."""
+        """What _insert returns, from the enqueue script's reply for ``count`` jobs."""
         now, first, due, held = reply
         enqueued, scheduled = _time(now), _time(due)
         assert enqueued is not None
         holders = {int(index): (_text(job_id), _pairs(fields)) for index, job_id, fields in held}
         stored = []
-        for i in range(1, len(some) + 1):
-            job_id, fields = holders.get(i, (str(int(first) + i - 1), None))
+        for i in range(1, count + 1):
+            job_id, fields = holders.get(i, (str(int(first) + (i - 1) * len(self._prefixes)), None))
             stored.append((job_id, enqueued, scheduled, fields))
         return stored
 
     def _fire(self, schedule: _Schedule, tick: int | None, next_tick: int, batch: _Batch
               ) -> tuple[str | None, int | None]:
+        # A schedule's record and jobs live on one shard (its unique key's, if it has one), where
+        # one script decides each tick.
+        shard = self._shard_of_key(schedule.unique_key or schedule.name)
+        prefix = self._prefixes[shard]
         fired, last = self._fire_script(
-            [self._key("periodic")],
-            [self._prefix, schedule.name, "" if tick is None else tick, next_tick, schedule.task,
-             schedule.expression, batch.stack, batch.priority, schedule.params, schedule.unique_key or ""])
+            [prefix + "periodic"],
+            [prefix, schedule.name, "" if tick is None else tick, next_tick, schedule.task,
+             schedule.expression, batch.stack, batch.priority, schedule.params, schedule.unique_key or "",
+             len(self._prefixes), shard])
         return (_text(fired) if fired else None), (int(last) if last else None)
 
     def _periodic(self) -> list[dict[str, Any]]:
         return [{"last": None, "last_job": None, **json.loads(record)}
-                for record in self.client.hgetall(self._key("periodic")).values()]
+                for prefix in self._prefixes for record in self.client.hgetall(prefix + "periodic").values()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
-        args = [self._prefix, limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
-        claimed, next_due, now = self._claim_script([self._key("running")], args)
+        args = [limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
+        shards = len(self._prefixes)
+        claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)], args)
         if not claimed:
-            due_in = int(next_due) / 1000 if 0 <= int(next_due) < block * 1000 else None
+            due_in = next_due / 1000 if 0 <= next_due < block * 1000 else None
+            woken = None
             if due_in is not None and due_in <= 0.2:
                 # Redis times blocked clients out ten times a second, up to 100 ms late: the
                 # last stretch before a due job is waited here instead (and a BZPOPMIN of
@@ -2933,10 +2987,9 @@ class RedisQueue(Queue):
                 self._wakeup.wait(due_in)
                 self._wakeup.clear()
             else:
-                wait = block if due_in is None else due_in - 0.2
-                self._command("BZPOPMIN", *(self._key("ready", name) for name in task_names),
-                              self._key("wake", worker), wait, wait=wait)
-            claimed, _, now = self._claim_script([self._key("running")], args)
+                woken = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
+            order = list(range(shards)) if woken is None else [woken]
+            claimed, _, now = self._claim_from(order, args)
         names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
                  "priority", "unique_key")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
@@ -2944,26 +2997,71 @@ class RedisQueue(Queue):
                                     if value is not None}})
                 for job in claimed]
 
+    def _claim_from(self, shards: list[int], args: list[Any]) -> tuple[list[Any], int, int]:
+        """Claim from the first of these shards that has jobs, and claim from the next one
+        the next time: no shard starves, and a busy worker makes one call per claim. Returns
+        the jobs, the milliseconds until the soonest delayed job of those shards (-1: none)
+        and the server's time."""
+        next_due = -1
+        for shard in shards:
+            prefix = self._prefixes[shard]
+            claimed, due, now = self._claim_script([prefix + "running"], [prefix, *args])
+            if claimed:
+                self._turn = shard + 1
+                return claimed, -1, now
+            if int(due) >= 0:
+                next_due = int(due) if next_due < 0 else min(next_due, int(due))
+        return [], next_due, now
+
+    def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> int | None:
+        """Block until a job of these tasks is ready on some shard (or stop() wakes the worker),
+        for at most ``wait`` seconds; return that shard, if known."""
+        keys = [[prefix + "ready:" + name for name in task_names] for prefix in self._prefixes]
+        keys[0].append(self._key("wake", worker))
+        if len(keys) == 1:
+            return 0 if self._command("BZPOPMIN", *keys[0], wait, wait=wait) else None
+        # A cluster's slots can't be waited on in one command: one blocking pop per shard, each on
+        # a thread of its own. A pop still waiting from the last time is waited on again (it
+        # times out within IDLE_WAKE_INTERVAL), and one that returned meanwhile is a wake-up.
+        if self._poppers is None:
+            self._poppers = concurrent.futures.ThreadPoolExecutor(len(keys), "monsterqueue-shard")
+        for shard, its_keys in enumerate(keys):
+            if shard not in self._pops:
+                self._pops[shard] = self._poppers.submit(self._command, "BZPOPMIN", *its_keys, wait,
+                                                         wait=wait)
+        concurrent.futures.wait(self._pops.values(), wait, concurrent.futures.FIRST_COMPLETED)
+        woken = None
+        for shard, pop in list(self._pops.items()):
+            if pop.done():
+                del self._pops[shard]
+                if pop.result():  # a server error is raised here
+                    woken = shard
+        return woken
+
     def _finish(self, job: Job, result: str | None, error: str | None,
                 traceback: str | None) -> bool | None:
         outcome = ("result", result) if error is None else ("error", error)
-        received = self._finish_script([self._key("job", job.id)],
-                                       [self._prefix, job.id, job._delivery, *outcome, self._keep_ms(),
-                                        traceback or "", job._progress_text or ""])
+        received = self._finish_script([self._job_key(job.id)],
+                                       [self._prefix_of(job.id), job.id, job._delivery, *outcome,
+                                        self._keep_ms(), traceback or "", job._progress_text or ""])
         return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
-        done = self._retry_script([self._key("job", job.id)], [self._prefix, job.id, job._delivery,
-                                                                int(delay * 1000), traceback or "",
-                                                                self._keep_ms()])
+        done = self._retry_script([self._job_key(job.id)], [self._prefix_of(job.id), job.id, job._delivery,
+                                                            int(delay * 1000), traceback or "",
+                                                            self._keep_ms()])
         return None if done == -1 else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
-        self._progress_script([self._key("running")], [self._prefix, *itertools.chain.from_iterable(
-            (job.id, job._delivery, text) for job, text in progress.items())])
+        for prefix in self._prefixes:
+            mine = [(job.id, job._delivery, text) for job, text in progress.items()
+                    if self._prefix_of(job.id) == prefix]
+            if mine:
+                self._progress_script([prefix + "running"], [prefix, *itertools.chain.from_iterable(mine)])
 
     def _cancel(self, job_id: str) -> bool:
-        state = self._cancel_script([self._key("job", job_id)], [self._prefix, job_id, self._keep_ms()])
+        state = self._cancel_script([self._job_key(job_id)],
+                                    [self._prefix_of(job_id), job_id, self._keep_ms()])
         if state is None:
             raise NoSuchJobError()
         return _text(state) != JOB_STATE_DONE
@@ -2973,34 +3071,39 @@ class RedisQueue(Queue):
         # and every member present throughout is seen), so that jobs changed meanwhile
         # can't shift the walk; then the script checks each again, BULK_BATCH per call.
         index = JOB_STATE_ENQUEUED if state == JOB_STATE_ENQUEUED else "done"
-        members = list({_text(member) for member, _ in self.client.zscan_iter(self._key(index), count=1000)})
-        ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
-                     key=lambda job_id: (len(job_id), job_id))  # oldest first
-        return sum(int(self._bulk_script([self._key("jobs")], [self._prefix, action, state, task_name or "",
-                                                               *ids[start:start + BULK_BATCH]]))
-                   for start in range(0, len(ids), BULK_BATCH))
+        changed = 0
+        for prefix in self._prefixes:
+            members = list({_text(member)
+                            for member, _ in self.client.zscan_iter(prefix + index, count=1000)})
+            ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
+                         key=lambda job_id: (len(job_id), job_id))  # oldest first
+            changed += sum(int(self._bulk_script([prefix + "jobs"], [prefix, action, state, task_name or "",
+                                                                     *ids[start:start + BULK_BATCH]]))
+                           for start in range(0, len(ids), BULK_BATCH))
+        return changed
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
-        popped = (self._command("BLPOP", self._key("outcome", job.id), timeout, wait=timeout)
+        prefix = self._prefix_of(job.id)
+        popped = (self._command("BLPOP", prefix + "outcome:" + job.id, timeout, wait=timeout)
                   if timeout >= 0.001 else None)
-        payload = popped[1] if popped else self._withdraw_script([self._key("job", job.id)],
-                                                                 [self._prefix, job.id])
+        payload = popped[1] if popped else self._withdraw_script([prefix + "job:" + job.id], [prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
 
     async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
         if self._url is None:
             return await super()._aawait_outcome(job, timeout)
-        popped = (await self._aclient().blpop([self._key("outcome", job.id)], timeout)
+        prefix = self._prefix_of(job.id)
+        popped = (await self._aclient().blpop([prefix + "outcome:" + job.id], timeout)
                   if timeout >= 0.001 else None)
-        payload = popped[1] if popped else await self._ascript(_REDIS_WITHDRAW, [self._key("job", job.id)],
-                                                               [self._prefix, job.id])
+        payload = popped[1] if popped else await self._ascript(_REDIS_WITHDRAW, [prefix + "job:" + job.id],
+                                                               [prefix, job.id])
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
 
     async def _aload(self, job_id: str) -> dict[str, Any]:
         if self._url is None:
             return await super()._aload(job_id)
         try:
-            fields = await self._aclient().hgetall(self._key("job", job_id))
+            fields = await self._aclient().hgetall(self._job_key(job_id))
         except self._response_error:
             raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
         if not fields:
@@ -3064,15 +3167,20 @@ class RedisQueue(Queue):
             spare.append(conn)  # kept for the next script: no pool checkout per call
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
-        cancelled = self._heartbeat_script(
-            [self._key("running")],
-            [self._prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
-             worker, json.dumps(sorted(self._tasks)),
-             *itertools.chain.from_iterable((job.id, job._delivery) for job in held)])
-        return [_text(job_id) for job_id in cancelled or ()]
+        # Each shard keeps its own leases, expiry and list of workers alive.
+        cancelled: list[Any] = []
+        for prefix in self._prefixes:
+            cancelled += self._heartbeat_script(
+                [prefix + "running"],
+                [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
+                 worker, json.dumps(sorted(self._tasks)),
+                 *itertools.chain.from_iterable((job.id, job._delivery) for job in held
+                                                if self._prefix_of(job.id) == prefix)]) or []
+        return [_text(job_id) for job_id in cancelled]
 
     def _retire(self, worker: str) -> None:
-        self.client.hdel(self._key("workers"), worker)
+        for prefix in self._prefixes:
+            self.client.hdel(prefix + "workers", worker)
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -3082,7 +3190,7 @@ class RedisQueue(Queue):
 
     def _load(self, job_id: str) -> dict[str, Any]:
         try:
-            fields = self.client.hgetall(self._key("job", job_id))
+            fields = self.client.hgetall(self._job_key(job_id))
         except self._response_error:
             raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
         if not fields:
@@ -3091,6 +3199,19 @@ class RedisQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
+        if len(self._prefixes) == 1:
+            return self._list_shard(self._prefix, state, task_name, limit, offset, newest_first)
+        # The first offset + limit of each shard, merged: done jobs by when they were done,
+        # the others by when they were enqueued (a shard's ids count its own jobs only).
+        end = None if limit is None else offset + limit
+        found = [job for prefix in self._prefixes
+                 for job in self._list_shard(prefix, state, task_name, end, 0, newest_first)]
+        time = "done" if state in (JOB_STATE_DONE, "failed") else "enqueued"
+        found.sort(key=lambda job: (job[1].get(time, "").zfill(20), job[0].zfill(20)), reverse=newest_first)
+        return found[offset:end]
+
+    def _list_shard(self, prefix: str, state: str | None, task_name: str | None, limit: int | None,
+                    offset: int, newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
         # Walk an index in pages and read only the jobs that can be on the page. Done
         # members carry outcome and task, so those filters cost no read; a task and
         # another state walk the smaller of their two indexes, reading to filter.
@@ -3100,14 +3221,14 @@ class RedisQueue(Queue):
         if task_name is not None and index != "done":
             by_task = f"task:{task_name}"
             exact = index == "jobs"
-            if exact or self.client.zcard(self._key(by_task)) < self.client.zcard(self._key(index)):
+            if exact or self.client.zcard(prefix + by_task) < self.client.zcard(prefix + index):
                 index = by_task
         start, skip = (offset, 0) if exact and not member_filter else (0, offset)
         page = max(min(limit or 1000, 1000), 100)
         found: list[tuple[str, dict[str, Any]]] = []
         while limit is None or len(found) < limit:
             members = [_text(m) for m in (self.client.zrevrange if newest_first else self.client.zrange)(
-                self._key(index), start, start + page - 1)]
+                prefix + index, start, start + page - 1)]
             if not members:
                 break
             start += page
@@ -3118,7 +3239,7 @@ class RedisQueue(Queue):
                 skip -= len(skipped)
             pipe = self.client.pipeline(transaction=False)
             for job_id in members:
-                pipe.hgetall(self._key("job", job_id))
+                pipe.hgetall(prefix + "job:" + job_id)
             for job_id, stored in zip(members, pipe.execute(raise_on_error=False)):
                 if not isinstance(stored, dict) or not stored:
                     continue  # deleted or expired since it was indexed, or not a hash
@@ -3131,44 +3252,57 @@ class RedisQueue(Queue):
         return found[:limit]
 
     def _stats(self) -> _Stats:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self._key("counts"))
-        pipe.hgetall(self._key("workers"))
-        pipe.hgetall(self._key("metrics"))
-        for start in _minutes(self._clock_ms()):
-            pipe.zcount(self._key("done"), start, start + 59_999)
-        counts, workers, metrics, *per_minute = pipe.execute()
-        alive = []
-        for worker, seen in workers.items():
-            seen_ms, _, tasks = _text(seen).partition(" ")
-            alive.append((_text(worker), _time(seen_ms), json.loads(tasks)))
-        return ({_text(k): int(v) for k, v in counts.items() if int(v)}, alive, per_minute,
-                {_text(k): int(v) for k, v in metrics.items()})
+        # The shards' sums; a worker is listed by every shard, as last seen by any.
+        counts: collections.Counter[str] = collections.Counter()
+        metrics: collections.Counter[str] = collections.Counter()
+        seen: dict[str, tuple[str, list[str]]] = {}
+        minutes = _minutes(self._clock_ms())
+        per_minute = [0] * len(minutes)
+        for prefix in self._prefixes:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(prefix + "counts")
+            pipe.hgetall(prefix + "workers")
+            pipe.hgetall(prefix + "metrics")
+            for start in minutes:
+                pipe.zcount(prefix + "done", start, start + 59_999)
+            its_counts, workers, its_metrics, *its_minutes = pipe.execute()
+            counts.update({_text(k): int(v) for k, v in its_counts.items()})
+            metrics.update({_text(k): int(v) for k, v in its_metrics.items()})
+            per_minute = [a + b for a, b in zip(per_minute, its_minutes)]
+            for worker, record in workers.items():
+                seen_ms, _, tasks = _text(record).partition(" ")
+                if float(seen_ms) > float(seen.get(_text(worker), ("0", []))[0]):
+                    seen[_text(worker)] = (seen_ms, json.loads(tasks))
+        alive = [(worker, _time(seen_ms), tasks) for worker, (seen_ms, tasks) in seen.items()]
+        return {k: v for k, v in counts.items() if v}, alive, per_minute, dict(metrics)
 
     def _answer_lost(self, exc: BaseException) -> bool:
         return isinstance(exc, _NoAnswer)
 
     def _requeue(self, job_id: str) -> bool:
-        requeued = self._requeue_script([self._key("job", job_id)], [self._prefix, job_id])
+        requeued = self._requeue_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id])
         if requeued == 0:
             raise NoSuchJobError()
         return requeued == 1
 
     def _delete(self, job_id: str) -> bool:
-        return self._delete_script([self._key("job", job_id)], [self._prefix, job_id]) == 1
+        return self._delete_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id]) == 1
 
     def _reset(self) -> None:
-        # Glob characters in the prefix match only themselves.
-        pattern = "".join("\\" + c if c in "*?[]\\{}^-" else c for c in self._prefix) + "*"
-        # The counter stays: a job id must never be reused, or a worker still running
-        # an erased job would record its outcome on a new one.
-        keys = [key for key in self.client.scan_iter(match=pattern, count=1000)
-                if _text(key) != self._key("seq")]
-        for start in range(0, len(keys), 1000):
-            self.client.delete(*keys[start:start + 1000])
+        for prefix in self._prefixes:
+            # Glob characters in the prefix match only themselves.
+            pattern = "".join("\\" + c if c in "*?[]\\{}^-" else c for c in prefix) + "*"
+            # The counter stays: a job id must never be reused, or a worker still running
+            # an erased job would record its outcome on a new one.
+            keys = [key for key in self.client.scan_iter(match=pattern, count=1000)
+                    if _text(key) != prefix + "seq"]
+            for start in range(0, len(keys), 1000):
+                self.client.delete(*keys[start:start + 1000])
 
     def close(self) -> None:
         super().close()
+        if self._poppers is not None:
+            self._poppers.shutdown(wait=False)  # its pops time out within IDLE_WAKE_INTERVAL
         self._connections.close()
         if self._owns_client:
             self.client.close()
@@ -3272,6 +3406,20 @@ class _Connections:
 @functools.cache
 def _sha1(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
+
+
+@functools.cache
+def _shard_tags(key_prefix: str, shards: int) -> list[str]:
+    """The hash tag of each shard of a queue: the key prefix for the first; for shard s, the
+    first "PREFIX:K" whose cluster slot lies s/shards of the way round the 16384 slots from
+    the first's. A cluster whose N masters hold equal ranges of slots (as redis-cli --cluster
+    create splits them) thus holds each of N shards on a master of its own."""
+    def slot(tag: str) -> int:  # Redis's CRC16 is CCITT's (XMODEM)
+        return binascii.crc_hqx(tag.encode(), 0) % 16384
+    first = slot(key_prefix)
+    return [key_prefix, *(next(tag for tag in (f"{key_prefix}:{k}" for k in itertools.count())
+                               if slot(tag) == (first + round(shard * 16384 / shards)) % 16384)
+                          for shard in range(1, shards))]
 
 
 class _NoAnswer(Exception):

@@ -58,7 +58,7 @@ from monsterqueue import (
 
 HERE = Path(__file__).resolve().parent
 # mongodb-poll: MongoDB with change streams turned off, as on a server that refuses them.
-BACKENDS = ["memory", "redis", "mongodb", "mongodb-poll", "redis-cluster"]
+BACKENDS = ["memory", "redis", "mongodb", "mongodb-poll", "redis-cluster", "redis-shards"]
 
 
 # ---------------------------------------------------------------------------
@@ -248,12 +248,13 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
     if backend in ("mongodb", "mongodb-poll"):
         return MongoQueue(request.getfixturevalue("mongodb_url"), change_streams=backend == "mongodb",
                           **options)
-    if backend == "redis-cluster":
+    if backend in ("redis-cluster", "redis-shards"):
         from redis.cluster import RedisCluster
         node = request.getfixturevalue("redis_cluster")[0]
         # A pool as large as the load tests' waiters, each of which holds a connection in BLPOP.
         return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True,
-                                              max_connections=1000), **options)
+                                              max_connections=1000),
+                          shards=3 if backend == "redis-shards" else 1, **options)
     raise ValueError(backend)
 
 
@@ -708,7 +709,13 @@ def make_queue_like(queue: Queue) -> Queue:
     if isinstance(queue, MongoQueue):
         return MongoQueue(client=queue.client, database=queue._jobs.database.name)
     assert isinstance(queue, RedisQueue)
-    return RedisQueue(client=queue.client)
+    return RedisQueue(client=queue.client, shards=len(queue._prefixes))
+
+
+def per_shard(queue: Queue, ids: list[str]) -> list[str]:
+    """Job ids in the order that holds on a queue spread over shards: that of each shard's."""
+    shards = len(queue._prefixes) if isinstance(queue, RedisQueue) else 1
+    return sorted(ids, key=lambda job_id: int(job_id) % shards)
 
 
 def test_concurrency_bounds_the_jobs_claimed(new_queue: Any) -> None:
@@ -742,11 +749,10 @@ def test_fifo_per_task(new_queue: Any) -> None:
     queue.reset_storage()
     task = TestTask()
     queue.register_task(task)
-    for i in range(20):
-        queue.enqueue("test-task", {"i": i})
+    ids = [queue.enqueue("test-task", {"i": i}).id for i in range(20)]
     with running(queue):
         assert wait_until(lambda: task.runs == 20)
-    assert [p["i"] for p in task.params] == list(range(20))
+    assert per_shard(queue, [ids[p["i"]] for p in task.params]) == per_shard(queue, ids)
 
 
 def test_exactly_one_side_wins_the_wait_race(queue: Queue) -> None:
@@ -932,6 +938,7 @@ def test_delayed_jobs_due_together_all_start_at_their_time(new_queue: Any) -> No
 
 def test_list_jobs_filters_and_pages(queue: Queue, task: TestTask) -> None:
     ok = queue.enqueue_many("test-task", [{"i": i} for i in range(6)])
+    time.sleep(0.002)  # shards are merged by enqueue time, in milliseconds
     bad = queue.enqueue("test-task", {"err": "broken"})
     with running(queue):
         assert wait_until(lambda: task.runs == 7)
@@ -1555,18 +1562,19 @@ def test_a_periodic_job_with_a_unique_key_does_not_pile_up(queue: Queue, release
 def test_priorities_order_every_task_a_worker_runs(new_queue: Any) -> None:
     queue = new_queue(concurrency=1)
     queue.reset_storage()
-    order: list[tuple[int, int]] = []
+    order: list[int] = []
     for name in ("one", "two"):
-        queue.task(name)(lambda i, p: order.append((p, i)))
+        queue.task(name)(lambda i, p: order.append(i))
     jobs = load(queue, 1000)
-    expected = []
+    expected, ids = [], []
     for i in range(jobs):
         priority = [0, 5, -3, 100, -100, 5, 0][i % 7]
         expected.append((priority, i))
-        queue.enqueue("one" if i % 2 else "two", {"i": i, "p": priority}, priority=priority)
+        ids.append(queue.enqueue("one" if i % 2 else "two", {"i": i, "p": priority}, priority=priority).id)
     with running(queue):
         assert wait_until(lambda: len(order) == jobs, 60)
-    assert order == sorted(expected, key=lambda pi: (-pi[0], pi[1]))
+    assert per_shard(queue, [ids[i] for i in order]) == per_shard(
+        queue, [ids[i] for _, i in sorted(expected, key=lambda pi: (-pi[0], pi[1]))])
 
 
 def test_priority_defaults_checks_and_keeps(queue: Queue) -> None:
@@ -1608,12 +1616,15 @@ def test_delayed_and_retried_jobs_keep_their_priority(new_queue: Any) -> None:
     retried = queue.enqueue("work", {"name": "retried-high", "fail": True}, priority=10)
     with running(queue):
         assert wait_until(lambda: queue.retrieve_job(retried.id).status.attempt == 2)
-    queue.enqueue("work", {"name": "delayed-high"}, priority=10, delay=0.2)
-    queue.enqueue_many("work", [{"name": f"low-{i}"} for i in range(3)], priority=-10)
+    ids = {"retried-high": retried.id,
+           "delayed-high": queue.enqueue("work", {"name": "delayed-high"}, priority=10, delay=0.2).id}
+    lows = queue.enqueue_many("work", [{"name": f"low-{i}"} for i in range(3)], priority=-10)
+    ids.update({f"low-{i}": job.id for i, job in enumerate(lows)})
     time.sleep(0.4)  # both high ones are due now, behind the low ones in time
     with running(queue):
         assert wait_until(lambda: len(order) == 6)
-    assert order == ["retried-high", "retried-high", "delayed-high", "low-0", "low-1", "low-2"]
+    assert per_shard(queue, [ids[name] for name in order]) == per_shard(queue, [
+        ids[name] for name in ["retried-high", "retried-high", "delayed-high", "low-0", "low-1", "low-2"]])
     assert queue.retrieve_job(retried.id).priority == 10
 
 
@@ -1856,9 +1867,11 @@ def test_a_thousand_concurrent_aenqueue_waits_on_a_handful_of_threads(queue: Que
     assert results == [2 * n for n in range(calls)]
     # The worker's threads, heartbeat, timer and event loop (and the thread it runs on), and the
     # producer loop's executor (at most min(32, CPUs + 4) threads: asyncio resolves host names on
-    # it, and the a* methods of a client passed in, the cluster's, run there): no thread per call.
+    # it, and the a* methods of a client passed in, the cluster's, run there), and one thread per
+    # shard of a sharded queue, on which its idle worker waits: no thread per call.
     executor = min(32, (os.cpu_count() or 1) + 4)
-    assert threads - before <= queue.concurrency + 4 + executor, threads
+    shards = len(queue._prefixes) if isinstance(queue, RedisQueue) and len(queue._prefixes) > 1 else 0
+    assert threads - before <= queue.concurrency + 4 + executor + shards, threads
 
 
 def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue) -> None:
@@ -2087,6 +2100,38 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     # nor the stopped worker.
     assert kinds == {"seq", "jobs", "task", "job", "done", "counts", "metrics"}, keys
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
+
+
+def test_shards_spread_a_queue_evenly_over_the_cluster_masters(redis_cluster: list[RedisServer]) -> None:
+    import redis
+    from redis.cluster import RedisCluster
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster[0].port, decode_responses=True)
+    queue = RedisQueue(client=client, key_prefix="mq-shards", shards=3)
+    queue.reset_storage()
+    ran: list[int] = []
+
+    @queue.task()
+    def work(i: int) -> None:
+        ran.append(i)
+
+    masters = [redis.Redis(port=node.port, host="127.0.0.1") for node in redis_cluster]
+    assert len({queue.client.get_node_from_key(prefix + "seq").port for prefix in queue._prefixes}) == 3
+    for master in masters:
+        master.config_resetstat()
+    jobs = 30_000
+    with running(queue):
+        for start in range(0, jobs, 100):
+            queue.enqueue_many("work", [{"i": i} for i in range(start, start + 100)])
+        assert wait_until(lambda: len(ran) == jobs, 120)
+        queue.wait()
+    assert sorted(ran) == list(range(jobs))  # every job, once
+    assert queue.stats()["counts"]["work"]["done"] == jobs
+    calls = [sum(stat["calls"] for stat in master.info("commandstats").values()) for master in masters]
+    shares = [round(100 * c / sum(calls), 1) for c in calls]
+    print("each master's share of the commands, %:", shares)
+    assert all(25 <= share <= 41 for share in shares), shares
+    queue.reset_storage()
+    queue.close()
 
 
 def test_redis_scripts_survive_a_script_flush_and_a_bytes_client(redis_queue: RedisQueue,
