@@ -4710,10 +4710,9 @@ def _serve_web(queue: Queue, host: str, port: int, auth: str | None) -> Threadin
     return type("WebServer", (ThreadingHTTPServer,), {"address_family": family})((host, port), handler)
 
 
-def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -> int:
+def _web(queue: Queue, host: str, port: int, auth: str | None) -> int:
     """Serve the dashboard of a queue until SIGINT; return 2 if the host or port is refused."""
     auth = auth or os.environ.get("MONSTERQUEUE_WEB_AUTH") or None
-    queue = _open(url, prefix)
     try:
         server = _serve_web(queue, host, port, auth)
     except (ValueError, OSError) as exc:
@@ -4732,12 +4731,24 @@ def _web(url: str, prefix: str | None, host: str, port: int, auth: str | None) -
 # Command line: python -m monsterqueue [demo | worker | web | jobs | show | stats | enqueue | retry | delete]
 # ---------------------------------------------------------------------------
 
-def _open(url: str, prefix: str | None, **options: Any) -> Queue:
-    """Build the queue a command names, under the key or collection prefix given."""
+def _open(url: str, prefix: str | None, shards: int = 1, cluster: bool = False, **options: Any) -> Queue:
+    """Build the queue a command names, under the key or collection prefix given, and for
+    Redis over that many shards, through a cluster client if asked."""
     backend = _backend_for(url)
     if prefix:
         options.update({RedisQueue: {"key_prefix": prefix}, MongoQueue: {"collection_prefix": prefix}}.get(
             backend, {}))
+    if (shards != 1 or cluster) and backend is not RedisQueue:
+        raise ValueError("--shards and --cluster are for a Redis URL")
+    if backend is RedisQueue:
+        options["shards"] = shards
+    if cluster:
+        redis = _require("redis", "redis")
+        try:  # the client reads the cluster's slots at once
+            client = redis.cluster.RedisCluster.from_url(url, decode_responses=True)
+        except redis.RedisError as exc:
+            raise ServerUnavailableError(f"can't reach the Redis Cluster at {url}: {exc}") from None
+        return RedisQueue(client=client, **options)
     return backend(url, **options)
 
 
@@ -4845,7 +4856,7 @@ def _short(moment: str | None) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Run one inspection command; print a table, or JSON with --json. Return the exit code."""
-    queue = _open(args.url, args.prefix)
+    queue = _open(args.url, args.prefix, args.shards, args.cluster)
     try:
         if args.command == "jobs":
             jobs = queue.list_jobs(args.state, args.task, args.limit, args.offset, newest_first=True)
@@ -4951,10 +4962,15 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--grace", type=float, default=60.0,
                         help="seconds running jobs get to finish after a signal (default 60)")
 
+    def sharding(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--shards", type=int, default=1, help="the queue's shards (Redis; default 1)")
+        sub.add_argument("--cluster", action="store_true", help="the URL names a node of a Redis Cluster")
+
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
         sub.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
+        sharding(sub)
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sub
     jobs = command("jobs", "list jobs, newest first")
@@ -4982,6 +4998,7 @@ def main(argv: list[str] | None = None) -> int:
     web = commands.add_parser("web", help="serve the dashboard and its JSON API until SIGINT")
     web.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
     web.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
+    sharding(web)
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     web.add_argument("--port", type=int, default=8778, help="port to listen on (default 8778)")
     web.add_argument("--auth", metavar="USER:PASSWORD", help="require HTTP basic auth, as any host but a "
@@ -4997,7 +5014,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "web":
-            return _web(args.url, args.prefix, args.host, args.port, args.auth)
+            queue = _open(args.url, args.prefix, args.shards, args.cluster)
+            return _web(queue, args.host, args.port, args.auth)
         if args.command == "worker":
             try:
                 queue = _load_queue(args.queue)

@@ -2024,6 +2024,42 @@ def test_cli_cancels_shows_and_acts_in_bulk(server_queue: Queue, request: pytest
         assert cli(*usage).returncode == 2
 
 
+def test_cli_and_dashboard_merge_the_shards_of_a_queue_on_a_cluster(redis_cluster: list[RedisServer],
+                                                                    serve: Any) -> None:
+    from redis.cluster import RedisCluster
+    url = f"redis://127.0.0.1:{redis_cluster[0].port}/0"
+    client = RedisCluster.from_url(url, decode_responses=True)
+    queue = RedisQueue(client=client, key_prefix="mq-cli-shards", shards=3)
+    queue.reset_storage()
+    task = TestTask()
+    queue.register_task(task)
+    with running(queue):
+        done = [queue.enqueue_wait("test-task", {"n": n}, timeout=10) for n in range(3)]
+    waiting = []
+    for n in range(3):
+        time.sleep(0.002)  # shards are merged by enqueue time, in milliseconds
+        waiting.append(queue.enqueue("nobody", {"n": n}))
+    assert len({int(job.id) % 3 for job in waiting}) == 3  # one on each shard
+    shard = ["--cluster", "--shards", "3", "--prefix", "mq-cli-shards"]
+    listed = cli("jobs", url, *shard, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)["jobs"]] == [j.id for j in reversed([*done, *waiting])]
+    counts = json.loads(cli("stats", url, *shard, "--json").stdout)["counts"]
+    assert counts["test-task"]["done"] == 3 and counts["nobody"]["enqueued"] == 3
+    for job in waiting:
+        assert json.loads(cli("show", url, job.id, *shard, "--json").stdout)["params"] == job.params
+    assert json.loads(cli("cancel", url, waiting[2].id, *shard, "--json").stdout)["state"] == JOB_STATE_DONE
+    unsharded = json.loads(cli("stats", url, "--cluster", "--prefix", "mq-cli-shards", "--json").stdout)
+    assert unsharded["counts"]["nobody"]["enqueued"] < 3  # shard 0 only
+    wrong = cli("stats", "memory://", "--shards", "3")
+    assert wrong.returncode == 3 and "for a Redis URL" in wrong.stderr
+    site = serve(queue)
+    assert site.json("/api/stats")[1]["counts"]["nobody"]["enqueued"] == 2
+    assert 'monsterqueue_jobs{task="test-task",state="done"} 3' in site.request("/metrics")[2]
+    queue.reset_storage()
+    queue.close()
+
+
 def test_cli_errors_are_one_line_with_exit_codes() -> None:
     for args, code in ((["jobs", "ftp://nowhere"], 3), (["stats", f"redis://127.0.0.1:{free_port()}/0"], 3),
                        (["jobs"], 2)):
