@@ -2852,10 +2852,11 @@ class RedisQueue(Queue):
         self._prefixes = [self._prefix, *("{" + tag + "}:" for tag in _shard_tags(key_prefix, shards)[1:])]
         self._next_shard = itertools.count(secrets.randbelow(shards))  # where the next batch goes
         self._turn = 0  # the shard the worker claims from next
+        self._shards_checked = False
+        self._cluster = isinstance(client, redis.RedisCluster)
+        self._poppers: Any = None  # the threads an idle worker waits on a cluster's shards with
         self._worker = ""
         self._wakeup = threading.Event()
-        self._pops: dict[int, Any] = {}  # shard: a blocking pop of its ready keys still waiting
-        self._poppers: Any = None  # the threads that wait on the shards, made when first idle
         # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
         # (pool checkout with a poll of the socket, retries, events): run the scripts
         # on connections this queue keeps instead. Other clients (cluster) go through it.
@@ -2893,6 +2894,25 @@ class RedisQueue(Queue):
         # Every job of a unique key lands on one shard, whose script alone decides who holds it.
         return binascii.crc32(unique_key.encode()) % len(self._prefixes)
 
+    def _check_shards(self) -> None:
+        """Refuse, once per queue object, to run a queue over another number of shards than
+        its ids were numbered for (they name their shard by it): that number is stored when
+        a queue of several shards first stores a job; a queue with jobs and no number has one."""
+        if self._shards_checked:
+            return
+        shards, key = len(self._prefixes), self._key("shards")
+        stored = self._command("GET", key)
+        if stored is None and shards > 1:
+            if self._command("EXISTS", self._key("seq")):
+                stored = 1
+            else:
+                self._command("SET", key, shards, "NX")
+                stored = self._command("GET", key)
+        if stored is not None and int(stored) != shards:
+            raise ValueError(f"this queue's jobs are numbered for shards={int(stored)}, not {shards}: "
+                             f"its shards can't change (start a queue under a new key_prefix instead)")
+        self._shards_checked = True
+
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
 
@@ -2901,20 +2921,44 @@ class RedisQueue(Queue):
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
-        stored: list[Any] = [None] * len(jobs)
-        for keys, args, places in self._enqueue_calls(batch, jobs):
-            for place, job in zip(places, self._stored(self._enqueue_script(keys, args), len(places))):
-                stored[place] = job
-        return stored
+        self._check_shards()
+        calls, replies = self._enqueue_calls(batch, jobs), []
+        try:
+            for keys, args, _ in calls:
+                replies.append(self._enqueue_script(keys, args))
+        except self._server_errors as exc:
+            raise self._cut_short(exc, calls, replies) from exc
+        return self._placed(len(jobs), calls, replies)
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         if self._url is None:
             return await super()._ainsert(batch, jobs)
-        stored: list[Any] = [None] * len(jobs)
-        for keys, args, places in self._enqueue_calls(batch, jobs):
-            for place, job in zip(places, self._stored(await self._ascript(_REDIS_ENQUEUE, keys, args),
-                                                       len(places))):
+        if not self._shards_checked:
+            import asyncio
+            await asyncio.get_running_loop().run_in_executor(None, self._check_shards)
+        calls, replies = self._enqueue_calls(batch, jobs), []
+        try:
+            for keys, args, _ in calls:
+                replies.append(await self._ascript(_REDIS_ENQUEUE, keys, args))
+        except self._server_errors as exc:
+            raise self._cut_short(exc, calls, replies) from exc
+        return self._placed(len(jobs), calls, replies)
+
+    def _cut_short(self, exc: BaseException, calls: list[Any], replies: list[Any]) -> BaseException:
+        """The error of a batch spread over shards whose first scripts stored their jobs."""
+        if not replies:
+            return exc
+        stored = sum(len(places) for _, _, places in calls[:len(replies)])
+        return _NoAnswer(f"{stored} of the {sum(len(places) for _, _, places in calls)} jobs were stored "
+                         f"before {_describe(exc)}")
+
+    def _placed(self, count: int, calls: list[tuple[list[str], list[Any], list[int]]], replies: list[Any]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        """What _insert returns, in the order of its jobs, from the replies of its calls."""
+        stored: list[Any] = [None] * count
+        for (_, _, places), reply in zip(calls, replies):
+            for place, job in zip(places, self._stored(reply, len(places))):
                 stored[place] = job
         return stored
 
@@ -2922,10 +2966,12 @@ class RedisQueue(Queue):
                        ) -> list[tuple[list[str], list[Any], list[int]]]:
         """The enqueue script's keys and arguments for each 1000 jobs (well below Lua's limits)
         of each shard, with the places of those jobs in ``jobs``. A batch goes to the next shard
-        in turn, but for jobs with a unique key, which go to the key's."""
+        in turn, or to its first unique key's, and a job with a unique key to its key's: a
+        batch is one script unless its unique keys fall on several shards."""
         waiter = "" if batch.waiter_timeout is None else str(int(batch.waiter_timeout * 1000))
         limit = "" if batch.time_limit is None else repr(batch.time_limit)
-        turn = next(self._next_shard) % len(self._prefixes)
+        keyed = next((key for _, key in jobs if key is not None), None)
+        turn = next(self._next_shard) % len(self._prefixes) if keyed is None else self._shard_of_key(keyed)
         places: dict[int, list[int]] = {}
         for place, (_, unique_key) in enumerate(jobs):
             shard = turn if unique_key is None else self._shard_of_key(unique_key)
@@ -2974,12 +3020,13 @@ class RedisQueue(Queue):
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
+        self._check_shards()
         args = [limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
         shards = len(self._prefixes)
         claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)], args)
         if not claimed:
             due_in = next_due / 1000 if 0 <= next_due < block * 1000 else None
-            woken = None
+            ready: list[int] = []
             if due_in is not None and due_in <= 0.2:
                 # Redis times blocked clients out ten times a second, up to 100 ms late: the
                 # last stretch before a due job is waited here instead (and a BZPOPMIN of
@@ -2987,9 +3034,8 @@ class RedisQueue(Queue):
                 self._wakeup.wait(due_in)
                 self._wakeup.clear()
             else:
-                woken = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
-            order = list(range(shards)) if woken is None else [woken]
-            claimed, _, now = self._claim_from(order, args)
+                ready = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
+            claimed, _, now = self._claim_from(ready or list(range(shards)), args)
         names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
                  "priority", "unique_key")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
@@ -3002,41 +3048,61 @@ class RedisQueue(Queue):
         the next time: no shard starves, and a busy worker makes one call per claim. Returns
         the jobs, the milliseconds until the soonest delayed job of those shards (-1: none)
         and the server's time."""
-        next_due = -1
+        # A shard whose master is away is passed over: the others' jobs still run.
+        next_due, now, failed = -1, 0, []
         for shard in shards:
             prefix = self._prefixes[shard]
-            claimed, due, now = self._claim_script([prefix + "running"], [prefix, *args])
+            try:
+                claimed, due, now = self._claim_script([prefix + "running"], [prefix, *args])
+            except self._server_errors as exc:
+                failed.append(exc)
+                continue
             if claimed:
                 self._turn = shard + 1
                 return claimed, -1, now
             if int(due) >= 0:
                 next_due = int(due) if next_due < 0 else min(next_due, int(due))
+        if len(failed) == len(shards):
+            raise failed[0]
         return [], next_due, now
 
-    def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> int | None:
-        """Block until a job of these tasks is ready on some shard (or stop() wakes the worker),
-        for at most ``wait`` seconds; return that shard, if known."""
-        keys = [[prefix + "ready:" + name for name in task_names] for prefix in self._prefixes]
-        keys[0].append(self._key("wake", worker))
-        if len(keys) == 1:
-            return 0 if self._command("BZPOPMIN", *keys[0], wait, wait=wait) else None
-        # A cluster's slots can't be waited on in one command: one blocking pop per shard, each on
-        # a thread of its own. A pop still waiting from the last time is waited on again (it
-        # times out within IDLE_WAKE_INTERVAL), and one that returned meanwhile is a wake-up.
+    def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> list[int]:
+        """Block until a job of these tasks is ready on some shard, or stop() wakes the worker,
+        for at most ``wait`` seconds; return the shards found ready."""
+        keys = [[*(prefix + "ready:" + name for name in task_names), prefix + "wake:" + worker]
+                for prefix in self._prefixes]
+        if len(keys) == 1 or not self._cluster:  # one server: one pop over every key
+            popped = self._command("BZPOPMIN", *itertools.chain.from_iterable(keys), wait, wait=wait)
+            return [shard for shard, its_keys in enumerate(keys)
+                    if popped and _text(popped[0]) in its_keys[:-1]]
+        # A cluster can't block on keys of several slots in one command: one pop per shard, on
+        # threads. The first to return ends the others through their wake keys, so that no pop
+        # outlives the wait to take a ready mark no claim follows.
         if self._poppers is None:
             self._poppers = concurrent.futures.ThreadPoolExecutor(len(keys), "monsterqueue-shard")
-        for shard, its_keys in enumerate(keys):
-            if shard not in self._pops:
-                self._pops[shard] = self._poppers.submit(self._command, "BZPOPMIN", *its_keys, wait,
-                                                         wait=wait)
-        concurrent.futures.wait(self._pops.values(), wait, concurrent.futures.FIRST_COMPLETED)
-        woken = None
-        for shard, pop in list(self._pops.items()):
-            if pop.done():
-                del self._pops[shard]
-                if pop.result():  # a server error is raised here
-                    woken = shard
-        return woken
+        pops = [self._poppers.submit(self._command, "BZPOPMIN", *its_keys, wait, wait=wait)
+                for its_keys in keys]
+        concurrent.futures.wait(pops, return_when=concurrent.futures.FIRST_COMPLETED)
+        ended = [shard for shard, pop in enumerate(pops) if not pop.done()]
+        for shard in ended:
+            with contextlib.suppress(*self._server_errors):
+                self._command("ZADD", keys[shard][-1], 0, "end")
+        ready, failed = [], []
+        for shard, pop in enumerate(pops):
+            try:
+                popped = pop.result()
+            except self._server_errors as exc:
+                failed.append(exc)
+                continue
+            woken = bool(popped) and _text(popped[0]) == keys[shard][-1]
+            if popped and not woken:
+                ready.append(shard)
+            if shard in ended and not woken:  # it returned before its "end" came: take that back
+                with contextlib.suppress(*self._server_errors):
+                    self._command("DEL", keys[shard][-1])
+        if len(failed) == len(pops):
+            raise failed[0]
+        return ready
 
     def _finish(self, job: Job, result: str | None, error: str | None,
                 traceback: str | None) -> bool | None:
@@ -3167,15 +3233,22 @@ class RedisQueue(Queue):
             spare.append(conn)  # kept for the next script: no pool checkout per call
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
-        # Each shard keeps its own leases, expiry and list of workers alive.
+        # Each shard keeps its own leases, expiry and list of workers alive; one whose master
+        # is away doesn't keep the others' leases from being renewed.
         cancelled: list[Any] = []
+        failed = None
         for prefix in self._prefixes:
-            cancelled += self._heartbeat_script(
-                [prefix + "running"],
-                [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
-                 worker, json.dumps(sorted(self._tasks)),
-                 *itertools.chain.from_iterable((job.id, job._delivery) for job in held
-                                                if self._prefix_of(job.id) == prefix)]) or []
+            try:
+                cancelled += self._heartbeat_script(
+                    [prefix + "running"],
+                    [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
+                     worker, json.dumps(sorted(self._tasks)),
+                     *itertools.chain.from_iterable((job.id, job._delivery) for job in held
+                                                    if self._prefix_of(job.id) == prefix)]) or []
+            except self._server_errors as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return [_text(job_id) for job_id in cancelled]
 
     def _retire(self, worker: str) -> None:
@@ -3199,16 +3272,25 @@ class RedisQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
+        self._check_shards()
         if len(self._prefixes) == 1:
             return self._list_shard(self._prefix, state, task_name, limit, offset, newest_first)
-        # The first offset + limit of each shard, merged: done jobs by when they were done,
-        # the others by when they were enqueued (a shard's ids count its own jobs only).
-        end = None if limit is None else offset + limit
-        found = [job for prefix in self._prefixes
-                 for job in self._list_shard(prefix, state, task_name, end, 0, newest_first)]
-        time = "done" if state in (JOB_STATE_DONE, "failed") else "enqueued"
-        found.sort(key=lambda job: (job[1].get(time, "").zfill(20), job[0].zfill(20)), reverse=newest_first)
-        return found[offset:end]
+        # The first offset + limit jobs of each shard, merged in the order each shard lists
+        # them in: done jobs as their index orders them (by done time, then by member), the
+        # others by when they were enqueued (a shard's ids count its own jobs only). Running
+        # jobs, few and listed by lease, are all read.
+        end = None if limit is None or state == JOB_STATE_RUNNING else offset + limit
+
+        def order(job: tuple[str, dict[str, Any]]) -> tuple[str, str]:
+            job_id, fields = job
+            if state in (JOB_STATE_DONE, "failed"):
+                outcome = "failed" if "error" in fields else "done"
+                return fields.get("done", "").zfill(20), f"{outcome}:{fields.get('task', '')}:{job_id}"
+            return fields.get("enqueued", "").zfill(20), job_id.zfill(20)
+        found = sorted((job for prefix in self._prefixes
+                        for job in self._list_shard(prefix, state, task_name, end, 0, newest_first)),
+                       key=order, reverse=newest_first)
+        return found[offset:None if limit is None else offset + limit]
 
     def _list_shard(self, prefix: str, state: str | None, task_name: str | None, limit: int | None,
                     offset: int, newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -3252,6 +3334,7 @@ class RedisQueue(Queue):
         return found[:limit]
 
     def _stats(self) -> _Stats:
+        self._check_shards()
         # The shards' sums; a worker is listed by every shard, as last seen by any.
         counts: collections.Counter[str] = collections.Counter()
         metrics: collections.Counter[str] = collections.Counter()
@@ -3292,17 +3375,17 @@ class RedisQueue(Queue):
         for prefix in self._prefixes:
             # Glob characters in the prefix match only themselves.
             pattern = "".join("\\" + c if c in "*?[]\\{}^-" else c for c in prefix) + "*"
-            # The counter stays: a job id must never be reused, or a worker still running
-            # an erased job would record its outcome on a new one.
+            # The counter stays, and the shards it numbers for: a job id must never be reused,
+            # or a worker still running an erased job would record its outcome on a new one.
             keys = [key for key in self.client.scan_iter(match=pattern, count=1000)
-                    if _text(key) != prefix + "seq"]
+                    if _text(key) not in (prefix + "seq", prefix + "shards")]
             for start in range(0, len(keys), 1000):
                 self.client.delete(*keys[start:start + 1000])
 
     def close(self) -> None:
         super().close()
         if self._poppers is not None:
-            self._poppers.shutdown(wait=False)  # its pops time out within IDLE_WAKE_INTERVAL
+            self._poppers.shutdown()
         self._connections.close()
         if self._owns_client:
             self.client.close()

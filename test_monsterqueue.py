@@ -252,9 +252,9 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
         from redis.cluster import RedisCluster
         node = request.getfixturevalue("redis_cluster")[0]
         # A pool as large as the load tests' waiters, each of which holds a connection in BLPOP.
+        sharded = {"shards": 3, "key_prefix": "mq-shards"} if backend == "redis-shards" else {}
         return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True,
-                                              max_connections=1000),
-                          shards=3 if backend == "redis-shards" else 1, **options)
+                                              max_connections=1000), **sharded, **options)
     raise ValueError(backend)
 
 
@@ -709,7 +709,7 @@ def make_queue_like(queue: Queue) -> Queue:
     if isinstance(queue, MongoQueue):
         return MongoQueue(client=queue.client, database=queue._jobs.database.name)
     assert isinstance(queue, RedisQueue)
-    return RedisQueue(client=queue.client, shards=len(queue._prefixes))
+    return RedisQueue(client=queue.client, key_prefix=queue._prefix[1:-2], shards=len(queue._prefixes))
 
 
 def per_shard(queue: Queue, ids: list[str]) -> list[str]:
@@ -2049,8 +2049,8 @@ def test_cli_and_dashboard_merge_the_shards_of_a_queue_on_a_cluster(redis_cluste
     for job in waiting:
         assert json.loads(cli("show", url, job.id, *shard, "--json").stdout)["params"] == job.params
     assert json.loads(cli("cancel", url, waiting[2].id, *shard, "--json").stdout)["state"] == JOB_STATE_DONE
-    unsharded = json.loads(cli("stats", url, "--cluster", "--prefix", "mq-cli-shards", "--json").stdout)
-    assert unsharded["counts"]["nobody"]["enqueued"] < 3  # shard 0 only
+    unsharded = cli("stats", url, "--cluster", "--prefix", "mq-cli-shards")
+    assert unsharded.returncode == 3 and "numbered for shards=3, not 1" in unsharded.stderr
     wrong = cli("stats", "memory://", "--shards", "3")
     assert wrong.returncode == 3 and "for a Redis URL" in wrong.stderr
     site = serve(queue)
@@ -2142,7 +2142,7 @@ def test_shards_spread_a_queue_evenly_over_the_cluster_masters(redis_cluster: li
     import redis
     from redis.cluster import RedisCluster
     client = RedisCluster(host="127.0.0.1", port=redis_cluster[0].port, decode_responses=True)
-    queue = RedisQueue(client=client, key_prefix="mq-shards", shards=3)
+    queue = RedisQueue(client=client, key_prefix="mq-spread", shards=3)
     queue.reset_storage()
     ran: list[int] = []
 
@@ -2168,6 +2168,134 @@ def test_shards_spread_a_queue_evenly_over_the_cluster_masters(redis_cluster: li
     assert all(25 <= share <= 41 for share in shares), shares
     queue.reset_storage()
     queue.close()
+
+
+@pytest.fixture(params=["cluster", "one-server"])
+def sharded(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Build queues of three shards on the suite's cluster, or on one Redis (one pop waits on all)."""
+    made: list[RedisQueue] = []
+
+    def build(**options: Any) -> RedisQueue:
+        if request.param == "cluster":
+            from redis.cluster import RedisCluster
+            port = request.getfixturevalue("redis_cluster")[0].port
+            client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
+            made.append(RedisQueue(client=client, key_prefix="mq-sharded", shards=3, **options))
+        else:
+            made.append(RedisQueue(request.getfixturevalue("redis_url"), key_prefix="mq-sharded", shards=3,
+                                   **options))
+        return made[-1]
+    yield build
+    for q in made:
+        q.stop()
+    made[0].reset_storage()
+    for q in made:
+        q.close()
+
+
+def test_an_idle_worker_wakes_for_a_job_on_any_shard_while_another_is_busy(sharded: Any) -> None:
+    busy, idle = sharded(concurrency=1), sharded(concurrency=1)
+    busy.reset_storage()
+    started: dict[str, float] = {}
+    for q in (busy, idle):
+        q.task("work")(lambda name, seconds: started.setdefault(name, time.monotonic()) and
+                       time.sleep(seconds))
+    with running(busy), running(idle):
+        time.sleep(0.3)  # both idle, blocked on every shard
+        for n in range(6):
+            long, quick = f"long-{n}", f"quick-{n}"
+            job = busy.enqueue("work", {"name": long, "seconds": 0.6})
+            assert wait_until(lambda: long in started)  # noqa: B023
+            enqueued = time.monotonic()
+            assert int(busy.enqueue("work", {"name": quick, "seconds": 0}).id) % 3 != int(job.id) % 3
+            assert wait_until(lambda: quick in started, 5)  # noqa: B023
+            assert started[quick] - enqueued < 0.2, (n, started[quick] - enqueued)
+            busy.wait()
+            idle.wait()
+
+
+def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) -> None:
+    three = sharded()
+    three.reset_storage()
+    job = three.enqueue("nobody")
+    for shards in (1, 2):
+        other = RedisQueue(client=three.client, key_prefix="mq-sharded", shards=shards)
+        with pytest.raises(ValueError, match="numbered for shards=3, not"):
+            other.enqueue("nobody")
+        with pytest.raises(ValueError, match="numbered for shards=3"):
+            other.stats()
+        other.close()
+    three.reset_storage()  # keeps the numbering, as it keeps the counter
+    with pytest.raises(ValueError, match="numbered for shards=3"):
+        RedisQueue(client=three.client, key_prefix="mq-sharded").list_jobs()
+    assert three.retrieve_job(three.enqueue("nobody").id).status.state == JOB_STATE_ENQUEUED
+    one = RedisQueue(redis_url, key_prefix="mq-one-shard")
+    one.reset_storage()
+    one.enqueue("nobody")
+    spread = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=3)
+    with pytest.raises(ValueError, match="numbered for shards=1, not 3"):
+        spread.enqueue("nobody")
+    assert len(one.list_jobs()) == 1 and job.id
+    one.reset_storage()
+    one.close()
+    spread.close()
+
+
+def test_sharded_listing_pages_neither_repeat_nor_skip(sharded: Any) -> None:
+    queue = sharded(concurrency=8)
+    queue.reset_storage()
+    gate = threading.Event()
+
+    @queue.task()
+    def work(i: int) -> None:
+        if i % 4 == 0:
+            raise ValueError("one in four")
+
+    @queue.task()
+    def hold() -> None:
+        gate.wait(10)
+
+    for i in range(30):
+        queue.enqueue("work", {"i": i})  # on every shard in turn; many finish in one millisecond
+    with running(queue):
+        assert wait_until(lambda: queue.stats()["counts"]["work"]["done"] + queue.stats()["counts"]["work"][
+            "failed"] == 30)
+        for _ in range(4):
+            queue.enqueue("hold")
+        assert wait_until(lambda: len(queue.list_jobs(state=JOB_STATE_RUNNING)) == 4)
+        for state in (None, JOB_STATE_DONE, "failed", JOB_STATE_RUNNING):
+            for newest_first in (False, True):
+                whole = [job.id for job in queue.list_jobs(state=state, newest_first=newest_first)]
+                pages = [job.id for offset in range(len(whole) + 1) for job in
+                         queue.list_jobs(state=state, limit=1, offset=offset, newest_first=newest_first)]
+                assert pages == whole and len(set(whole)) == len(whole), (state, newest_first)
+                assert len(whole) == {None: 34, JOB_STATE_DONE: 30, "failed": 8, JOB_STATE_RUNNING: 4}[state]
+        gate.set()
+
+
+def test_a_batch_cut_short_on_its_second_shard_says_what_was_stored(sharded: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+    queue = sharded()
+    queue.reset_storage()
+    keys = [f"key-{n}" for n in range(20)]
+    assert len({queue._shard_of_key(key) for key in keys}) == 3
+    real, calls = queue._enqueue_script, []
+
+    def second_fails(keys: list[str], args: list[Any]) -> Any:
+        calls.append(keys)
+        if len(calls) == 2:  # as a master that went away between two scripts of one batch
+            raise redis.ConnectionError("the master went away")
+        return real(keys, args)
+    monkeypatch.setattr(queue, "_enqueue_script", second_fails)
+    with pytest.raises(OutcomeUnknownError, match=r"(\d+) of the 20 jobs were stored") as caught:
+        queue.enqueue_many("nobody", [{"n": n} for n in range(20)], unique_keys=keys)
+    stored = int(re.search(r"(\d+) of the 20", str(caught.value)).group(1))  # type: ignore[union-attr]
+    assert 0 < stored < 20 and len(queue.list_jobs()) == stored
+    # A batch without unique keys, or with keys of one shard, is one script: all or nothing.
+    calls.clear()
+    queue.enqueue_many("nobody", [{}, {}])
+    assert len(calls) == 1
 
 
 def test_redis_scripts_survive_a_script_flush_and_a_bytes_client(redis_queue: RedisQueue,
