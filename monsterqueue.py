@@ -4831,8 +4831,13 @@ def _open(url: str, prefix: str | None, shards: int = 1, cluster: bool = False, 
             client = redis.cluster.RedisCluster.from_url(url, decode_responses=True)
         except redis.RedisError as exc:
             raise ServerUnavailableError(f"can't reach the Redis Cluster at {url}: {exc}") from None
-        return RedisQueue(client=client, **options)
-    return backend(url, **options)
+        queue: Queue = RedisQueue(client=client, **options)
+    else:
+        queue = backend(url, **options)
+    if isinstance(queue, RedisQueue):  # a --shards its ids don't fit is a usage error, said at once
+        with queue._server():
+            queue._check_shards()
+    return queue
 
 
 def _demo(url: str, jobs: int, concurrency: int) -> None:
