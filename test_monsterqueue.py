@@ -58,7 +58,7 @@ from monsterqueue import (
 
 HERE = Path(__file__).resolve().parent
 # mongodb-poll: MongoDB with change streams turned off, as on a server that refuses them.
-BACKENDS = ["memory", "redis", "mongodb", "mongodb-poll", "redis-cluster", "redis-shards"]
+BACKENDS = ["memory", "redis", "mongodb", "mongodb-poll", "redis-cluster", "redis-cluster-shards"]
 
 
 # ---------------------------------------------------------------------------
@@ -248,11 +248,11 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
     if backend in ("mongodb", "mongodb-poll"):
         return MongoQueue(request.getfixturevalue("mongodb_url"), change_streams=backend == "mongodb",
                           **options)
-    if backend in ("redis-cluster", "redis-shards"):
+    if backend in ("redis-cluster", "redis-cluster-shards"):
         from redis.cluster import RedisCluster
         node = request.getfixturevalue("redis_cluster")[0]
         # A pool as large as the load tests' waiters, each of which holds a connection in BLPOP.
-        sharded = {"shards": 3, "key_prefix": "mq-shards"} if backend == "redis-shards" else {}
+        sharded = {"shards": 3, "key_prefix": "mq-shards"} if backend == "redis-cluster-shards" else {}
         return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True,
                                               max_connections=1000), **sharded, **options)
     raise ValueError(backend)
@@ -714,8 +714,9 @@ def make_queue_like(queue: Queue) -> Queue:
 
 def per_shard(queue: Queue, ids: list[str]) -> list[str]:
     """Job ids in the order that holds on a queue spread over shards: that of each shard's."""
-    shards = len(queue._prefixes) if isinstance(queue, RedisQueue) else 1
-    return sorted(ids, key=lambda job_id: int(job_id) % shards)
+    if not isinstance(queue, RedisQueue) or len(queue._prefixes) == 1:
+        return ids
+    return sorted(ids, key=lambda job_id: int(job_id) % len(queue._prefixes))
 
 
 def test_concurrency_bounds_the_jobs_claimed(new_queue: Any) -> None:

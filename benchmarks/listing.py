@@ -1,6 +1,8 @@
-"""Time list_jobs and stats with many jobs stored: python benchmarks/listing.py [--url URL] [--jobs N].
+"""Time list_jobs and stats with many jobs stored.
 
-Fills a queue of its own (key prefix "mq-listing") with N jobs of three tasks,
+    python benchmarks/listing.py [--url URL] [--jobs N] [--shards N]
+
+Fills a queue of its own (key prefix "mq-listing-SHARDS") with N jobs of three tasks,
 runs a third of them to done (one in ten failing; on MongoDB their outcomes are
 stored directly), then times each listing query as the CLI and the dashboard
 make it: one page of 50, newest first.
@@ -22,8 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--shards", type=int, default=1, help="Redis: spread the queue over this many shards")
     args = parser.parse_args()
-    own = ({"key_prefix": "mq-listing"} if args.url.startswith("redis")
+    own = ({"key_prefix": f"mq-listing-{args.shards}", "shards": args.shards} if args.url.startswith("redis")
            else {"collection_prefix": "mq_listing"})
     queue = monsterqueue.Queue(args.url, concurrency=8, **own)
     queue.reset_storage()

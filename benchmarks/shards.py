@@ -29,7 +29,7 @@ import redis
 from redis.cluster import RedisCluster
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import monsterqueue  # noqa: E402
+import monsterqueue
 
 
 def free_port():
@@ -112,7 +112,8 @@ def run(port, nodes, shards, jobs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="redis-server", help="the redis-server or valkey-server binary")
     parser.add_argument("--masters", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=30000)
@@ -130,15 +131,17 @@ def main():
         stop()
     print(f"\n{os.path.basename(binary)} {version}, {args.masters} masters, {args.jobs} jobs, "
           f"medians of {args.repeats}, {os.cpu_count()} CPUs\n")
-    print("| shards | Redis CPU us/job, all masters | busiest master us/job | share of commands per master, % "
-          "| jobs/s one core per master carries (projection) | measured jobs/s here |")
+    print("| shards | Redis CPU us/job, all masters | busiest master us/job "
+          "| share of commands per master, % | jobs/s one core per master carries (projection) "
+          "| measured jobs/s here |")
     print("|--:|--:|--:|---|--:|--:|")
     for shards, results in rows.items():
         per_master = [statistics.median(r[0][i] for r in results) for i in range(args.masters)]
         shares = [statistics.median(r[1][i] for r in results) for i in range(args.masters)]
         rate = statistics.median(r[2] for r in results)
         busiest = max(per_master)
-        print(f"| {shards} | {sum(per_master):.1f} | {busiest:.1f} | {' / '.join(f'{s:.1f}' for s in shares)} "
+        spread = " / ".join(f"{share:.1f}" for share in shares)
+        print(f"| {shards} | {sum(per_master):.1f} | {busiest:.1f} | {spread} "
               f"| {1e6 / busiest:,.0f} | {rate:,.0f} |")
 
 
