@@ -23,7 +23,6 @@ import base64
 import binascii
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -2817,6 +2816,19 @@ return changed
 """
 
 
+# The number of shards a queue's ids are numbered for: the one recorded, or 1 for a queue
+# that has numbered jobs (an earlier version's) but recorded none. Unless only reading,
+# records the number given if there is none. KEYS: shards, seq. ARGV: shards, '1' to record.
+_REDIS_SHARDS = """
+local stored = redis.call('GET', KEYS[1]) or (redis.call('EXISTS', KEYS[2]) == 1 and '1')
+if not stored and ARGV[2] == '1' then
+  stored = ARGV[1]
+  redis.call('SET', KEYS[1], stored)
+end
+return stored
+"""
+
+
 class RedisQueue(Queue):
     """A queue stored in Redis (or Valkey, or a Redis Cluster), for many workers."""
 
@@ -2854,7 +2866,6 @@ class RedisQueue(Queue):
         self._turn = 0  # the shard the worker claims from next
         self._shards_checked = False
         self._cluster = isinstance(client, redis.RedisCluster)
-        self._poppers: Any = None  # the threads an idle worker waits on a cluster's shards with
         self._worker = ""
         self._wakeup = threading.Event()
         # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
@@ -2877,6 +2888,7 @@ class RedisQueue(Queue):
         self._cancel_script = script(_REDIS_CANCEL)
         self._bulk_script = script(_REDIS_BULK)
         self._fire_script = script(_REDIS_FIRE)
+        self._shards_script = script(_REDIS_SHARDS)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -2894,24 +2906,25 @@ class RedisQueue(Queue):
         # Every job of a unique key lands on one shard, whose script alone decides who holds it.
         return binascii.crc32(unique_key.encode()) % len(self._prefixes)
 
-    def _check_shards(self) -> None:
-        """Refuse, once per queue object, to run a queue over another number of shards than
-        its ids were numbered for (they name their shard by it): that number is stored when
-        a queue of several shards first stores a job; a queue with jobs and no number has one."""
+    def _check_shards(self, record: bool = True) -> None:
+        """Refuse, once per queue object, to serve a queue whose ids are numbered for another
+        number of shards (they name their shard by it). The first enqueue or worker records
+        the number; a read (stats, listing, the CLI) only compares."""
         if self._shards_checked:
             return
-        shards, key = len(self._prefixes), self._key("shards")
-        stored = self._command("GET", key)
-        if stored is None and shards > 1:
-            if self._command("EXISTS", self._key("seq")):
-                stored = 1
-            else:
-                self._command("SET", key, shards, "NX")
-                stored = self._command("GET", key)
+        shards = len(self._prefixes)
+        stored = self._shards_script([self._key("shards"), self._key("seq")], [shards, int(record)])
         if stored is not None and int(stored) != shards:
             raise ValueError(f"this queue's jobs are numbered for shards={int(stored)}, not {shards}: "
                              f"its shards can't change (start a queue under a new key_prefix instead)")
-        self._shards_checked = True
+        self._shards_checked = stored is not None
+
+    def process_loop(self) -> None:
+        # A worker over the wrong number of shards ends at once (and while the server is away,
+        # at its first claim): it would claim jobs it can't finish.
+        with contextlib.suppress(*self._server_errors):
+            self._check_shards()
+        super().process_loop()
 
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
@@ -2926,8 +2939,10 @@ class RedisQueue(Queue):
         try:
             for keys, args, _ in calls:
                 replies.append(self._enqueue_script(keys, args))
-        except self._server_errors as exc:
-            raise self._cut_short(exc, calls, replies) from exc
+        except Exception as exc:
+            if replies:
+                raise self._cut_short(exc, calls, replies) from exc
+            raise
         return self._placed(len(jobs), calls, replies)
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
@@ -2941,14 +2956,16 @@ class RedisQueue(Queue):
         try:
             for keys, args, _ in calls:
                 replies.append(await self._ascript(_REDIS_ENQUEUE, keys, args))
-        except self._server_errors as exc:
-            raise self._cut_short(exc, calls, replies) from exc
+        except Exception as exc:
+            if replies:
+                raise self._cut_short(exc, calls, replies) from exc
+            raise
         return self._placed(len(jobs), calls, replies)
 
-    def _cut_short(self, exc: BaseException, calls: list[Any], replies: list[Any]) -> BaseException:
-        """The error of a batch spread over shards whose first scripts stored their jobs."""
-        if not replies:
-            return exc
+    @staticmethod
+    def _cut_short(exc: BaseException, calls: list[Any], replies: list[Any]) -> _NoAnswer:
+        """The error of a batch whose first scripts stored their jobs (of several shards, or
+        of more than 1000 jobs): whatever failed, the caller learns that some were stored."""
         stored = sum(len(places) for _, _, places in calls[:len(replies)])
         return _NoAnswer(f"{stored} of the {sum(len(places) for _, _, places in calls)} jobs were stored "
                          f"before {_describe(exc)}")
@@ -3026,7 +3043,7 @@ class RedisQueue(Queue):
         claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)], args)
         if not claimed:
             due_in = next_due / 1000 if 0 <= next_due < block * 1000 else None
-            ready: list[int] = []
+            ready = None
             if due_in is not None and due_in <= 0.2:
                 # Redis times blocked clients out ten times a second, up to 100 ms late: the
                 # last stretch before a due job is waited here instead (and a BZPOPMIN of
@@ -3035,7 +3052,7 @@ class RedisQueue(Queue):
                 self._wakeup.clear()
             else:
                 ready = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
-            claimed, _, now = self._claim_from(ready or list(range(shards)), args)
+            claimed, _, now = self._claim_from(list(range(shards)) if ready is None else [ready], args)
         names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
                  "priority", "unique_key")
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
@@ -3066,43 +3083,52 @@ class RedisQueue(Queue):
             raise failed[0]
         return [], next_due, now
 
-    def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> list[int]:
+    def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> int | None:
         """Block until a job of these tasks is ready on some shard, or stop() wakes the worker,
-        for at most ``wait`` seconds; return the shards found ready."""
+        for at most ``wait`` seconds; return that shard, if one is."""
         keys = [[*(prefix + "ready:" + name for name in task_names), prefix + "wake:" + worker]
                 for prefix in self._prefixes]
         if len(keys) == 1 or not self._cluster:  # one server: one pop over every key
-            popped = self._command("BZPOPMIN", *itertools.chain.from_iterable(keys), wait, wait=wait)
-            return [shard for shard, its_keys in enumerate(keys)
-                    if popped and _text(popped[0]) in its_keys[:-1]]
-        # A cluster can't block on keys of several slots in one command: one pop per shard, on
-        # threads. The first to return ends the others through their wake keys, so that no pop
-        # outlives the wait to take a ready mark no claim follows.
-        if self._poppers is None:
-            self._poppers = concurrent.futures.ThreadPoolExecutor(len(keys), "monsterqueue-shard")
-        pops = [self._poppers.submit(self._command, "BZPOPMIN", *its_keys, wait, wait=wait)
-                for its_keys in keys]
-        concurrent.futures.wait(pops, return_when=concurrent.futures.FIRST_COMPLETED)
-        ended = [shard for shard, pop in enumerate(pops) if not pop.done()]
-        for shard in ended:
-            with contextlib.suppress(*self._server_errors):
-                self._command("ZADD", keys[shard][-1], 0, "end")
-        ready, failed = [], []
-        for shard, pop in enumerate(pops):
+            one = self._command("BZPOPMIN", *itertools.chain.from_iterable(keys), wait, wait=wait)
+            return next((shard for shard, its_keys in enumerate(keys)
+                         if one and _text(one[0]) in its_keys[:-1]), None)
+        # A cluster can't block on keys of several slots in one command: one pop per shard, each
+        # on a thread. The first to pop something ends the others through the worker's wake key
+        # on their shard, so that no pop outlives the wait to take a ready mark no claim follows.
+        answers: SimpleQueue[tuple[int, Any]] = SimpleQueue()
+
+        def pop(shard: int) -> None:
             try:
-                popped = pop.result()
-            except self._server_errors as exc:
-                failed.append(exc)
-                continue
-            woken = bool(popped) and _text(popped[0]) == keys[shard][-1]
-            if popped and not woken:
-                ready.append(shard)
-            if shard in ended and not woken:  # it returned before its "end" came: take that back
+                answers.put((shard, self._command("BZPOPMIN", *keys[shard], wait, wait=wait)))
+            except Exception as exc:  # handed to the waiting thread
+                answers.put((shard, exc))
+        for shard in range(len(keys)):
+            threading.Thread(target=pop, args=(shard,), name="monsterqueue-shard", daemon=True).start()
+        popped: dict[int, Any] = {}
+        ended: list[int] = []
+        while len(popped) < len(keys):
+            shard, answer = answers.get()
+            popped[shard] = answer
+            if answer and not isinstance(answer, Exception) and not ended:
+                ended = [other for other in range(len(keys)) if other not in popped]
+                for other in ended:
+                    with contextlib.suppress(*self._server_errors):
+                        self._command("ZADD", keys[other][-1], 0, "end")
+                        self._command("PEXPIRE", keys[other][-1], 60_000)
+        for shard in ended:  # an "end" its pop didn't take (it took something else first) goes
+            answer = popped[shard]
+            if isinstance(answer, Exception) or not answer or _text(answer[1]) != "end":
                 with contextlib.suppress(*self._server_errors):
-                    self._command("DEL", keys[shard][-1])
-        if len(failed) == len(pops):
+                    self._command("ZREM", keys[shard][-1], "end")
+        ready = [shard for shard, answer in popped.items()
+                 if answer and not isinstance(answer, Exception) and _text(answer[0]) != keys[shard][-1]]
+        for shard in ready[1:]:  # one shard is claimed from: the others' marks go back, for other workers
+            with contextlib.suppress(*self._server_errors):
+                self._command("ZADD", _text(popped[shard][0]), 0, 1)
+        failed = [answer for answer in popped.values() if isinstance(answer, Exception)]
+        if len(failed) == len(keys):
             raise failed[0]
-        return ready
+        return ready[0] if ready else None
 
     def _finish(self, job: Job, result: str | None, error: str | None,
                 traceback: str | None) -> bool | None:
@@ -3126,6 +3152,7 @@ class RedisQueue(Queue):
                 self._progress_script([prefix + "running"], [prefix, *itertools.chain.from_iterable(mine)])
 
     def _cancel(self, job_id: str) -> bool:
+        self._check_shards(record=False)
         state = self._cancel_script([self._job_key(job_id)],
                                     [self._prefix_of(job_id), job_id, self._keep_ms()])
         if state is None:
@@ -3262,6 +3289,7 @@ class RedisQueue(Queue):
             self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
 
     def _load(self, job_id: str) -> dict[str, Any]:
+        self._check_shards(record=False)
         try:
             fields = self.client.hgetall(self._job_key(job_id))
         except self._response_error:
@@ -3272,7 +3300,7 @@ class RedisQueue(Queue):
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
-        self._check_shards()
+        self._check_shards(record=False)
         if len(self._prefixes) == 1:
             return self._list_shard(self._prefix, state, task_name, limit, offset, newest_first)
         # The first offset + limit jobs of each shard, merged in the order each shard lists
@@ -3334,7 +3362,7 @@ class RedisQueue(Queue):
         return found[:limit]
 
     def _stats(self) -> _Stats:
-        self._check_shards()
+        self._check_shards(record=False)
         # The shards' sums; a worker is listed by every shard, as last seen by any.
         counts: collections.Counter[str] = collections.Counter()
         metrics: collections.Counter[str] = collections.Counter()
@@ -3384,8 +3412,6 @@ class RedisQueue(Queue):
 
     def close(self) -> None:
         super().close()
-        if self._poppers is not None:
-            self._poppers.shutdown()
         self._connections.close()
         if self._owns_client:
             self.client.close()
@@ -4835,8 +4861,8 @@ def _open(url: str, prefix: str | None, shards: int = 1, cluster: bool = False, 
     else:
         queue = backend(url, **options)
     if isinstance(queue, RedisQueue):  # a --shards its ids don't fit is a usage error, said at once
-        with queue._server():
-            queue._check_shards()
+        with contextlib.suppress(ServerUnavailableError), queue._server():  # else said when it's back
+            queue._check_shards(record=False)
     return queue
 
 

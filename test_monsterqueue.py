@@ -2135,7 +2135,7 @@ def test_redis_keys_share_one_cluster_slot_and_nothing_is_left_behind(redis_queu
     kinds = {key.split(":")[1] for key in keys}
     # The jobs, their indexes and the counts and metrics of stats; nothing of the running bookkeeping,
     # nor the stopped worker.
-    assert kinds == {"seq", "jobs", "task", "job", "done", "counts", "metrics"}, keys
+    assert kinds == {"seq", "shards", "jobs", "task", "job", "done", "counts", "metrics"}, keys
     assert len([k for k in keys if k.startswith("{mq-test}:job:")]) == 22
 
 
@@ -2231,12 +2231,18 @@ def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) 
         RedisQueue(client=three.client, key_prefix="mq-sharded").list_jobs()
     assert three.retrieve_job(three.enqueue("nobody").id).status.state == JOB_STATE_ENQUEUED
     one = RedisQueue(redis_url, key_prefix="mq-one-shard")
+    one.client.delete("{mq-one-shard}:seq", "{mq-one-shard}:shards")  # a queue never used
     one.reset_storage()
-    one.enqueue("nobody")
-    spread = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=3)
-    with pytest.raises(ValueError, match="numbered for shards=1, not 3"):
-        spread.enqueue("nobody")
-    assert len(one.list_jobs()) == 1 and job.id
+    reader = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=4)
+    assert reader.stats()["counts"] == {}  # a read records no number
+    reader.close()
+    with running(one):  # a worker records the number at once, before any job
+        spread = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=3)
+        with pytest.raises(ValueError, match="numbered for shards=1, not 3"):
+            spread.enqueue("nobody")
+        with pytest.raises(ValueError, match="numbered for shards=1, not 3"):
+            spread.process_loop()  # a worker over the wrong number ends at once
+    assert one.list_jobs() == [] and job.id
     one.reset_storage()
     one.close()
     spread.close()
