@@ -86,7 +86,7 @@ def usage(nodes):
 
 def run(port, nodes, shards, jobs):
     client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
-    queue = monsterqueue.RedisQueue(client=client, key_prefix="bench-shards", shards=shards)
+    queue = monsterqueue.RedisQueue(client=client, key_prefix=f"bench-shards-{shards}", shards=shards)
     queue.reset_storage()
     done = threading.Semaphore(0)
     queue.task("noop")(lambda i: done.release() or i)
