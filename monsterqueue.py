@@ -2264,6 +2264,7 @@ class MemoryQueue(Queue):
 # the heartbeat visit every shard; an idle worker blocks on all of them.
 #
 #   {prefix}:seq            counter that numbers the jobs
+#   {prefix}:shards         the number of shards the ids are numbered for (first shard only)
 #   {prefix}:job:ID         hash of the job's fields (see Queue._decode), plus
 #                           waiter (the waiting caller's deadline), worker,
 #                           lost (leases lost) and cancel (set while running)
