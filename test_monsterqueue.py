@@ -217,15 +217,14 @@ def mongodb_url() -> Iterator[str]:
     server.remove()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[list[RedisServer]]:
+def start_cluster(*extra: str) -> list[RedisServer]:
     """A real Redis Cluster of three masters on loopback ports, slots split by CLUSTER commands."""
     pytest.importorskip("redis") if not os.environ.get("CI") else __import__("redis")
     import redis
     # Bus ports of their own: the default (port + 10000) can overflow past 65535.
     bus_ports = [free_port() for _ in range(3)]
     nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
-                         "--cluster-port", str(bus)) for bus in bus_ports]
+                         "--cluster-port", str(bus), *extra) for bus in bus_ports]
     clients = [redis.Redis(port=node.port, host="127.0.0.1") for node in nodes]
     for client, (first, last) in zip(clients, ((0, 5460), (5461, 10922), (10923, 16383))):
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
@@ -235,6 +234,12 @@ def redis_cluster() -> Iterator[list[RedisServer]]:
         for node in nodes:
             node.remove()
         unavailable("the three-node Redis Cluster did not form")
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[list[RedisServer]]:
+    nodes = start_cluster()
     yield nodes
     for node in nodes:
         node.remove()
@@ -2213,6 +2218,46 @@ def test_an_idle_worker_wakes_for_a_job_on_any_shard_while_another_is_busy(shard
             assert started[quick] - enqueued < 0.2, (n, started[quick] - enqueued)
             busy.wait()
             idle.wait()
+
+
+def test_a_sharded_queue_runs_on_while_one_master_is_away() -> None:
+    from redis.cluster import RedisCluster
+    nodes = start_cluster("--cluster-require-full-coverage", "no")
+    client = RedisCluster(host="127.0.0.1", port=nodes[0].port, decode_responses=True)
+    queue = RedisQueue(client=client, key_prefix="mq-away", shards=3, lease_timeout=3)
+    ran: list[str] = []
+    queue.task("work")(lambda: ran.append("ran"))
+    claims = [0]
+    claim_from = queue._claim_from
+
+    def counted(*args: Any) -> Any:
+        claims[0] += 1
+        return claim_from(*args)
+    queue._claim_from = counted  # type: ignore[method-assign]
+    try:
+        with running(queue):
+            for _ in range(3):
+                queue.enqueue("work")
+            assert wait_until(lambda: len(ran) == 3)
+            port = client.get_node_from_key(queue._prefixes[2]).port
+            next(node for node in nodes if node.port == port).stop(kill=True)
+            claims[0] = 0
+            time.sleep(3)
+            assert claims[0] <= 12, claims  # an idle worker waits on the live shards, it doesn't spin
+            live = 0
+            while live < 4:
+                try:
+                    job = queue.enqueue("work")
+                except ServerUnavailableError:
+                    continue  # the batch's turn fell on the master that is away
+                live += 1
+                assert int(job.id) % 3 != 2
+                assert wait_until(lambda: len(ran) == 3 + live, 5), live  # noqa: B023
+    finally:
+        queue.close()
+        client.close()
+        for node in nodes:
+            node.remove()
 
 
 def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) -> None:
