@@ -2831,7 +2831,8 @@ return stored
 
 
 class RedisQueue(Queue):
-    """A queue stored in Redis (or Valkey, or a Redis Cluster), for many workers."""
+    """A queue stored in Redis (or Valkey, or a Redis Cluster), for many workers; with
+    ``shards=N``, spread over N hash tags, so over N masters of a cluster."""
 
     def __init__(self, url: str | None = None, *, client: Any = None,
                  key_prefix: str = "monsterqueue", shards: int = 1,
