@@ -2904,6 +2904,13 @@ class RedisQueue(Queue):
     def _job_key(self, job_id: str) -> str:
         return self._prefix_of(job_id) + "job:" + job_id
 
+    def _by_shard(self, jobs: Iterable[Job]) -> dict[str, list[Job]]:
+        """The jobs of each shard, by its key prefix: every shard, with jobs or without."""
+        grouped: dict[str, list[Job]] = {prefix: [] for prefix in self._prefixes}
+        for job in jobs:
+            grouped[self._prefix_of(job.id)].append(job)
+        return grouped
+
     def _shard_of_key(self, unique_key: str) -> int:
         # Every job of a unique key lands on one shard, whose script alone decides who holds it.
         return binascii.crc32(unique_key.encode()) % len(self._prefixes)
@@ -3147,11 +3154,10 @@ class RedisQueue(Queue):
         return None if done == -1 else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
-        for prefix in self._prefixes:
-            mine = [(job.id, job._delivery, text) for job, text in progress.items()
-                    if self._prefix_of(job.id) == prefix]
-            if mine:
-                self._progress_script([prefix + "running"], [prefix, *itertools.chain.from_iterable(mine)])
+        for prefix, jobs in self._by_shard(progress).items():
+            if jobs:
+                self._progress_script([prefix + "running"], [prefix, *itertools.chain.from_iterable(
+                    (job.id, job._delivery, progress[job]) for job in jobs)])
 
     def _cancel(self, job_id: str) -> bool:
         self._check_shards(record=False)
@@ -3266,14 +3272,13 @@ class RedisQueue(Queue):
         # is away doesn't keep the others' leases from being renewed.
         cancelled: list[Any] = []
         failed = None
-        for prefix in self._prefixes:
+        for prefix, jobs in self._by_shard(held).items():
             try:
                 cancelled += self._heartbeat_script(
                     [prefix + "running"],
                     [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
                      worker, json.dumps(sorted(self._tasks)),
-                     *itertools.chain.from_iterable((job.id, job._delivery) for job in held
-                                                    if self._prefix_of(job.id) == prefix)]) or []
+                     *itertools.chain.from_iterable((job.id, job._delivery) for job in jobs)]) or []
             except self._server_errors as exc:
                 failed = failed or exc
         if failed is not None:
