@@ -1238,16 +1238,16 @@ class Queue:
             progress = {job: job._progress_text for job in held.values()
                         if job._progress_text is not None and job._progress_text is not stored.get(job.id)}
             try:
-                with self._server():
-                    if progress:
-                        self._save_progress(progress)
-                    stored = {job_id: stored[job_id] for job_id in held if job_id in stored}
-                    stored.update((job.id, text) for job, text in progress.items())
+                with self._server():  # the leases first: progress that can't be stored must not stop them
                     if time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + self.lease_timeout / 3
                         for job_id in self._heartbeat(worker, list(held.values())):
                             self._interrupt(held[job_id], JobCancelledError, f"{CANCELLED} while running",
                                             False)
+                    if progress:
+                        self._save_progress(progress)
+                    stored = {job_id: stored[job_id] for job_id in held if job_id in stored}
+                    stored.update((job.id, text) for job, text in progress.items())
             except ServerUnavailableError as exc:
                 self._outage.failed(exc)
             except Exception:  # an out-of-memory server, a bad record: leases must go on
@@ -2874,7 +2874,8 @@ class RedisQueue(Queue):
         # (pool checkout with a poll of the socket, retries, events): run the scripts
         # on connections this queue keeps instead. Other clients (cluster) go through it.
         self._connections = _Connections(client, redis)
-        script = self._connections.script if self._connections.usable else client.register_script
+        script = (self._connections.script if self._connections.usable
+                  else functools.partial(_client_script, client, redis.exceptions.NoScriptError))
         # A client passed in times its reads out as it was told to.
         self._command = (self._connections.command if self._connections.usable
                          else lambda *args, wait=0.0: client.execute_command(*args))
@@ -2929,11 +2930,15 @@ class RedisQueue(Queue):
         self._shards_checked = stored is not None
 
     def process_loop(self) -> None:
-        # A worker over the wrong number of shards ends at once (and while the server is away,
-        # at its first claim): it would claim jobs it can't finish.
+        # A worker over the wrong number of shards would claim jobs it can't finish and number
+        # its periodic jobs wrongly: its process_loop raises the ValueError at once or, started
+        # while the server was away, once its first claim has stopped it.
+        self._misnumbered: ValueError | None = None
         with contextlib.suppress(*self._server_errors):
             self._check_shards()
         super().process_loop()
+        if self._misnumbered is not None:
+            raise self._misnumbered
 
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
@@ -2975,7 +2980,7 @@ class RedisQueue(Queue):
     def _cut_short(exc: BaseException, calls: list[Any], replies: list[Any]) -> _NoAnswer:
         """The error of a batch whose first scripts stored their jobs (of several shards, or
         of more than 1000 jobs): whatever failed, the caller learns that some were stored."""
-        stored = sum(len(places) for _, _, places in calls[:len(replies)])
+        stored = sum(len(places) - len(reply[3]) for (_, _, places), reply in zip(calls, replies))
         return _NoAnswer(f"{stored} of the {sum(len(places) for _, _, places in calls)} jobs were stored "
                          f"before {_describe(exc)}")
 
@@ -3030,6 +3035,7 @@ class RedisQueue(Queue):
               ) -> tuple[str | None, int | None]:
         # A schedule's record and jobs live on one shard (its unique key's, if it has one), where
         # one script decides each tick.
+        self._check_shards()
         shard = self._shard_of_key(schedule.unique_key or schedule.name)
         prefix = self._prefixes[shard]
         fired, last = self._fire_script(
@@ -3046,7 +3052,12 @@ class RedisQueue(Queue):
     def _claim(self, task_names: list[str], limit: int, worker: str,
                block: float) -> list[tuple[str, dict[str, Any]]]:
         self._worker = worker
-        self._check_shards()
+        try:
+            self._check_shards()
+        except ValueError as exc:
+            self._misnumbered = exc
+            self.stop()  # on the loop's own thread: process_loop ends when its jobs are done
+            return []
         args = [limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
         shards = len(self._prefixes)
         claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)], args)
@@ -3154,10 +3165,11 @@ class RedisQueue(Queue):
         return None if done == -1 else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
-        for prefix, jobs in self._by_shard(progress).items():
-            if jobs:
-                self._progress_script([prefix + "running"], [prefix, *itertools.chain.from_iterable(
-                    (job.id, job._delivery, progress[job]) for job in jobs)])
+        # A shard whose master is away misses this progress; its jobs' finish stores their last.
+        self._on_shards({prefix: jobs for prefix, jobs in self._by_shard(progress).items() if jobs},
+                        lambda prefix, jobs: self._progress_script([prefix + "running"], [
+                            prefix, *itertools.chain.from_iterable(
+                                (job.id, job._delivery, progress[job]) for job in jobs)]))
 
     def _cancel(self, job_id: str) -> bool:
         self._check_shards(record=False)
@@ -3171,16 +3183,22 @@ class RedisQueue(Queue):
         # The candidates first, from a scan of the state's index (bounded work per call,
         # and every member present throughout is seen), so that jobs changed meanwhile
         # can't shift the walk; then the script checks each again, BULK_BATCH per call.
+        self._check_shards(record=False)
         index = JOB_STATE_ENQUEUED if state == JOB_STATE_ENQUEUED else "done"
         changed = 0
-        for prefix in self._prefixes:
-            members = list({_text(member)
-                            for member, _ in self.client.zscan_iter(prefix + index, count=1000)})
-            ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
-                         key=lambda job_id: (len(job_id), job_id))  # oldest first
-            changed += sum(int(self._bulk_script([prefix + "jobs"], [prefix, action, state, task_name or "",
-                                                                     *ids[start:start + BULK_BATCH]]))
-                           for start in range(0, len(ids), BULK_BATCH))
+        try:
+            for prefix in self._prefixes:
+                members = list({_text(member)
+                                for member, _ in self.client.zscan_iter(prefix + index, count=1000)})
+                ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
+                             key=lambda job_id: (len(job_id), job_id))  # oldest first
+                for start in range(0, len(ids), BULK_BATCH):
+                    changed += int(self._bulk_script([prefix + "jobs"], [
+                        prefix, action, state, task_name or "", *ids[start:start + BULK_BATCH]]))
+        except Exception as exc:
+            if changed:  # whatever failed, the caller learns that some jobs were changed
+                raise _NoAnswer(f"{changed} jobs were changed before {_describe(exc)}") from exc
+            raise
         return changed
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
@@ -3268,26 +3286,31 @@ class RedisQueue(Queue):
             spare.append(conn)  # kept for the next script: no pool checkout per call
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
-        # Each shard keeps its own leases, expiry and list of workers alive; one whose master
-        # is away doesn't keep the others' leases from being renewed.
-        cancelled: list[Any] = []
-        failed = None
-        for prefix, jobs in self._by_shard(held).items():
-            try:
-                cancelled += self._heartbeat_script(
-                    [prefix + "running"],
-                    [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
-                     worker, json.dumps(sorted(self._tasks)),
-                     *itertools.chain.from_iterable((job.id, job._delivery) for job in jobs)]) or []
-            except self._server_errors as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-        return [_text(job_id) for job_id in cancelled]
+        # Each shard keeps its own leases, expiry and list of workers alive.
+        cancelled = self._on_shards(self._by_shard(held), lambda prefix, jobs: self._heartbeat_script(
+            [prefix + "running"],
+            [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
+             worker, json.dumps(sorted(self._tasks)),
+             *itertools.chain.from_iterable((job.id, job._delivery) for job in jobs)]))
+        return [_text(job_id) for ids in cancelled for job_id in ids or []]
 
     def _retire(self, worker: str) -> None:
-        for prefix in self._prefixes:
-            self.client.hdel(prefix + "workers", worker)
+        self._on_shards({prefix: [] for prefix in self._prefixes},
+                        lambda prefix, _: self.client.hdel(prefix + "workers", worker))
+
+    def _on_shards(self, jobs: dict[str, list[Job]], step: Callable[[str, list[Job]], Any]) -> list[Any]:
+        """Take ``step`` on each shard (key prefix) with its jobs and return what each gave.
+        A shard whose master is away is passed over, so that the others' leases, cancels and
+        progress go on; only if every shard failed is the first error raised."""
+        done, failed = [], []
+        for prefix, its_jobs in jobs.items():
+            try:
+                done.append(step(prefix, its_jobs))
+            except self._server_errors as exc:
+                failed.append(exc)
+        if failed and not done:
+            raise failed[0]
+        return done
 
     def _interrupt_claim(self) -> None:
         self._wakeup.set()
@@ -3398,12 +3421,14 @@ class RedisQueue(Queue):
         return isinstance(exc, _NoAnswer)
 
     def _requeue(self, job_id: str) -> bool:
+        self._check_shards(record=False)
         requeued = self._requeue_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id])
         if requeued == 0:
             raise NoSuchJobError()
         return requeued == 1
 
     def _delete(self, job_id: str) -> bool:
+        self._check_shards(record=False)
         return self._delete_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id]) == 1
 
     def _reset(self) -> None:
@@ -3517,6 +3542,21 @@ class _Connections:
         if self._pid == os.getpid():
             for conn in spare:
                 self._pool.release(conn)
+
+
+def _client_script(client: Any, no_script: type[Exception], text: str
+                   ) -> Callable[[list[str], list[Any]], Any]:
+    """A script run through a client's own commands, sent whole by EVAL where the server lacks
+    it (the server then keeps it). Not redis-py's register_script: a cluster client loads a
+    missing script on every master, and would fail it while any master is away."""
+    sha = _sha1(text)
+
+    def run(keys: list[str], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(sha, len(keys), *keys, *args)
+        except no_script:  # nothing ran
+            return client.eval(text, len(keys), *keys, *args)
+    return run
 
 
 @functools.cache

@@ -2221,12 +2221,33 @@ def test_an_idle_worker_wakes_for_a_job_on_any_shard_while_another_is_busy(shard
 
 
 def test_a_sharded_queue_runs_on_while_one_master_is_away() -> None:
+    """The jobs of the live shards run, an idle worker doesn't spin, and a worker holding jobs on
+    both keeps its live leases and its cancels, though its progress on the shard away is lost."""
     from redis.cluster import RedisCluster
     nodes = start_cluster("--cluster-require-full-coverage", "no")
     client = RedisCluster(host="127.0.0.1", port=nodes[0].port, decode_responses=True)
     queue = RedisQueue(client=client, key_prefix="mq-away", shards=3, lease_timeout=3)
+    spare = RedisQueue(client=client, key_prefix="mq-away", shards=3, lease_timeout=3)  # takes lost leases
     ran: list[str] = []
-    queue.task("work")(lambda: ran.append("ran"))
+
+    class Hold(Task):
+        name = "hold"
+
+        def run(self, job: Job) -> None:
+            ran.append(job.id)
+            for step in range(job.params["steps"]):
+                if job.params["progress"]:
+                    job.set_progress(step)
+                time.sleep(0.1)
+            job.success(None)
+    for q in (queue, spare):
+        q.register_task(Hold())
+        q.task("work")(lambda: ran.append("ran"))
+    keys = map(str, range(1000))
+
+    def hold_on_shard(shard: int, steps: int, progress: bool) -> Job:  # a unique key picks the shard
+        return queue.enqueue("hold", {"steps": steps, "progress": progress},
+                             unique_key=next(key for key in keys if queue._shard_of_key(key) == shard))
     claims = [0]
     claim_from = queue._claim_from
 
@@ -2238,23 +2259,35 @@ def test_a_sharded_queue_runs_on_while_one_master_is_away() -> None:
         with running(queue):
             for _ in range(3):
                 queue.enqueue("work")
-            assert wait_until(lambda: len(ran) == 3)
+            assert wait_until(lambda: ran.count("ran") == 3)
+            held, away = hold_on_shard(0, 100, False), hold_on_shard(2, 50, True)  # progress only where away
+            assert wait_until(lambda: held.id in ran and away.id in ran)
             port = client.get_node_from_key(queue._prefixes[2]).port
             next(node for node in nodes if node.port == port).stop(kill=True)
-            claims[0] = 0
-            time.sleep(3)
-            assert claims[0] <= 12, claims  # an idle worker waits on the live shards, it doesn't spin
-            live = 0
-            while live < 4:
-                try:
-                    job = queue.enqueue("work")
-                except ServerUnavailableError:
-                    continue  # the batch's turn fell on the master that is away
-                live += 1
-                assert int(job.id) % 3 != 2
-                assert wait_until(lambda: len(ran) == 3 + live, 5), live  # noqa: B023
+            with running(spare):
+                claims[0] = 0
+                time.sleep(3)
+                assert claims[0] <= 12, claims  # an idle worker waits on the live shards, it doesn't spin
+                time.sleep(1.5)  # past the lease: had it not been renewed, the spare would run it again
+                assert ran.count(held.id) == 1
+                queue.cancel_job(held.id)
+                assert wait_until(lambda: queue.retrieve_job(held.id).status.state == JOB_STATE_DONE, 5)
+                with pytest.raises(monsterqueue.JobCancelledError):
+                    queue.retrieve_job(held.id).result()
+                with pytest.raises(OutcomeUnknownError, match=r"\d+ jobs were changed before"):
+                    queue.delete_jobs("done")  # the live shards' first: the caller learns they were
+                live = 0
+                while live < 4:
+                    try:
+                        job = queue.enqueue("work")
+                    except ServerUnavailableError:
+                        continue  # the batch's turn fell on the master that is away
+                    live += 1
+                    assert int(job.id) % 3 != 2
+                    assert wait_until(lambda: ran.count("ran") == 3 + live, 5), live  # noqa: B023
     finally:
         queue.close()
+        spare.close()
         client.close()
         for node in nodes:
             node.remove()
@@ -2270,6 +2303,10 @@ def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) 
             other.enqueue("nobody")
         with pytest.raises(ValueError, match="numbered for shards=3"):
             other.stats()
+        for act, *args in ((other.retry_job, job.id), (other.delete_job, job.id), (other.retry_jobs,),
+                           (other.delete_jobs, "enqueued")):
+            with pytest.raises(ValueError, match="numbered for shards=3"):
+                act(*args)
         other.close()
     three.reset_storage()  # keeps the numbering, as it keeps the counter
     with pytest.raises(ValueError, match="numbered for shards=3"):
@@ -2291,6 +2328,37 @@ def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) 
     one.reset_storage()
     one.close()
     spread.close()
+
+
+def test_a_worker_started_while_the_server_is_away_ends_on_another_number_of_shards() -> None:
+    """Its first claim once the server is back ends it, and its schedule fires no job meanwhile."""
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    three = RedisQueue(server.url, key_prefix="mq-late", shards=3)
+    three.enqueue("nobody")
+    server.stop()
+    one = RedisQueue(server.url, key_prefix="mq-late")
+    one.periodic(every=0.1, name="tick")(lambda: None)
+    ended: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            one.process_loop()
+        except BaseException as exc:
+            ended.append(exc)
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # its check, claims and ticks find the server away
+        server.start()
+        thread.join(15)
+        assert not thread.is_alive() and len(ended) == 1, ended
+        assert isinstance(ended[0], ValueError) and "numbered for shards=3, not 1" in str(ended[0])
+        assert [job.task_name for job in three.list_jobs()] == ["nobody"]  # no tick numbered wrongly
+    finally:
+        one.stop()
+        one.close()
+        three.close()
+        server.remove()
 
 
 def test_sharded_listing_pages_neither_repeat_nor_skip(sharded: Any) -> None:
