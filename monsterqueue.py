@@ -2869,6 +2869,7 @@ class RedisQueue(Queue):
         self._shards_checked = False
         self._cluster = isinstance(client, redis.RedisCluster)
         self._worker = ""
+        self._misnumbered: ValueError | None = None  # found by a claim: process_loop raises it
         self._wakeup = threading.Event()
         # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
         # (pool checkout with a poll of the socket, retries, events): run the scripts
@@ -2933,12 +2934,12 @@ class RedisQueue(Queue):
         # A worker over the wrong number of shards would claim jobs it can't finish and number
         # its periodic jobs wrongly: its process_loop raises the ValueError at once or, started
         # while the server was away, once its first claim has stopped it.
-        self._misnumbered: ValueError | None = None
         with contextlib.suppress(*self._server_errors):
             self._check_shards()
         super().process_loop()
-        if self._misnumbered is not None:
-            raise self._misnumbered
+        misnumbered, self._misnumbered = self._misnumbered, None
+        if misnumbered is not None:
+            raise misnumbered
 
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
@@ -3165,11 +3166,12 @@ class RedisQueue(Queue):
         return None if done == -1 else True
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
-        # A shard whose master is away misses this progress; its jobs' finish stores their last.
-        self._on_shards({prefix: jobs for prefix, jobs in self._by_shard(progress).items() if jobs},
-                        lambda prefix, jobs: self._progress_script([prefix + "running"], [
-                            prefix, *itertools.chain.from_iterable(
-                                (job.id, job._delivery, progress[job]) for job in jobs)]))
+        # The progress of a shard whose master is away is dropped (its jobs' finish stores their
+        # last), so that the beat doesn't log an outage each second while the other shards work;
+        # a shard without progress counts as a success: this raises only if every shard failed.
+        self._on_shards(self._by_shard(progress), lambda prefix, jobs: jobs and self._progress_script(
+            [prefix + "running"],
+            [prefix, *itertools.chain.from_iterable((job.id, job._delivery, progress[job]) for job in jobs)]))
 
     def _cancel(self, job_id: str) -> bool:
         self._check_shards(record=False)
