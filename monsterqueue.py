@@ -641,9 +641,19 @@ class Queue:
         """enqueue_wait(), for code on an event loop: a thousand of them wait at once on one loop,
         with no thread each. Cancelled while it waits, it withdraws: exactly one of the
         caller and the worker's success() sees the hand-off."""
+        import asyncio
+
         timeout = max(timeout, 0.0)
-        job = (await self._aenqueue(task_name, [params], [None], timeout, delay, eta, time_limit,
-                                    priority))[0]
+        # Stored even if cancelled meanwhile (a request on its way may store it): then it is
+        # withdrawn as soon as it is, before the cancel goes on.
+        storing = asyncio.ensure_future(self._aenqueue(task_name, [params], [None], timeout, delay, eta,
+                                                       time_limit, priority))
+        try:
+            job = (await asyncio.shield(storing))[0]
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._aawait_outcome((await storing)[0], 0)
+            raise
         try:
             with self._server():
                 done = await self._aawait_outcome(job, timeout)

@@ -1880,7 +1880,8 @@ def test_a_thousand_concurrent_aenqueue_waits_on_a_handful_of_threads(queue: Que
     assert threads - before <= queue.concurrency + 4 + executor + shards, threads
 
 
-def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue) -> None:
+@pytest.mark.parametrize("cancel_after", [0.1, 0.0])  # while it waits; while its job is stored
+def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue, cancel_after: float) -> None:
     import asyncio
 
     acked: list[bool] = []
@@ -1897,7 +1898,7 @@ def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue) -> N
     async def impatient() -> None:
         # (Shorter than a cluster client's 5 s read timeout: its a* methods wait on the executor.)
         waiting = asyncio.ensure_future(queue.aenqueue_wait("slow", timeout=3))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(cancel_after)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
