@@ -2885,11 +2885,10 @@ class RedisQueue(Queue):
         # (pool checkout with a poll of the socket, retries, events): run the scripts
         # on connections this queue keeps instead. Other clients (cluster) go through it.
         self._connections = _Connections(client, redis)
-        script = (self._connections.script if self._connections.usable
-                  else functools.partial(_client_script, client, redis.exceptions.NoScriptError))
         # A client passed in times its reads out as it was told to.
         self._command = (self._connections.command if self._connections.usable
                          else lambda *args, wait=0.0: client.execute_command(*args))
+        script = functools.partial(_script, self._command, redis.exceptions.NoScriptError)
         self._enqueue_script = script(_REDIS_ENQUEUE)
         self._claim_script = script(_REDIS_CLAIM)
         self._finish_script = script(_REDIS_FINISH)
@@ -3278,11 +3277,9 @@ class RedisQueue(Queue):
             sent = True
             try:
                 reply = await conn.read_response()
-            except self._redis.exceptions.NoScriptError:  # the server restarted or flushed its scripts
+            except self._redis.exceptions.NoScriptError:  # nothing ran: sent whole, as _script does
                 sent = False
-                await conn.send_packed_command(_resp(["SCRIPT", "LOAD", text]))
-                await conn.read_response()
-                await conn.send_packed_command(command)
+                await conn.send_packed_command(_resp(["EVAL", text, len(keys), *keys, *args]))
                 sent = True
                 reply = await conn.read_response()
             conn.monsterqueue_used = time.monotonic()
@@ -3472,21 +3469,13 @@ class _Connections:
                        and getattr(client, "connection", None) is None
                        and kwargs.get("encoding", "utf-8").lower().replace("-", "") == "utf8")
         self._pool: Any = pool
-        self._no_script = redis.exceptions.NoScriptError
         self._response_error = redis.ResponseError
         self._server_errors = (redis.ConnectionError, redis.TimeoutError)
         self._pid = os.getpid()
         self._spare: list[Any] = []
 
-    def script(self, text: str) -> Callable[[list[str], list[Any]], Any]:
-        sha = _sha1(text)
-
-        def run(keys: list[str], args: list[Any]) -> Any:
-            return self.command("EVALSHA", sha, len(keys), *keys, *args, script=text)
-        return run
-
-    def command(self, *args: Any, script: str | None = None, wait: float = 0) -> Any:
-        """Send one command and return its raw reply; ``script`` is loaded if EVALSHA misses.
+    def command(self, *args: Any, wait: float = 0) -> Any:
+        """Send one command and return its raw reply.
 
         ``wait`` is how long the server may hold the reply (a blocking pop): the read
         waits that much longer than the client's socket timeout.
@@ -3513,20 +3502,9 @@ class _Connections:
                     closed = True
                 if closed:
                     conn.disconnect()
-            command = _resp(args)
-            conn.send_packed_command((command,))
+            conn.send_packed_command((_resp(args),))
             sent = True
-            try:
-                reply = self._read(conn, wait)
-            except self._no_script:  # the server restarted or its scripts were flushed: nothing ran
-                if script is None:
-                    raise
-                sent = False
-                conn.send_packed_command((_resp(["SCRIPT", "LOAD", script]),))
-                conn.read_response()
-                conn.send_packed_command((command,))
-                sent = True
-                reply = self._read(conn, wait)
+            reply = self._read(conn, wait)
         except self._response_error:
             self._spare.append(conn)  # the error reply was read: the connection is clean
             raise
@@ -3556,18 +3534,19 @@ class _Connections:
                 self._pool.release(conn)
 
 
-def _client_script(client: Any, no_script: type[Exception], text: str
-                   ) -> Callable[[list[str], list[Any]], Any]:
-    """A script run through a client's own commands, sent whole by EVAL where the server lacks
-    it (the server then keeps it). Not redis-py's register_script: a cluster client loads a
-    missing script on every master, and would fail it while any master is away."""
+def _script(command: Callable[..., Any], no_script: type[Exception], text: str
+            ) -> Callable[[list[str], list[Any]], Any]:
+    """A script run by EVALSHA through ``command``, and sent whole by EVAL where the server
+    lacks it (it restarted or flushed its scripts: nothing ran; it keeps the script then). Not
+    redis-py's register_script: a cluster client loads a missing script on every master, and
+    would fail it while any master is away."""
     sha = _sha1(text)
 
     def run(keys: list[str], args: list[Any]) -> Any:
         try:
-            return client.evalsha(sha, len(keys), *keys, *args)
-        except no_script:  # nothing ran
-            return client.eval(text, len(keys), *keys, *args)
+            return command("EVALSHA", sha, len(keys), *keys, *args)
+        except no_script:
+            return command("EVAL", text, len(keys), *keys, *args)
     return run
 
 

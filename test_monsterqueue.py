@@ -2421,12 +2421,16 @@ def test_a_batch_cut_short_on_its_second_shard_says_what_was_stored(sharded: Any
 
 def test_redis_scripts_survive_a_script_flush_and_a_bytes_client(redis_queue: RedisQueue,
                                                                  redis_url: str) -> None:
+    import asyncio
+
     import redis
     redis_queue.register_task(TestTask())
     with running(redis_queue):
         assert redis_queue.enqueue_wait("test-task", timeout=5).result() == "my result"
         redis_queue.client.script_flush()  # as a server restart would
         assert redis_queue.enqueue_wait("test-task", timeout=5).result() == "my result"
+        redis_queue.client.script_flush()  # the a* methods' own connections send it whole too
+        assert asyncio.run(redis_queue.aenqueue_wait("test-task", timeout=5)).result() == "my result"
     raw = RedisQueue(client=redis.Redis.from_url(redis_url), key_prefix="mq-test")  # replies in bytes
     raw.register_task(TestTask())
     with running(raw):
