@@ -105,7 +105,20 @@ TRACEBACK_LIMIT = 8192
 NO_RESULT_SET = "task didn't set job result"
 
 # How the error of a cancelled job starts; result() raises JobCancelledError for it.
+# Every backend records these texts, and the Redis scripts are built with them.
 CANCELLED = "cancelled"
+CANCELLED_BEFORE_IT_RAN = f"{CANCELLED} before it ran"
+CANCELLED_WHILE_RUNNING = f"{CANCELLED} while running"
+
+# The error of a poison job, whose leases ran out max_deliveries times: it kills its
+# workers, and must not loop forever. Filled with its deliveries and its lost leases.
+POISON_ERROR = "delivered %d times without finishing: its worker died or lost its lease %d times"
+
+# A worker is listed alive while its last heartbeat is less than this many leases old.
+WORKER_ALIVE_LEASES = 3
+
+# What a job made enqueued again from done (retry_job, retry_jobs) no longer has.
+REQUEUE_CLEARS = ("done", "result", "error", "lost", "traceback", "progress", "cancel")
 
 # Defaults of the Queue options.
 DEFAULT_CONCURRENCY = 8         # worker threads per process_loop
@@ -313,13 +326,7 @@ class Job:
         self._time_limit = time_limit    # the job's own limit (0: none); None: its task's
         self._priority = priority
         self._unique_key = unique_key
-        self._reported = False           # success() or error() was called
-        # Kept by the worker that runs it:
-        self._thread: int | None = None  # the thread inside the task's run()
-        self._coroutine: Any = None      # or the asyncio task running an async task's run()
-        self._began = 0.0                # time.monotonic() when its run began
-        self._deadline = math.inf        # time.monotonic() at which its time is up
-        self._interrupted = False        # timed out or cancelled: its thread was replaced
+        self._run: _Run | None = None    # set while a worker runs this delivery of it
 
     id = property(lambda self: self._id, doc="The job's id, unique in its queue.")
     task_name = property(lambda self: self._task_name, doc="The name of the task that runs it.")
@@ -385,11 +392,8 @@ class Job:
 
     def _report(self, result: str | None, error: str | None, retryable: bool = True,
                 traceback: str | None = None) -> bool:
-        # The task's thread and the worker that interrupts it may both report: one wins.
-        with self._queue._report_lock:
-            if self._reported:
-                return False
-            self._reported = True
+        if self._run is not None and not self._run.report():
+            return False  # the worker interrupted it and recorded its outcome, or it reported already
         return self._queue._report(self, result, error, retryable, traceback)
 
     def __repr__(self) -> str:
@@ -434,26 +438,10 @@ class Queue:
         self._async_tasks: set[str] = set()       # the names of the tasks whose run is async def
         self._schedules: dict[str, _Schedule] = {}
         # Reentrant: stop() may run in a signal handler on a thread that holds it.
-        self._loop_lock = threading.RLock()       # guards _stopping, _loop_thread and _loop_done
-        self._stopping: threading.Event | None = None
-        self._loop_thread: int | None = None
-        self._loop_done = threading.Event()
-        self._loop_done.set()
-        self._idle = threading.Condition()        # guards _held; signalled when a job ends
-        self._held: dict[str, Job] = {}           # jobs running on this queue's worker threads and loop
-        self._async_held = 0                      # how many of them run on the event loop
-        self._event_loop: Any = None              # the worker's asyncio loop, once an async job ran
-        self._loop_seen = 0.0                     # time.monotonic() when that loop last ran its check
-        self._loop_warned = 0.0                   # _loop_seen when the timer last warned of a block
+        self._worker_lock = threading.RLock()     # guards _worker
+        self._worker: _Worker | None = None       # the runtime of the process_loop running now
         # Event loop -> the asyncio client of the server the a* methods use on it.
         self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._report_lock = threading.Lock()      # guards Job._reported
-        # Guards Job._thread and _interrupted. A plain lock, unlike the Condition above: its
-        # acquire and release are C calls, so an interrupt can't land between them and leave
-        # it held.
-        self._thread_lock = threading.Lock()
-        self._wake_timer = threading.Event()      # a job with an earlier deadline started
-        self._next_deadline = 0.0                 # time.monotonic() the timer thread wakes at
         self._outage = _Outage(self)
 
     # -- tasks ---------------------------------------------------------------
@@ -712,7 +700,7 @@ class Queue:
         per task the jobs finished and failed ever, with run-time and queue-wait histograms.
 
         ``done_per_minute`` covers the last 15 minutes, oldest first; a
-        worker is alive while its heartbeat is less than three leases old.
+        worker is alive while its heartbeat is less than WORKER_ALIVE_LEASES (3) leases old.
         ``metrics[task]`` has ``finished`` and ``failed`` (counters that never
         go down, not even when results expire), and ``run_seconds`` and
         ``wait_seconds`` (enqueued or due -> started): each a histogram with
@@ -813,7 +801,7 @@ class Queue:
         """Whether a driver's error came after the request was sent (its outcome is unknown)."""
         return False
 
-    # -- the worker ----------------------------------------------------------
+    # -- the worker: process_loop runs a _Worker -------------------------------
 
     def process_loop(self) -> None:
         """Claim and run jobs on ``concurrency`` threads until stop() is called.
@@ -822,74 +810,21 @@ class Queue:
         whose lease ran out (their worker died) claimable again, interrupts
         cancelled jobs and stores progress; a timer thread interrupts jobs at
         their time limit. While the server is away the loop backs off and goes
-        on when it returns.
+        on when it returns. ValueError if this queue object doesn't fit the
+        stored queue (a Redis queue's number of shards), once its running jobs
+        are done.
         """
-        with self._loop_lock:
-            if self._stopping is not None:
+        worker = _Worker(self)
+        with self._worker_lock:
+            if self._worker is not None:
                 raise RuntimeError("process_loop is already running on this queue")
-            stopping = self._stopping = threading.Event()
-            self._loop_thread = threading.get_ident()
-            self._loop_done.clear()
-        worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._inbox: SimpleQueue[Job | None] = SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        for _ in range(self.concurrency):
-            self._add_thread(None)
-        drained = threading.Event()  # set once the last running job has ended
-        helpers = [threading.Thread(target=target, args=(worker, until), name=f"monsterqueue-{name}",
-                                    daemon=True)
-                   for name, target, until in (("heartbeat", self._beat, drained),
-                                               ("timer", self._time, drained),
-                                               ("scheduler", self._fire_schedules, stopping))
-                   if name != "scheduler" or self._schedules]
-        for helper in helpers:
-            helper.start()
+            self._worker = worker
         try:
-            while not stopping.is_set():
-                names, free = self._wait_for_free_slots(stopping)
-                if not free:
-                    stopping.wait(0 if stopping.is_set() or self._tasks else IDLE_WAKE_INTERVAL)
-                    continue
-                try:
-                    with self._server():  # each job starts as soon as it is claimed
-                        for job_id, fields in self._claim(names, free, worker, IDLE_WAKE_INTERVAL):
-                            self._start(job_id, fields)
-                except ServerUnavailableError as exc:
-                    stopping.wait(self._outage.failed(exc))
-                    continue
-                except Exception:  # a server error (out of memory, say): back off, don't die
-                    logger.exception("claiming jobs failed; retrying")
-                    stopping.wait(IDLE_WAKE_INTERVAL)
-                    continue
-                self._outage.recovered()
+            worker.run()
         finally:
-            stopping.set()  # also when an error ends the loop
-            # Leases and time limits go on while the running jobs finish.
-            self.wait()
-            with self._idle:
-                threads = list(self._threads)
-            for _ in threads:
-                self._inbox.put(None)
-            for thread in threads:
-                thread.join()
-            drained.set()
-            self._wake_timer.set()
-            for helper in helpers:
-                helper.join()
-            if self._event_loop is not None:
-                loop, self._event_loop = self._event_loop, None
-                loop.call_soon_threadsafe(loop.stop)
-                self._loop_runner.join(IDLE_WAKE_INTERVAL)
-                if self._loop_runner.is_alive():  # a coroutine blocks it (interrupted long since)
-                    logger.error("the event loop of the async tasks is still blocked: left behind")
-                else:
-                    loop.close()
-            # Else it is dropped three leases later.
-            with contextlib.suppress(Exception), self._server():
-                self._retire(worker)
-            with self._loop_lock:
-                self._stopping = None
-                self._loop_done.set()
+            with self._worker_lock:
+                self._worker = None
+            worker.ended.set()
 
     def stop(self) -> None:
         """End process_loop and wait for its running jobs; safe to call at any time.
@@ -897,295 +832,17 @@ class Queue:
         Called on the loop's own thread (from a signal handler), it returns at
         once and process_loop returns when its running jobs are done.
         """
-        with self._loop_lock:
-            stopping, loop_thread = self._stopping, self._loop_thread
-        if stopping is None:
-            return
-        stopping.set()
-        with self._idle:
-            self._idle.notify_all()
-        with contextlib.suppress(*self._server_errors):
-            self._interrupt_claim()
-        if loop_thread != threading.get_ident():
-            self._loop_done.wait()
+        with self._worker_lock:
+            worker = self._worker
+        if worker is not None:
+            worker.stop()
 
     def wait(self) -> None:
         """Wait until no job is running on this queue's worker threads or event loop."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self._held)
-
-    def _free(self) -> tuple[int, int]:
-        """How many more jobs of sync tasks and of async tasks this worker can start now."""
-        return (self.concurrency - (len(self._held) - self._async_held),
-                self.async_concurrency - self._async_held)
-
-    def _wait_for_free_slots(self, stopping: threading.Event) -> tuple[list[str], int]:
-        """Wait until a job can start; return the tasks whose jobs can, and how many may be claimed
-        (for both kinds, no more than either can start: never claim a job nobody can run)."""
-        sync_names = [name for name in self._tasks if name not in self._async_tasks]
-        async_names = [name for name in self._tasks if name in self._async_tasks]
-
-        def free() -> tuple[int, int]:  # places for the kinds of tasks this worker runs
-            threads, coroutines = self._free()
-            return threads if sync_names else 0, coroutines if async_names else 0
-        with self._idle:
-            self._idle.wait_for(lambda: max(free()) > 0 or stopping.is_set() or not self._tasks)
-            # Short jobs free their threads one at a time: wait a moment for half of them,
-            # to claim them in one round trip and wake this loop once, not once per job.
-            batch = max(self.concurrency // 2, 1)
-            if not async_names and free()[0] < batch:
-                self._idle.wait_for(lambda: free()[0] >= batch or stopping.is_set(), CLAIM_LINGER)
-            threads, coroutines = free()
-        if stopping.is_set():
-            return [], 0
-        if threads > 0 and coroutines > 0:
-            return sync_names + async_names, min(threads, coroutines)
-        return (sync_names, threads) if threads > 0 else (async_names, coroutines)
-
-    def _release(self, job: Job) -> None:
-        """Take an ended or interrupted job off this worker, and wake the loop if it may be
-        waiting: for a first free place, or for a batch of them. Call it holding _idle."""
-        if self._held.get(job.id) is not job:
-            return  # a retried job may be claimed again before this run ends: leave its new entry
-        del self._held[job.id]
-        if job.task_name in self._async_tasks:
-            self._async_held -= 1
-            free, size = self._free()[1], self.async_concurrency
-        else:
-            free, size = self._free()[0], self.concurrency
-        if free in (1, max(size // 2, 1)) or not self._held:
-            self._idle.notify_all()
-
-    def _start(self, job_id: str, fields: dict[str, Any]) -> None:
-        try:
-            job = self._decode(job_id, fields)
-        except MalformedJobError as exc:
-            logger.error("%s", exc)
-            job = Job(self, job_id, "", {}, JobStatus(JOB_STATE_RUNNING, None), "",
-                      delivery=_int(fields.get("delivery")))
-            job._report(None, str(exc), retryable=False)
-            return
-        limit = self._time_limit_of(job)
-        coroutine = job.task_name in self._async_tasks
-        with self._idle:
-            if limit:
-                job._deadline = time.monotonic() + limit
-            earlier = self._held.get(job_id)  # a run of it whose lease ran out, redelivered here
-            if earlier is not None and earlier.task_name in self._async_tasks:
-                self._async_held -= 1  # its entry is replaced: _release will skip it
-            self._held[job_id] = job
-            self._async_held += coroutine
-        if job._deadline < self._next_deadline:
-            self._wake_timer.set()
-        if coroutine:
-            self._loop().call_soon_threadsafe(self._spawn, job)
-        else:
-            self._inbox.put(job)
-
-    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
-                    serves: bool = True) -> None:
-        """Start a worker thread; one that replaces an interrupted job's thread records its outcome
-        first. One that ``serves`` no jobs only records it (an interrupted coroutine's)."""
-        thread = threading.Thread(target=self._serve, args=(interrupted, serves), name="monsterqueue",
-                                  daemon=True)
-        with self._idle:
-            self._threads.append(thread)
-        thread.start()
-
-    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
-               serves: bool) -> None:
-        """Run the jobs handed to this thread until it is handed None, or replaced."""
-        if interrupted is not None:
-            job, error, retryable, stack = interrupted
-            trace = None if stack is None else _bounded_traceback(
-                ["Traceback (most recent call last):\n", *stack.format(), f"{error}\n"])
-            try:
-                self._report(job, None, error, retryable, trace)
-            except Exception:  # the server refused it (out of memory, say): the lease decides
-                logger.exception("job %s: outcome not recorded", job.id)
-        while serves:
-            next_job = self._inbox.get()
-            if next_job is None:
-                return
-            job = next_job
-            try:
-                self._run(job)
-            except (TimeLimitExceeded, JobCancelledError):
-                pass  # raised just as the task ended: the interrupting side records the outcome
-            except Exception:  # a report the server refused: the thread must live on
-                logger.exception("job %s: outcome not recorded", job.id)
-            if job._interrupted:
-                return  # another thread took this one's place
-
-    def _run(self, job: Job) -> None:
-        job._began = time.monotonic()
-        logger.info("job %s (%s) started", job.id, job.task_name)
-        try:
-            try:
-                with self._thread_lock:
-                    if job._interrupted:  # cancelled or timed out before it began
-                        return
-                    job._thread = threading.get_ident()
-                self._tasks[job.task_name].run(job)
-            finally:
-                with self._thread_lock:  # from here on no interrupt is raised in this thread
-                    job._thread = None
-        except BaseException as exc:  # a task must never take its worker down
-            self._ran(job, exc)
-        else:
-            self._ran(job, None)
-
-    def _ran(self, job: Job, exc: BaseException | None) -> None:
-        """Record how a run ended: its exception, or no result if the task reported none (and
-        nothing if it was interrupted, which recorded it); then free its place."""
-        try:
-            if exc is None:
-                job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
-            else:
-                if not job._interrupted:
-                    logger.error("task %s failed on job %s", job.task_name, job.id, exc_info=exc)
-                job.error(exc)  # a no-op if interrupted
-        finally:
-            with self._idle:
-                self._release(job)
-
-    # -- async def tasks, on the worker's event loop ----------------------------
-
-    def _loop(self) -> Any:
-        """The worker's event loop, started on its own thread the first time a coroutine runs."""
-        if self._event_loop is None:
-            import asyncio
-
-            self._event_loop = asyncio.new_event_loop()
-            self._loop_runner = threading.Thread(target=self._event_loop.run_forever,
-                                                 name="monsterqueue-loop", daemon=True)
-            self._loop_runner.start()
-            self._event_loop.call_soon_threadsafe(self._loop_check, self._event_loop)
-        return self._event_loop
-
-    def _loop_check(self, loop: Any) -> None:
-        """Note that the loop runs, again and again: the timer thread reads it to tell a blocked loop."""
-        self._loop_seen = time.monotonic()
-        loop.call_later(LOOP_BLOCKED_WARNING / 5, self._loop_check, loop)
-
-    def _spawn(self, job: Job) -> None:
-        with self._thread_lock:  # guards _coroutine and _interrupted, as for threads
-            if not job._interrupted:
-                job._coroutine = self._event_loop.create_task(self._arun(job))
-
-    async def _arun(self, job: Job) -> None:
-        """Run a job of an async task: the twin of _run for coroutines, cancelled where _run's
-        thread has an exception raised in it."""
-        job._began = time.monotonic()
-        logger.info("job %s (%s) started", job.id, job.task_name)
-        try:
-            await self._tasks[job.task_name].run(job)  # type: ignore[misc]
-        except BaseException as exc:  # CancelledError too: interrupted, or by the task's own code
-            self._ran(job, exc)
-        else:
-            self._ran(job, None)
-
-    def _interrupt(self, job: Job, exception: type[BaseException], error: str, retryable: bool) -> None:
-        """Raise ``exception`` in a running job's thread, and replace that thread with one that
-        records ``error`` as the job's outcome; or cancel the coroutine of an async one, and
-        record it on a thread of its own.
-
-        The exception is raised when the thread next runs Python code: a task
-        blocked in C (a long sleep, a socket read) keeps its thread until it
-        returns, but not its place: its outcome is recorded now, and whatever it
-        reports later is discarded.
-        """
-        with self._idle:
-            with self._report_lock:
-                if self._held.get(job.id) is not job or job._reported:
-                    return  # it ended, or reported its outcome, meanwhile
-                job._reported = True
-            self._release(job)
-            stack = None
-            with self._thread_lock:
-                job._interrupted = True
-                if job._coroutine is not None:
-                    stack = traceback.StackSummary.extract(((frame, frame.f_lineno)
-                                                            for frame in job._coroutine.get_stack()),
-                                                           lookup_lines=False)
-                    self._event_loop.call_soon_threadsafe(job._coroutine.cancel)
-                elif job._thread is not None:
-                    frame = sys._current_frames().get(job._thread)
-                    if frame is not None:  # where it was: read now, formatted by the new thread
-                        stack = traceback.StackSummary.extract(traceback.walk_stack(frame),
-                                                               lookup_lines=False)
-                        stack.reverse()
-                    _raise_in_thread(job._thread, exception)
-                    self._threads = [thread for thread in self._threads if thread.ident != job._thread]
-            # Added before the loop can see the job gone, so that its shutdown waits for the report.
-            self._add_thread((job, error, retryable, stack), serves=job.task_name not in self._async_tasks)
-            self._idle.notify_all()
-        logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
-
-    def _time(self, worker: str, drained: threading.Event) -> None:
-        """Interrupt each running job at its time limit, until the loop has drained."""
-        while not drained.is_set():
-            self._wake_timer.clear()
-            with self._idle:
-                now = time.monotonic()
-                late = [job for job in self._held.values() if job._deadline <= now]
-                # It wakes at least this often anyway: a job starting with a later deadline,
-                # as most do, needn't wake it.
-                self._next_deadline = min([job._deadline for job in self._held.values()
-                                           if job._deadline > now] + [now + IDLE_WAKE_INTERVAL])
-            for job in late:
-                self._interrupt(job, TimeLimitExceeded, "TimeLimitExceeded: the job ran past its time "
-                                f"limit of {self._time_limit_of(job):g}s", True)
-            self._warn_if_loop_blocked(now)
-            self._wake_timer.wait(self._next_deadline - now)
-
-    def _warn_if_loop_blocked(self, now: float) -> None:
-        """Log the job whose coroutine holds the event loop, when it has held it too long:
-        blocking code in a coroutine (time.sleep, a sync client) stalls every async job."""
-        blocked = now - self._loop_seen
-        loop = self._event_loop
-        if loop is None or blocked < LOOP_BLOCKED_WARNING or self._loop_seen == self._loop_warned:
-            return
-        self._loop_warned = self._loop_seen  # once per blocking
-        import asyncio
-
-        running = asyncio.current_task(loop)
-        culprits = [job for job in list(self._held.values()) if job._coroutine is running]
-        logger.warning("the event loop has been blocked for %.1fs by %s: a coroutine that calls "
-                       "blocking code (time.sleep, a sync client) stalls every async job", blocked,
-                       f"job {culprits[0].id} of task {culprits[0].task_name}" if culprits else "a coroutine")
-
-    def _fire_schedules(self, worker: str, stopping: threading.Event) -> None:
-        """Fire this queue's schedules at their ticks until stop(), racing the other workers
-        that run them: the server lets one job per tick through."""
-        ticks = {name: self._fire_tick(schedule, None) for name, schedule in self._schedules.items()}
-        while True:
-            name, tick = min(ticks.items(), key=lambda item: item[1])
-            if stopping.wait(max(tick - self._clock_ms(), 0) / 1000):
-                return
-            ticks[name] = self._fire_tick(self._schedules[name], tick)
-
-    def _fire_tick(self, schedule: _Schedule, tick: int | None) -> int:
-        """Fire one tick of a schedule (None: only record it) and return the next; log missed ones."""
-        next_tick = schedule.tick_after(max(self._clock_ms(), tick or 0))
-        # The job's enqueue stack says which schedule and tick enqueued it.
-        batch = _Batch(schedule.task, f"periodic {schedule.name!r}, tick {_iso(_time(tick))}\n", None, 0.0,
-                       None, self._tasks[schedule.task].priority)
-        try:
-            with self._server():
-                job_id, last = self._fire(schedule, tick, next_tick, batch)
-        except Exception as exc:
-            logger.error("schedule %s: the tick of %s was not fired: %s", schedule.name,
-                         _iso(_time(tick)), exc)
-            return next_tick
-        if job_id is not None:
-            logger.info("schedule %s: job %s for the tick of %s", schedule.name, job_id, _iso(_time(tick)))
-        # Ticks before this one (or, at start, before the last second) that nobody fired.
-        missed = None if last is None else schedule.tick_after(last)
-        if missed is not None and missed < (tick or self._clock_ms() - 1000):
-            logger.warning("schedule %s skipped its ticks from %s to before %s: no worker ran then",
-                           schedule.name, _iso(_time(missed)), _iso(_time(tick or next_tick)))
-        return next_tick
+        with self._worker_lock:
+            worker = self._worker
+        if worker is not None:
+            worker.wait()
 
     def _clock_ms(self) -> int:
         """The time, in ms, that this queue's ticks and etas are read in: this process's clock
@@ -1200,8 +857,9 @@ class Queue:
                 traceback: str | None = None) -> bool:
         """Record a job's outcome, or schedule its retry; True if a waiter received it.
 
-        While the server is away the report is retried until the job's lease
-        would have run out; after that the job is redelivered instead.
+        A job cancelled while it ran is done as cancelled, never retried. While
+        the server is away the report is retried until the job's lease would
+        have run out; after that the job is redelivered instead.
         """
         task = self._tasks.get(job.task_name)
         attempt = job.status.attempt
@@ -1209,18 +867,20 @@ class Queue:
         if task is not None and task.max_retries and error is not None and retryable:
             if attempt <= task.max_retries:
                 retry_in = task.retry_delay * 2 ** (attempt - 1)
-                logger.warning("job %s failed on attempt %d, retrying in %.3gs: %s",
-                               job.id, attempt, retry_in, error)
             else:
                 error = f"{error} (after {attempt} attempts)"
         deadline = time.monotonic() + self.lease_timeout
         while True:
             try:
                 with self._server():
-                    if retry_in is None:
+                    retried = None if retry_in is None else self._retry(job, retry_in, traceback)
+                    if retried is None and retry_in is None:
                         received = self._finish(job, result, error, traceback)
+                    elif retried is False:  # cancelled while it ran
+                        retry_in, error = None, CANCELLED_WHILE_RUNNING
+                        received = self._finish(job, None, error, traceback)
                     else:
-                        received = False if self._retry(job, retry_in, traceback) else None
+                        received = False if retried else None
                 break
             except ServerUnavailableError as exc:
                 if time.monotonic() > deadline:
@@ -1231,39 +891,14 @@ class Queue:
         if received is None:
             logger.warning("job %s: outcome not recorded: the job was deleted, or its lease was lost "
                            "to another delivery", job.id)
-        elif retry_in is None and logger.isEnabledFor(logging.INFO):
+        elif retry_in is not None:
+            logger.warning("job %s failed on attempt %d, retrying in %.3gs: %s",
+                           job.id, attempt, retry_in, error)
+        elif logger.isEnabledFor(logging.INFO):
+            began = job._run.began if job._run is not None else time.monotonic()
             logger.info("job %s (%s) %s in %.3fs", job.id, job.task_name,
-                        "succeeded" if error is None else f"failed: {error:.200}",
-                        time.monotonic() - (job._began or time.monotonic()))
+                        "succeeded" if error is None else f"failed: {error:.200}", time.monotonic() - began)
         return bool(received)
-
-    def _beat(self, worker: str, drained: threading.Event) -> None:
-        """Every third of a lease: renew this worker's leases, requeue expired ones and interrupt
-        the jobs cancelled meanwhile. Every PROGRESS_INTERVAL: store the progress set since."""
-        next_beat = 0.0
-        stored: dict[str, str] = {}  # job id -> the progress text last stored
-        while True:
-            with self._idle:
-                held = {job.id: job for job in self._held.values()}
-            progress = {job: job._progress_text for job in held.values()
-                        if job._progress_text is not None and job._progress_text is not stored.get(job.id)}
-            try:
-                with self._server():  # the leases first: progress that can't be stored must not stop them
-                    if time.monotonic() >= next_beat:
-                        next_beat = time.monotonic() + self.lease_timeout / 3
-                        for job_id in self._heartbeat(worker, list(held.values())):
-                            self._interrupt(held[job_id], JobCancelledError, f"{CANCELLED} while running",
-                                            False)
-                    if progress:
-                        self._save_progress(progress)
-                    stored = {job_id: stored[job_id] for job_id in held if job_id in stored}
-                    stored.update((job.id, text) for job, text in progress.items())
-            except ServerUnavailableError as exc:
-                self._outage.failed(exc)
-            except Exception:  # an out-of-memory server, a bad record: leases must go on
-                logger.exception("heartbeat of worker %s failed; retrying", worker)
-            if drained.wait(min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))):
-                return
 
     # -- decoding stored jobs ------------------------------------------------
 
@@ -1330,17 +965,19 @@ class Queue:
         (ms since the epoch, or None) and last_job (an id, or None)."""
         raise NotImplementedError
 
-    def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> Iterable[tuple[str, dict[str, Any]]]:
+    def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
+               stopping: threading.Event) -> Iterable[tuple[str, dict[str, Any]]]:
         """Atomically take up to ``limit`` due enqueued jobs of these tasks, oldest first per task.
 
         A job in a task's queue that is no longer enqueued (cancelled) is dropped.
 
         Each taken job is running, with ``started``, ``worker``, a lease and a
         new ``delivery`` recorded in the same step. With nothing to take, wait
-        up to ``block`` seconds for new work. Return (id, stored fields) pairs,
+        up to ``block`` seconds for new work, unless ``stopping`` is set (stop()
+        sets it, then calls _interrupt_claim). Return (id, stored fields) pairs,
         or yield them: a backend that takes one job per round trip lets each
-        start while it takes the next.
+        start while it takes the next. ValueError if this queue object doesn't
+        fit the stored queue: the worker ends.
         """
         raise NotImplementedError
 
@@ -1359,7 +996,8 @@ class Queue:
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         """Put a held job back, due in ``delay`` seconds, with its attempt counted and the
-        traceback of the failed attempt; None if not held."""
+        traceback of the failed attempt; None if not held, False (and nothing changed) if it
+        was cancelled while it ran: the caller finishes it as cancelled instead."""
         raise NotImplementedError
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
@@ -1369,9 +1007,9 @@ class Queue:
     def _cancel(self, job_id: str) -> bool:
         """Cancel a job atomically; False if it is done already, NoSuchJobError if there is none.
 
-        An enqueued (or delayed) job becomes done with the error "cancelled
-        before it ran", as _finish would record it, and is never claimed; a
-        running one is marked, for _heartbeat to tell its worker.
+        An enqueued (or delayed) job becomes done with CANCELLED_BEFORE_IT_RAN,
+        as _finish would record it, and is never claimed; a running one is
+        marked, for _heartbeat to tell its worker.
         """
         raise NotImplementedError
 
@@ -1396,9 +1034,9 @@ class Queue:
         """Renew the leases of the jobs ``worker`` holds and record it alive; requeue jobs whose
         lease ran out; return the ids of the held jobs that were cancelled.
 
-        A requeued job that has been delivered max_deliveries times is done
-        with an error instead: it kills its workers, and must not loop forever.
-        A cancelled job whose lease ran out is done as cancelled.
+        A job whose lease ran out max_deliveries times is done with POISON_ERROR
+        instead; a cancelled one with CANCELLED_WHILE_RUNNING. Workers not seen
+        for WORKER_ALIVE_LEASES leases are forgotten.
         """
         raise NotImplementedError
 
@@ -1406,8 +1044,8 @@ class Queue:
         """Forget a worker that stopped: it is no longer listed as alive."""
         raise NotImplementedError
 
-    def _interrupt_claim(self) -> None:
-        """Wake this queue's worker if it is blocked in _claim, so stop() returns at once."""
+    def _interrupt_claim(self, worker: str) -> None:
+        """Wake ``worker`` if it is blocked in _claim, so that stop() returns at once."""
         raise NotImplementedError
 
     def _load(self, job_id: str) -> dict[str, Any]:
@@ -1429,7 +1067,8 @@ class Queue:
         raise NotImplementedError
 
     def _requeue(self, job_id: str) -> bool:
-        """Make a done job enqueued again, attempt 1, outcome cleared; False if it isn't done.
+        """Make a done job enqueued again, attempt 1, due now, REQUEUE_CLEARS cleared, holding its
+        unique key unless an unfinished job took it; False if it isn't done.
 
         Raise NoSuchJobError.
         """
@@ -1953,6 +1592,470 @@ def _require(module: str, extra: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# The worker: what process_loop runs
+# ---------------------------------------------------------------------------
+
+class _Run:
+    """One delivery of a job on a worker: what the worker keeps while it runs."""
+
+    __slots__ = ("began", "coroutine", "deadline", "interrupted", "reported", "thread", "worker")
+
+    def __init__(self, worker: _Worker, deadline: float) -> None:
+        self.worker = worker
+        self.thread: int | None = None   # the thread inside the task's run(), guarded by _thread_lock
+        self.coroutine: Any = None       # or the asyncio task running an async task's run()
+        self.began = 0.0                 # time.monotonic() when its run began
+        self.deadline = deadline         # time.monotonic() at which its time is up
+        self.interrupted = False         # timed out or cancelled: its thread was replaced
+        self.reported = False            # its outcome was given, by the task or by the worker
+
+    def report(self) -> bool:
+        """Take the one right to report the outcome: the task's thread and the worker that
+        interrupts it may both try, and one wins."""
+        with self.worker._report_lock:
+            if self.reported:
+                return False
+            self.reported = True
+            return True
+
+
+class _Worker:
+    """The runtime of one process_loop: threads and an event loop that run a queue's jobs,
+    the heartbeat that keeps their leases, the timer of their time limits and the scheduler
+    of its periodic jobs. It calls the queue's storage primitives with what they need.
+
+    Lock order, outermost first: _idle, _report_lock, _thread_lock. None is held while the
+    server is called, but for the claim's Condition wait in the memory backend.
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stopping = threading.Event()
+        self.ended = threading.Event()        # set once process_loop has returned
+        self._thread_id = threading.get_ident()
+        self._tasks = queue._tasks            # read as they are: a task registered later runs too
+        self._async_tasks = queue._async_tasks
+        self._idle = threading.Condition()   # guards _held, _async_held, _threads; signalled when a job ends
+        self._held: dict[str, Job] = {}      # jobs running on its threads and loop
+        self._async_held = 0                 # how many of them run on the event loop
+        self._threads: list[threading.Thread] = []
+        self._inbox: SimpleQueue[Job | None] = SimpleQueue()
+        self._report_lock = threading.Lock()  # guards _Run.reported
+        # Guards _Run.thread, coroutine and interrupted. A plain lock, unlike the Condition
+        # above: its acquire and release are C calls, so an interrupt can't land between
+        # them and leave it held.
+        self._thread_lock = threading.Lock()
+        self._wake_timer = threading.Event()  # a job with an earlier deadline started
+        self._next_deadline = 0.0             # time.monotonic() the timer thread wakes at
+        self._event_loop: Any = None          # the asyncio loop, once an async job ran
+        self._loop_runner: threading.Thread | None = None
+        self._loop_seen = 0.0                 # time.monotonic() when that loop last ran its check
+        self._loop_warned = 0.0               # _loop_seen when the timer last warned of a block
+        self._misfit: ValueError | None = None  # a claim's refusal of this queue: run() raises it
+
+    def run(self) -> None:
+        for _ in range(self.queue.concurrency):
+            self._add_thread(None)
+        drained = threading.Event()  # set once the last running job has ended
+        helpers = [threading.Thread(target=target, args=(until,), name=f"monsterqueue-{name}", daemon=True)
+                   for name, target, until in (("heartbeat", self._beat, drained),
+                                               ("timer", self._time, drained),
+                                               ("scheduler", self._fire_schedules, self.stopping))
+                   if name != "scheduler" or self.queue._schedules]
+        for helper in helpers:
+            helper.start()
+        queue, stopping = self.queue, self.stopping
+        try:
+            while not stopping.is_set():
+                names, free = self._wait_for_free_slots()
+                if not free:
+                    stopping.wait(0 if stopping.is_set() or self._tasks else IDLE_WAKE_INTERVAL)
+                    continue
+                try:
+                    with queue._server():  # each job starts as soon as it is claimed
+                        for job_id, fields in queue._claim(names, free, self.id, IDLE_WAKE_INTERVAL,
+                                                           stopping):
+                            self._start(job_id, fields)
+                except ServerUnavailableError as exc:
+                    stopping.wait(queue._outage.failed(exc))
+                    continue
+                except ValueError as exc:  # this queue object doesn't fit the stored queue
+                    self._misfit = exc
+                    break
+                except Exception:  # a server error (out of memory, say): back off, don't die
+                    logger.exception("claiming jobs failed; retrying")
+                    stopping.wait(IDLE_WAKE_INTERVAL)
+                    continue
+                queue._outage.recovered()
+        finally:
+            stopping.set()  # also when an error ends the loop
+            # Leases and time limits go on while the running jobs finish.
+            self.wait()
+            with self._idle:
+                threads = list(self._threads)
+            for _ in threads:
+                self._inbox.put(None)
+            for thread in threads:
+                thread.join()
+            drained.set()
+            self._wake_timer.set()
+            for helper in helpers:
+                helper.join()
+            self._close_loop()
+            # Else it is dropped WORKER_ALIVE_LEASES leases later.
+            with contextlib.suppress(Exception), queue._server():
+                queue._retire(self.id)
+        logger.info("worker %s stopped", self.id)
+        if self._misfit is not None:
+            raise self._misfit
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._idle:
+            self._idle.notify_all()
+        with contextlib.suppress(*self.queue._server_errors):
+            self.queue._interrupt_claim(self.id)
+        if self._thread_id != threading.get_ident():
+            self.ended.wait()
+
+    def wait(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: not self._held)
+
+    # -- places for jobs ---------------------------------------------------------
+
+    def _free(self) -> tuple[int, int]:
+        """How many more jobs of sync tasks and of async tasks this worker can start now."""
+        return (self.queue.concurrency - (len(self._held) - self._async_held),
+                self.queue.async_concurrency - self._async_held)
+
+    def _wait_for_free_slots(self) -> tuple[list[str], int]:
+        """Wait until a job can start; return the tasks whose jobs can, and how many may be claimed
+        (for both kinds, no more than either can start: never claim a job nobody can run)."""
+        sync_names = [name for name in self._tasks if name not in self._async_tasks]
+        async_names = [name for name in self._tasks if name in self._async_tasks]
+        stopping = self.stopping
+
+        def free() -> tuple[int, int]:  # places for the kinds of tasks this worker runs
+            threads, coroutines = self._free()
+            return threads if sync_names else 0, coroutines if async_names else 0
+        with self._idle:
+            self._idle.wait_for(lambda: max(free()) > 0 or stopping.is_set() or not self._tasks)
+            # Short jobs free their threads one at a time: wait a moment for half of them,
+            # to claim them in one round trip and wake this loop once, not once per job.
+            batch = max(self.queue.concurrency // 2, 1)
+            if not async_names and free()[0] < batch:
+                self._idle.wait_for(lambda: free()[0] >= batch or stopping.is_set(), CLAIM_LINGER)
+            threads, coroutines = free()
+        if stopping.is_set():
+            return [], 0
+        if threads > 0 and coroutines > 0:
+            return sync_names + async_names, min(threads, coroutines)
+        return (sync_names, threads) if threads > 0 else (async_names, coroutines)
+
+    def _release(self, job: Job) -> None:
+        """Take an ended or interrupted job off this worker, and wake the loop if it may be
+        waiting: for a first free place, or for a batch of them. Call it holding _idle."""
+        if self._held.get(job.id) is not job:
+            return  # a retried job may be claimed again before this run ends: leave its new entry
+        del self._held[job.id]
+        if job.task_name in self._async_tasks:
+            self._async_held -= 1
+            free, size = self._free()[1], self.queue.async_concurrency
+        else:
+            free, size = self._free()[0], self.queue.concurrency
+        if free in (1, max(size // 2, 1)) or not self._held:
+            self._idle.notify_all()
+
+    def _start(self, job_id: str, fields: dict[str, Any]) -> None:
+        try:
+            job = self.queue._decode(job_id, fields)
+        except MalformedJobError as exc:
+            logger.error("%s", exc)
+            job = Job(self.queue, job_id, "", {}, JobStatus(JOB_STATE_RUNNING, None), "",
+                      delivery=_int(fields.get("delivery")))
+            job._report(None, str(exc), retryable=False)
+            return
+        limit = self.queue._time_limit_of(job)
+        job._run = run = _Run(self, time.monotonic() + limit if limit else math.inf)
+        coroutine = job.task_name in self._async_tasks
+        with self._idle:
+            earlier = self._held.get(job_id)  # a run of it whose lease ran out, redelivered here
+            if earlier is not None and earlier.task_name in self._async_tasks:
+                self._async_held -= 1  # its entry is replaced: _release will skip it
+            self._held[job_id] = job
+            self._async_held += coroutine
+        if run.deadline < self._next_deadline:
+            self._wake_timer.set()
+        if coroutine:
+            self._loop().call_soon_threadsafe(self._spawn, job)
+        else:
+            self._inbox.put(job)
+
+    # -- jobs on threads -----------------------------------------------------------
+
+    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+                    serves: bool = True) -> None:
+        """Start a worker thread; one that replaces an interrupted job's thread records its outcome
+        first. One that ``serves`` no jobs only records it (an interrupted coroutine's)."""
+        thread = threading.Thread(target=self._serve, args=(interrupted, serves), name="monsterqueue",
+                                  daemon=True)
+        with self._idle:
+            self._threads.append(thread)
+        thread.start()
+
+    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+               serves: bool) -> None:
+        """Run the jobs handed to this thread until it is handed None, or replaced."""
+        if interrupted is not None:
+            job, error, retryable, stack = interrupted
+            trace = None if stack is None else _bounded_traceback(
+                ["Traceback (most recent call last):\n", *stack.format(), f"{error}\n"])
+            try:
+                self.queue._report(job, None, error, retryable, trace)
+            except Exception:  # the server refused it (out of memory, say): the lease decides
+                logger.exception("job %s: outcome not recorded", job.id)
+        while serves:
+            next_job = self._inbox.get()
+            if next_job is None:
+                return
+            job = next_job
+            try:
+                self._run(job)
+            except (TimeLimitExceeded, JobCancelledError):
+                pass  # raised just as the task ended: the interrupting side records the outcome
+            except Exception:  # a report the server refused: the thread must live on
+                logger.exception("job %s: outcome not recorded", job.id)
+            if job._run is not None and job._run.interrupted:
+                return  # another thread took this one's place
+
+    def _run(self, job: Job) -> None:
+        run = job._run
+        assert run is not None
+        run.began = time.monotonic()
+        logger.info("job %s (%s) started", job.id, job.task_name)
+        try:
+            try:
+                with self._thread_lock:
+                    if run.interrupted:  # cancelled or timed out before it began
+                        return
+                    run.thread = threading.get_ident()
+                self._tasks[job.task_name].run(job)
+            finally:
+                with self._thread_lock:  # from here on no interrupt is raised in this thread
+                    run.thread = None
+        except BaseException as exc:  # a task must never take its worker down
+            self._ran(job, exc)
+        else:
+            self._ran(job, None)
+
+    def _ran(self, job: Job, exc: BaseException | None) -> None:
+        """Record how a run ended: its exception, or no result if the task reported none (and
+        nothing if it was interrupted, which recorded it); then free its place."""
+        try:
+            if exc is None:
+                job._report(None, NO_RESULT_SET, retryable=False)  # a no-op if the task reported
+            else:
+                if job._run is None or not job._run.interrupted:
+                    logger.error("task %s failed on job %s", job.task_name, job.id, exc_info=exc)
+                job.error(exc)  # a no-op if interrupted
+        finally:
+            with self._idle:
+                self._release(job)
+
+    # -- async def tasks, on the worker's event loop --------------------------------
+
+    def _loop(self) -> Any:
+        """The worker's event loop, started on its own thread the first time a coroutine runs."""
+        if self._event_loop is None:
+            import asyncio
+
+            self._event_loop = asyncio.new_event_loop()
+            self._loop_runner = threading.Thread(target=self._event_loop.run_forever,
+                                                 name="monsterqueue-loop", daemon=True)
+            self._loop_runner.start()
+            self._event_loop.call_soon_threadsafe(self._loop_check, self._event_loop)
+        return self._event_loop
+
+    def _loop_check(self, loop: Any) -> None:
+        """Note that the loop runs, again and again: the timer thread reads it to tell a blocked loop."""
+        self._loop_seen = time.monotonic()
+        loop.call_later(LOOP_BLOCKED_WARNING / 5, self._loop_check, loop)
+
+    def _close_loop(self) -> None:
+        if self._event_loop is None or self._loop_runner is None:
+            return
+        loop, self._event_loop = self._event_loop, None
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop_runner.join(IDLE_WAKE_INTERVAL)
+        if self._loop_runner.is_alive():  # a coroutine blocks it (interrupted long since)
+            logger.error("the event loop of the async tasks is still blocked: left behind")
+        else:
+            loop.close()
+
+    def _spawn(self, job: Job) -> None:
+        run = job._run
+        assert run is not None
+        with self._thread_lock:  # guards coroutine and interrupted, as for threads
+            if not run.interrupted:
+                run.coroutine = self._event_loop.create_task(self._arun(job))
+
+    async def _arun(self, job: Job) -> None:
+        """Run a job of an async task: the twin of _run for coroutines, cancelled where _run's
+        thread has an exception raised in it."""
+        assert job._run is not None
+        job._run.began = time.monotonic()
+        logger.info("job %s (%s) started", job.id, job.task_name)
+        try:
+            await self._tasks[job.task_name].run(job)  # type: ignore[misc]
+        except BaseException as exc:  # CancelledError too: interrupted, or by the task's own code
+            self._ran(job, exc)
+        else:
+            self._ran(job, None)
+
+    # -- interrupting: time limits and cancels ----------------------------------------
+
+    def _interrupt(self, job: Job, exception: type[BaseException], error: str, retryable: bool) -> None:
+        """Raise ``exception`` in a running job's thread, and replace that thread with one that
+        records ``error`` as the job's outcome; or cancel the coroutine of an async one, and
+        record it on a thread of its own.
+
+        The exception is raised when the thread next runs Python code: a task
+        blocked in C (a long sleep, a socket read) keeps its thread until it
+        returns, but not its place: its outcome is recorded now, and whatever it
+        reports later is discarded.
+        """
+        run = job._run
+        assert run is not None
+        with self._idle:
+            with self._report_lock:
+                if self._held.get(job.id) is not job or run.reported:
+                    return  # it ended, or reported its outcome, meanwhile
+                run.reported = True
+            self._release(job)
+            stack = None
+            with self._thread_lock:
+                run.interrupted = True
+                if run.coroutine is not None:
+                    stack = traceback.StackSummary.extract(((frame, frame.f_lineno)
+                                                            for frame in run.coroutine.get_stack()),
+                                                           lookup_lines=False)
+                    self._event_loop.call_soon_threadsafe(run.coroutine.cancel)
+                elif run.thread is not None:
+                    frame = sys._current_frames().get(run.thread)
+                    if frame is not None:  # where it was: read now, formatted by the new thread
+                        stack = traceback.StackSummary.extract(traceback.walk_stack(frame),
+                                                               lookup_lines=False)
+                        stack.reverse()
+                    _raise_in_thread(run.thread, exception)
+                    self._threads = [thread for thread in self._threads if thread.ident != run.thread]
+            # Added before the loop can see the job gone, so that its shutdown waits for the report.
+            self._add_thread((job, error, retryable, stack), serves=job.task_name not in self._async_tasks)
+            self._idle.notify_all()
+        logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
+
+    def _time(self, drained: threading.Event) -> None:
+        """Interrupt each running job at its time limit, until the loop has drained."""
+        while not drained.is_set():
+            self._wake_timer.clear()
+            with self._idle:
+                now = time.monotonic()
+                deadlines = {job: job._run.deadline for job in self._held.values() if job._run is not None}
+                late = [job for job, deadline in deadlines.items() if deadline <= now]
+                # It wakes at least this often anyway: a job starting with a later deadline,
+                # as most do, needn't wake it.
+                self._next_deadline = min([deadline for deadline in deadlines.values() if deadline > now]
+                                          + [now + IDLE_WAKE_INTERVAL])
+            for job in late:
+                self._interrupt(job, TimeLimitExceeded, "TimeLimitExceeded: the job ran past its time "
+                                f"limit of {self.queue._time_limit_of(job):g}s", True)
+            self._warn_if_loop_blocked(now)
+            self._wake_timer.wait(self._next_deadline - now)
+
+    def _warn_if_loop_blocked(self, now: float) -> None:
+        """Log the job whose coroutine holds the event loop, when it has held it too long:
+        blocking code in a coroutine (time.sleep, a sync client) stalls every async job."""
+        blocked = now - self._loop_seen
+        loop = self._event_loop
+        if loop is None or blocked < LOOP_BLOCKED_WARNING or self._loop_seen == self._loop_warned:
+            return
+        self._loop_warned = self._loop_seen  # once per blocking
+        import asyncio
+
+        running = asyncio.current_task(loop)
+        culprits = [job for job in list(self._held.values())
+                    if job._run is not None and job._run.coroutine is running]
+        logger.warning("the event loop has been blocked for %.1fs by %s: a coroutine that calls "
+                       "blocking code (time.sleep, a sync client) stalls every async job", blocked,
+                       f"job {culprits[0].id} of task {culprits[0].task_name}" if culprits else "a coroutine")
+
+    # -- the heartbeat and the scheduler ---------------------------------------------
+
+    def _beat(self, drained: threading.Event) -> None:
+        """Every third of a lease: renew this worker's leases, requeue expired ones and interrupt
+        the jobs cancelled meanwhile. Every PROGRESS_INTERVAL: store the progress set since."""
+        queue = self.queue
+        next_beat = 0.0
+        stored: dict[str, str] = {}  # job id -> the progress text last stored
+        while True:
+            with self._idle:
+                held = {job.id: job for job in self._held.values()}
+            progress = {job: job._progress_text for job in held.values()
+                        if job._progress_text is not None and job._progress_text is not stored.get(job.id)}
+            try:
+                with queue._server():  # the leases first: progress that can't be stored must not stop them
+                    if time.monotonic() >= next_beat:
+                        next_beat = time.monotonic() + queue.lease_timeout / 3
+                        for job_id in queue._heartbeat(self.id, list(held.values())):
+                            self._interrupt(held[job_id], JobCancelledError, CANCELLED_WHILE_RUNNING, False)
+                    if progress:
+                        queue._save_progress(progress)
+                    stored = {job_id: stored[job_id] for job_id in held if job_id in stored}
+                    stored.update((job.id, text) for job, text in progress.items())
+            except ServerUnavailableError as exc:
+                queue._outage.failed(exc)
+            except Exception:  # an out-of-memory server, a bad record: leases must go on
+                logger.exception("heartbeat of worker %s failed; retrying", self.id)
+            if drained.wait(min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))):
+                return
+
+    def _fire_schedules(self, stopping: threading.Event) -> None:
+        """Fire the queue's schedules at their ticks until stop(), racing the other workers
+        that run them: the server lets one job per tick through."""
+        schedules = self.queue._schedules
+        ticks = {name: self._fire_tick(schedule, None) for name, schedule in schedules.items()}
+        while True:
+            name, tick = min(ticks.items(), key=lambda item: item[1])
+            if stopping.wait(max(tick - self.queue._clock_ms(), 0) / 1000):
+                return
+            ticks[name] = self._fire_tick(schedules[name], tick)
+
+    def _fire_tick(self, schedule: _Schedule, tick: int | None) -> int:
+        """Fire one tick of a schedule (None: only record it) and return the next; log missed ones."""
+        queue = self.queue
+        next_tick = schedule.tick_after(max(queue._clock_ms(), tick or 0))
+        # The job's enqueue stack says which schedule and tick enqueued it.
+        batch = _Batch(schedule.task, f"periodic {schedule.name!r}, tick {_iso(_time(tick))}\n", None, 0.0,
+                       None, self._tasks[schedule.task].priority)
+        try:
+            with queue._server():
+                job_id, last = queue._fire(schedule, tick, next_tick, batch)
+        except Exception as exc:
+            logger.error("schedule %s: the tick of %s was not fired: %s", schedule.name,
+                         _iso(_time(tick)), exc)
+            return next_tick
+        if job_id is not None:
+            logger.info("schedule %s: job %s for the tick of %s", schedule.name, job_id, _iso(_time(tick)))
+        # Ticks before this one (or, at start, before the last second) that nobody fired.
+        missed = None if last is None else schedule.tick_after(last)
+        if missed is not None and missed < (tick or queue._clock_ms() - 1000):
+            logger.warning("schedule %s skipped its ticks from %s to before %s: no worker ran then",
+                           schedule.name, _iso(_time(missed)), _iso(_time(tick or next_tick)))
+        return next_tick
+
+
+# ---------------------------------------------------------------------------
 # MemoryQueue: in-process, for tests and the demo
 # ---------------------------------------------------------------------------
 
@@ -1975,7 +2078,6 @@ class MemoryQueue(Queue):
         self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
         self._metrics: collections.Counter[str] = collections.Counter()  # see _observe
         self._ids = itertools.count(1)
-        self._interrupted = False
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -2027,15 +2129,15 @@ class MemoryQueue(Queue):
         with self._changed:
             return [dict(record) for record in self._schedules_fired.values()]
 
-    def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> list[tuple[str, dict[str, Any]]]:
+    def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
+               stopping: threading.Event) -> list[tuple[str, dict[str, Any]]]:
         with self._changed:
-            if not self._interrupted and not any(self._ready.get(name) for name in task_names):
+            # stop() notifies under this lock: it comes before the check, or wakes the wait.
+            if not stopping.is_set() and not any(self._ready.get(name) for name in task_names):
                 wait = block
                 if self._scheduled:
                     wait = min(wait, max(self._scheduled[0][0] - _now_ms(), 0) / 1000)
                 self._changed.wait(wait)
-            self._interrupted = False
             now = _now_ms()
             while self._scheduled and self._scheduled[0][0] <= now:
                 job_id = heapq.heappop(self._scheduled)[1]
@@ -2102,10 +2204,8 @@ class MemoryQueue(Queue):
             fields = self._held_fields(job)
             if fields is None:
                 return None
-            if fields.get("cancel"):  # cancelled while it ran: done, not retried
-                self._done(job.id, None, f"{CANCELLED} while running", traceback)
-                self._hand_over(job.id)
-                return True
+            if fields.get("cancel"):
+                return False
             due = _now_ms() + int(delay * 1000)
             fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
                           attempt=fields["attempt"] + 1, traceback=traceback)
@@ -2163,7 +2263,7 @@ class MemoryQueue(Queue):
                 raise NoSuchJobError()
             state = fields["state"]
             if state == JOB_STATE_ENQUEUED:
-                self._done(job_id, None, f"{CANCELLED} before it ran", None)
+                self._done(job_id, None, CANCELLED_BEFORE_IT_RAN, None)
                 self._hand_over(job_id)
             elif state == JOB_STATE_RUNNING:
                 fields["cancel"] = True
@@ -2182,7 +2282,7 @@ class MemoryQueue(Queue):
         with self._changed:
             self._workers[worker] = (now, sorted(self._tasks))
             for name, (seen, _) in list(self._workers.items()):
-                if seen < now - 3 * self.lease_timeout * 1000:
+                if seen < now - WORKER_ALIVE_LEASES * self.lease_timeout * 1000:
                     del self._workers[name]
             if self.result_ttl:
                 expired = now - self.result_ttl * 1000
@@ -2195,9 +2295,8 @@ class MemoryQueue(Queue):
         with self._changed:
             self._workers.pop(worker, None)
 
-    def _interrupt_claim(self) -> None:
+    def _interrupt_claim(self, worker: str) -> None:
         with self._changed:
-            self._interrupted = True
             self._changed.notify_all()
 
     def _load(self, job_id: str) -> dict[str, Any]:
@@ -2209,9 +2308,14 @@ class MemoryQueue(Queue):
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
         with self._changed:
-            jobs = reversed(self._jobs.items()) if newest_first else iter(self._jobs.items())
-            found = ((job_id, dict(fields)) for job_id, fields in jobs if _matches(fields, state, task_name))
-            return list(itertools.islice(found, offset, None if limit is None else offset + limit))
+            found = [(job_id, fields) for job_id, fields in self._jobs.items()
+                     if _matches(fields, state, task_name)]
+            if state in (JOB_STATE_DONE, "failed"):  # in the order they were done, as on Redis
+                found.sort(key=lambda job: (job[1]["done"], int(job[0])))
+            if newest_first:
+                found.reverse()
+            return [(job_id, dict(fields))
+                    for job_id, fields in found[offset:None if limit is None else offset + limit]]
 
     def _stats(self) -> _Stats:
         minutes = _minutes(self._clock_ms())
@@ -2233,8 +2337,8 @@ class MemoryQueue(Queue):
             if fields["state"] != JOB_STATE_DONE:
                 return False
             # Due now: its queue wait counts from here, not from when it was first enqueued.
-            fields.update(state=JOB_STATE_ENQUEUED, started=None, done=None, result=None, error=None,
-                          due=_now_ms(), attempt=1, traceback=None, progress=None, cancel=None)
+            fields.update(dict.fromkeys(REQUEUE_CLEARS), state=JOB_STATE_ENQUEUED, started=None,
+                          due=_now_ms(), attempt=1)
             if fields["unique_key"]:  # held again, unless an unfinished job took it meanwhile
                 self._unique.setdefault((fields["task"], fields["unique_key"]), job_id)
             self._make_ready(job_id, None)
@@ -2310,10 +2414,44 @@ class MemoryQueue(Queue):
 # calls; cancel_job is 1 script; retry_jobs and delete_jobs 1 ZRANGE and 1
 # script per BULK_BATCH jobs.
 
-# Shared by the scripts below: server time in ms, a type check that keeps a
-# garbage key from failing a whole script, the counts, and the transitions
-# that more than one script makes.
-_REDIS_LIB = """
+def _lua(value: Any) -> str:
+    """A Python constant as Lua source: ASCII text and numbers read the same in JSON, and a
+    tuple or list becomes a table."""
+    if isinstance(value, (tuple, list)):
+        return "{" + ", ".join(map(_lua, value)) + "}"
+    return json.dumps(value)
+
+
+class _RedisScript:
+    """A Lua script whose arguments are named where it is defined: ``args`` lists ARGV's
+    names in order, the last one starred if it takes the rest as a table. The script reads
+    them as locals (text, as Redis passes them); args() builds ARGV from the same names."""
+
+    def __init__(self, args: str, body: str) -> None:
+        names = args.split()
+        self._rest = names.pop()[1:] if names and names[-1].startswith("*") else None
+        self._names = names
+        head = "".join(f"local {name} = ARGV[{i}]\n" for i, name in enumerate(names, 1))
+        if self._rest:
+            head += (f"local {self._rest} = {{}}\n"
+                     f"for i = {len(names) + 1}, #ARGV do {self._rest}[#{self._rest} + 1] = ARGV[i] end\n")
+        self.text = head + body
+        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+
+    def args(self, rest: Iterable[Any] = (), **named: Any) -> list[Any]:
+        """ARGV for the named arguments, then ``rest`` for the starred one."""
+        values = [named[name] for name in self._names]
+        values.extend(rest)
+        return values
+
+
+# Shared by the scripts below: the rules' constants, as Python defines them; server
+# time in ms, a type check that keeps a garbage key from failing a whole script, the
+# counts, and the transitions that more than one script makes.
+_REDIS_LIB = "".join(f"local {name} = {_lua(value)}\n" for name, value in (
+    ("BUCKETS", _BUCKETS_MS), ("CANCELLED_BEFORE_IT_RAN", CANCELLED_BEFORE_IT_RAN),
+    ("CANCELLED_WHILE_RUNNING", CANCELLED_WHILE_RUNNING), ("POISON_ERROR", POISON_ERROR),
+    ("WORKER_ALIVE_LEASES", WORKER_ALIVE_LEASES), ("REQUEUE_CLEARS", REQUEUE_CLEARS))) + """
 local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
@@ -2334,7 +2472,6 @@ local function count(prefix, state, task, n)
 end
 
 -- Counts a finished job into the task's metrics, as Python's _observe does.
-local BUCKETS = {""" + ", ".join(map(str, _BUCKETS_MS)) + """}
 local function observe(prefix, task, failed, started, due, now)
   local metrics = prefix .. 'metrics'
   redis.call('HINCRBY', metrics, 'finished:' .. task, '1')
@@ -2392,26 +2529,27 @@ end
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
 local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
-  local got = redis.call('HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued',
-                         'unique_key')
-  local task, outcome, now_text = got[1] or '', field == 'error' and 'failed' or 'done', int(now)
+  local task, waiter, attempt, started, due, enqueued, unique_key = unpack(redis.call(
+    'HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued', 'unique_key'))
+  local outcome, now_text = field == 'error' and 'failed' or 'done', int(now)
+  task = task or ''
   redis.call('HSET', key, 'state', 'done', 'done', now_text, field, value)
   redis.call('HDEL', key, 'worker')
-  release_key(prefix, task, id, got[7])
+  release_key(prefix, task, id, unique_key)
   if traceback then
     redis.call('HSET', key, 'traceback', traceback)
-  elseif got[3] ~= '1' then  -- only a retried job can have one from an earlier attempt
+  elseif attempt ~= '1' then  -- only a retried job can have one from an earlier attempt
     redis.call('HDEL', key, 'traceback')
   end
   if progress then redis.call('HSET', key, 'progress', progress) end
-  observe(prefix, task, outcome == 'failed', tonumber(got[4]), tonumber(got[5] or got[6]), now)
+  observe(prefix, task, outcome == 'failed', tonumber(started), tonumber(due or enqueued), now)
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
   redis.call('ZADD', prefix .. 'done', now_text, outcome .. ':' .. task .. ':' .. id)
   count(prefix, 'running', task, -1)
   count(prefix, outcome, task, 1)
   if keep > 0 then redis.call('PEXPIRE', key, int(keep)) end
-  local deadline = tonumber(got[2])
+  local deadline = tonumber(waiter)
   if not deadline or deadline == 0 then return 0 end
   redis.call('HSET', key, 'waiter', '0')
   -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
@@ -2477,43 +2615,45 @@ local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, l
 end
 """
 
-# KEYS: seq (for the slot). ARGV: prefix, shards, shard, task, stack, waiter timeout ms ('' for
-# none), delay ms, time limit s ('' for the task's), priority, then params and unique key of each job.
-_REDIS_ENQUEUE = _REDIS_ENQUEUE_LIB + """
-local jobs = {}
-for i = 10, #ARGV do jobs[#jobs + 1] = ARGV[i] end
-local now, first, due, held = enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
-                                           ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), jobs)
+# KEYS: seq (for the slot). ``waiter``: its timeout in ms ('' for none); ``delay`` in ms;
+# ``limit``: the time limit in s ('' for the task's); ``jobs``: params and unique key of each.
+_REDIS_ENQUEUE = _RedisScript("prefix shards shard task stack waiter delay limit priority *jobs",
+                              _REDIS_ENQUEUE_LIB + """
+local now, first, due, held = enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, waiter,
+                                           tonumber(delay), limit, tonumber(priority), jobs)
 return {now, first, due, held}
-"""
+""")
 
 # Records a schedule and, if the tick is later than the last one fired, enqueues its
 # job and records the tick: the one decision every worker racing for the tick meets.
 # Returns the job's id (false if the tick was fired already) and the last tick before.
-# KEYS: periodic. ARGV: prefix, name, tick ms ('' to only record), next tick ms, task,
-# expression, stack, priority, params, unique key ('' for none), shards, shard.
-_REDIS_FIRE = _REDIS_ENQUEUE_LIB + """
-local record = cjson.decode(redis.call('HGET', KEYS[1], ARGV[2]) or '{}')
+# KEYS: periodic. ``tick`` and ``next_tick`` in ms (tick '' to only record); ``unique_key''
+# '' for none.
+_REDIS_FIRE = _RedisScript("prefix name tick next_tick task expression stack priority params unique_key "
+                           "shards shard", _REDIS_ENQUEUE_LIB + """
+local record = cjson.decode(redis.call('HGET', KEYS[1], name) or '{}')
 local last = record.last
-record.name, record.task, record.schedule, record.next = ARGV[2], ARGV[5], ARGV[6], tonumber(ARGV[4])
+record.name, record.task, record.schedule, record.next = name, task, expression, tonumber(next_tick)
 local fired = false
-if ARGV[3] ~= '' and (tonumber(last) or 0) < tonumber(ARGV[3]) then
-  local _, first, _, held = enqueue_jobs(ARGV[1], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[5], ARGV[7],
-                                         '', 0, '', tonumber(ARGV[8]), {ARGV[9], ARGV[10]})
+if tick ~= '' and (tonumber(last) or 0) < tonumber(tick) then
+  local _, first, _, held = enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, '', 0, '',
+                                         tonumber(priority), {params, unique_key})
   fired = held[1] and held[1][2] or first
-  record.last, record.last_job = tonumber(ARGV[3]), fired
+  record.last, record.last_job = tonumber(tick), fired
 end
-redis.call('HSET', KEYS[1], ARGV[2], cjson.encode(record))
+redis.call('HSET', KEYS[1], name, cjson.encode(record))
 return {fired, last or false}
-"""
+""")
 
 # Moves due jobs to their queues, then pops ids and records the claim in the
 # same step, so no crash can lose a popped job: it is in the running set with
 # a lease deadline, or still queued. Returns the claimed jobs and how long
-# until the next scheduled job is due (-1 for none).
-# KEYS: running. ARGV: prefix, limit, worker, lease ms, keep ms (see finish_job), task names...
-_REDIS_CLAIM = _REDIS_LIB + """
-local prefix, limit = ARGV[1], tonumber(ARGV[2])
+# until the next scheduled job is due (-1 for none), and the server's time. Each
+# claimed job is its id, task and new delivery, then _CLAIMED_FIELDS.
+# KEYS: running. ``lease`` and ``keep`` (see finish_job) in ms.
+_CLAIMED_FIELDS = ("params", "enqueued", "attempt", "due", "stack", "time_limit", "priority", "unique_key")
+_REDIS_CLAIM = _RedisScript("prefix limit worker lease keep *tasks", _REDIS_LIB + """
+limit = tonumber(limit)
 local now = now_ms()
 local now_text = int(now)
 local due = redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now_text, 'LIMIT', '0', '1000')
@@ -2529,14 +2669,14 @@ end
 -- The best ids of all these tasks: the highest priority first, then the oldest. A
 -- task's queue is in that order; the heads of several are merged by their scores
 -- (read only then: Redis writes each score as text with printf).
-local best, merge, last = {}, #ARGV > 6, int(limit - 1)
-for i = 6, #ARGV do
-  local queue = prefix .. 'queue:' .. ARGV[i]
+local best, merge, last = {}, #tasks > 1, int(limit - 1)
+for _, task in ipairs(tasks) do
+  local queue = prefix .. 'queue:' .. task
   if merge then
     local top = redis.call('ZRANGE', queue, '0', last, 'WITHSCORES')
-    for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), ARGV[i], top[j]} end
+    for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), task, top[j]} end
   else
-    for _, id in ipairs(redis.call('ZRANGE', queue, '0', last)) do best[#best + 1] = {0, ARGV[i], id} end
+    for _, id in ipairs(redis.call('ZRANGE', queue, '0', last)) do best[#best + 1] = {0, task, id} end
   end
 end
 if merge then table.sort(best, function(a, b) return a[1] < b[1] end) end
@@ -2564,19 +2704,21 @@ for j = 1, math.min(limit, #best) do
     redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
     count(prefix, 'running', task, 1)
     finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
-               tonumber(ARGV[5]), false, false)
+               tonumber(keep), false, false)
   else
     -- Only what the worker can't know: it set task, state, started and worker itself.
-    local f = redis.call('HMGET', key, 'state', 'delivery', 'params', 'enqueued', 'attempt', 'due', 'stack',
-                         'time_limit', 'priority', 'unique_key')
+    local f = redis.call('HMGET', key, 'state', 'delivery', CLAIMED_FIELDS)
+    local state, delivery, due = f[1], f[2], f[2 + DUE]
     -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
-    if (f[1] == 'enqueued' or not f[1]) and (tonumber(f[6]) or 0) <= now then
-      local delivery = (tonumber(f[2]) or 0) + 1
-      redis.call('HSET', key, 'state', 'running', 'started', now_text, 'worker', ARGV[3],
+    if (state == 'enqueued' or not state) and (tonumber(due) or 0) <= now then
+      delivery = (tonumber(delivery) or 0) + 1
+      redis.call('HSET', key, 'state', 'running', 'started', now_text, 'worker', worker,
                  'delivery', int(delivery))
       redis.call('ZREM', prefix .. 'enqueued', id)
-      redis.call('ZADD', KEYS[1], int(now + tonumber(ARGV[4])), id)
-      claimed[#claimed + 1] = {id, task, delivery, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
+      redis.call('ZADD', KEYS[1], int(now + tonumber(lease)), id)
+      local job = {id, task, delivery}
+      for i = 3, #f do job[i + 1] = f[i] end
+      claimed[#claimed + 1] = job
       started[task] = (started[task] or 0) + 1
     end
   end
@@ -2585,43 +2727,42 @@ for task, n in pairs(started) do
   count(prefix, 'enqueued', task, -n)
   count(prefix, 'running', task, n)
 end
-for i = 6, #ARGV do
-  if redis.call('ZCARD', prefix .. 'queue:' .. ARGV[i]) > 0 then
-    redis.call('ZADD', prefix .. 'ready:' .. ARGV[i], 0, 1)
+for _, task in ipairs(tasks) do
+  if redis.call('ZCARD', prefix .. 'queue:' .. task) > 0 then
+    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
   else
-    redis.call('DEL', prefix .. 'ready:' .. ARGV[i])
+    redis.call('DEL', prefix .. 'ready:' .. task)
   end
 end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
 return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1, now}
-"""
+""".replace("CLAIMED_FIELDS", ", ".join(map(_lua, _CLAIMED_FIELDS)))
+   .replace("DUE", str(_CLAIMED_FIELDS.index("due") + 1)))
 
 # The guard of finish and retry: only the delivery that holds the job may end it.
 _REDIS_HELD = """
-local prefix, id = ARGV[1], ARGV[2]
 local held = redis.call('HMGET', KEYS[1], 'state', 'delivery')
-if held[1] ~= 'running' or held[2] ~= ARGV[3] then return -1 end
+if held[1] ~= 'running' or held[2] ~= delivery then return -1 end
 """
 
-# KEYS: job:ID. ARGV: prefix, id, delivery, 'result' or 'error', its text, keep ms (see
-# finish_job), traceback ('' for none), progress ('' for unchanged).
-_REDIS_FINISH = _REDIS_LIB + _REDIS_HELD + """
-return finish_job(prefix, id, ARGV[4], ARGV[5], now_ms(), tonumber(ARGV[6]), ARGV[7] ~= '' and ARGV[7],
-                  ARGV[8] ~= '' and ARGV[8])
-"""
+# KEYS: job:ID. ``field``: 'result' or 'error', ``value`` its text; ``keep`` in ms (see
+# finish_job); ``traceback`` '' for none, ``progress`` '' for unchanged.
+_REDIS_FINISH = _RedisScript("prefix id delivery field value keep traceback progress",
+                             _REDIS_LIB + _REDIS_HELD + """
+return finish_job(prefix, id, field, value, now_ms(), tonumber(keep), traceback ~= '' and traceback,
+                  progress ~= '' and progress)
+""")
 
-# A job cancelled while it ran is done instead. KEYS: job:ID. ARGV: prefix, id, delivery,
-# delay ms, traceback of the failed attempt ('' for none), keep ms (see finish_job).
-_REDIS_RETRY = _REDIS_LIB + _REDIS_HELD + """
-if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
-  return finish_job(prefix, id, 'error', 'cancelled while running', now_ms(), tonumber(ARGV[6]),
-                    ARGV[5] ~= '' and ARGV[5], false)
-end
-local due = now_ms() + tonumber(ARGV[4])
+# Puts a held job back, due in ``delay`` ms; returns 0, changing nothing, if it was
+# cancelled while it ran (the worker finishes it as cancelled). KEYS: job:ID.
+# ``traceback``: the failed attempt's, '' for none.
+_REDIS_RETRY = _RedisScript("prefix id delivery delay traceback", _REDIS_LIB + _REDIS_HELD + """
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return 0 end
+local due = now_ms() + tonumber(delay)
 local task = redis.call('HGET', KEYS[1], 'task') or ''
 redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
 redis.call('HDEL', KEYS[1], 'started', 'worker')
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'traceback', ARGV[5])
+if traceback ~= '' then redis.call('HSET', KEYS[1], 'traceback', traceback)
 else redis.call('HDEL', KEYS[1], 'traceback') end
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('ZREM', prefix .. 'running', id)
@@ -2631,12 +2772,12 @@ redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)  -- an idle worker learns w
 count(prefix, 'running', task, -1)
 count(prefix, 'enqueued', task, 1)
 return 1
-"""
+""")
 
 # Withdraws a waiter that timed out, unless the outcome was handed first: then
-# returns it. KEYS: job:ID. ARGV: prefix, id.
-_REDIS_WITHDRAW = _REDIS_LIB + """
-local outcome = ARGV[1] .. 'outcome:' .. ARGV[2]
+# returns it. KEYS: job:ID.
+_REDIS_WITHDRAW = _RedisScript("prefix id", _REDIS_LIB + """
+local outcome = prefix .. 'outcome:' .. id
 if is_job(KEYS[1]) and (tonumber(redis.call('HGET', KEYS[1], 'waiter')) or 0) ~= 0 then
   redis.call('HSET', KEYS[1], 'waiter', 0)
   return false
@@ -2644,25 +2785,25 @@ end
 local handed = redis.call('LPOP', outcome)
 redis.call('DEL', outcome)
 return handed
-"""
+""")
 
 # Renews the leases this worker holds and records it alive; requeues jobs whose
 # lease ran out, or fails them once delivered max_deliveries times or cancelled;
 # drops expired results from the indexes, and workers not seen for three
 # leases. Returns the ids of the held jobs that were cancelled.
-# KEYS: running. ARGV: prefix, lease ms, max deliveries, result ttl ms (0: keep),
-# worker, its tasks as JSON, then the id and delivery of each held job.
-_REDIS_HEARTBEAT = _REDIS_LIB + """
-local prefix, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+# KEYS: running. ``lease`` and ``ttl`` (the result's; 0: kept) in ms; ``tasks``: the
+# worker's, as JSON; ``held``: the id and delivery of each job it holds.
+_REDIS_HEARTBEAT = _RedisScript("prefix lease max_deliveries ttl worker tasks *held", _REDIS_LIB + """
+lease, ttl = tonumber(lease), tonumber(ttl)
 local now = now_ms()
 local cancelled = {}
-for i = 7, #ARGV, 2 do
-  local key = prefix .. 'job:' .. ARGV[i]
+for i = 1, #held, 2 do
+  local key = prefix .. 'job:' .. held[i]
   if is_job(key) then
-    local held = redis.call('HMGET', key, 'delivery', 'cancel')
-    if held[1] == ARGV[i + 1] then
-      redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
-      if held[2] then cancelled[#cancelled + 1] = ARGV[i] end
+    local delivery, cancel = unpack(redis.call('HMGET', key, 'delivery', 'cancel'))
+    if delivery == held[i + 1] then
+      redis.call('ZADD', KEYS[1], 'XX', now + lease, held[i])
+      if cancel then cancelled[#cancelled + 1] = held[i] end
     end
   end
 end
@@ -2675,10 +2816,9 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     local lost = redis.call('HINCRBY', key, 'lost', 1)
     local error = false
     if redis.call('HEXISTS', key, 'cancel') == 1 then
-      error = 'cancelled while running'
-    elseif lost >= tonumber(ARGV[3]) then
-      error = 'delivered ' .. redis.call('HGET', key, 'delivery') ..
-              ' times without finishing: its worker died or lost its lease ' .. lost .. ' times'
+      error = CANCELLED_WHILE_RUNNING
+    elseif lost >= tonumber(max_deliveries) then
+      error = string.format(POISON_ERROR, tonumber(redis.call('HGET', key, 'delivery')) or 0, lost)
     end
     if error then
       redis.call('ZADD', KEYS[1], now, id)  -- finish_job takes it out again
@@ -2702,36 +2842,35 @@ if ttl > 0 then
     end
   end
 end
-redis.call('HSET', prefix .. 'workers', ARGV[5], now .. ' ' .. ARGV[6])
+redis.call('HSET', prefix .. 'workers', worker, now .. ' ' .. tasks)
 local workers = redis.call('HGETALL', prefix .. 'workers')
 for i = 1, #workers, 2 do
-  if (tonumber(string.match(workers[i + 1], '^%d+')) or 0) < now - 3 * lease then
+  if (tonumber(string.match(workers[i + 1], '^%d+')) or 0) < now - WORKER_ALIVE_LEASES * lease then
     redis.call('HDEL', prefix .. 'workers', workers[i])
   end
 end
 return cancelled
-"""
+""")
 
 # Stores the progress of running jobs, each only while that delivery holds it.
-# KEYS: running (for the slot). ARGV: prefix, then id, delivery and progress of each job.
-_REDIS_PROGRESS = """
-for i = 2, #ARGV, 3 do
-  local key = ARGV[1] .. 'job:' .. ARGV[i]
+# KEYS: running (for the slot). ``progress``: the id, delivery and progress of each job.
+_REDIS_PROGRESS = _RedisScript("prefix *progress", """
+for i = 1, #progress, 3 do
+  local key = prefix .. 'job:' .. progress[i]
   if redis.call('TYPE', key).ok == 'hash' then
     local held = redis.call('HMGET', key, 'state', 'delivery')
-    if held[1] == 'running' and held[2] == ARGV[i + 1] then
-      redis.call('HSET', key, 'progress', ARGV[i + 2])
+    if held[1] == 'running' and held[2] == progress[i + 1] then
+      redis.call('HSET', key, 'progress', progress[i + 2])
     end
   end
 end
-"""
+""")
 
 # Cancels a job: an enqueued or delayed one is done at once (the claim script drops
 # its id from the queue); a running one is marked, for its worker's heartbeat.
-# Returns the state it was in, or false if there is no job. KEYS: job:ID.
-# ARGV: prefix, id, keep ms (see finish_job).
-_REDIS_CANCEL = _REDIS_LIB + """
-local prefix, id = ARGV[1], ARGV[2]
+# Returns the state it was in, or false if there is no job. KEYS: job:ID. ``keep`` in
+# ms (see finish_job).
+_REDIS_CANCEL = _RedisScript("prefix id keep", _REDIS_LIB + """
 if not is_job(KEYS[1]) then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'enqueued' then
@@ -2742,12 +2881,12 @@ if state == 'enqueued' then
   -- finish_job ends a running job: count this one as one first.
   count(prefix, 'enqueued', task, -1)
   count(prefix, 'running', task, 1)
-  finish_job(prefix, id, 'error', 'cancelled before it ran', now_ms(), tonumber(ARGV[3]), false, false)
+  finish_job(prefix, id, 'error', CANCELLED_BEFORE_IT_RAN, now_ms(), tonumber(keep), false, false)
 elseif state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', 1)
 end
 return state
-"""
+""")
 
 # What retry_job, delete_job and their bulk twins do to one job: run a done job
 # again from its first attempt, or remove a job from every structure that names it.
@@ -2758,7 +2897,7 @@ local function retry_done(prefix, id)
   local member = done_member(key, id)
   redis.call('ZREM', prefix .. 'done', member)
   count(prefix, string.match(member, '^%a+'), task, -1)
-  redis.call('HDEL', key, 'done', 'result', 'error', 'lost', 'traceback', 'progress', 'cancel')
+  redis.call('HDEL', key, unpack(REQUEUE_CLEARS))
   -- Due now: its queue wait counts from here, not from when it was first enqueued.
   redis.call('HSET', key, 'attempt', 1, 'due', now_ms())
   redis.call('PERSIST', key)
@@ -2791,53 +2930,51 @@ local function delete_job(prefix, id)
 end
 """
 
-# KEYS: job:ID. ARGV: prefix, id. Returns 0 for no such job, -1 for a job that isn't done.
-_REDIS_REQUEUE = _REDIS_CHANGE_LIB + """
+# KEYS: job:ID. Returns 0 for no such job, -1 for a job that isn't done.
+_REDIS_REQUEUE = _RedisScript("prefix id", _REDIS_CHANGE_LIB + """
 if not is_job(KEYS[1]) then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'done' then return -1 end
-retry_done(ARGV[1], ARGV[2])
+retry_done(prefix, id)
 return 1
-"""
+""")
 
-# KEYS: job:ID. ARGV: prefix, id. Returns 0 for no such job.
-_REDIS_DELETE = _REDIS_CHANGE_LIB + """
+# KEYS: job:ID. Returns 0 for no such job.
+_REDIS_DELETE = _RedisScript("prefix id", _REDIS_CHANGE_LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-delete_job(ARGV[1], ARGV[2])
+delete_job(prefix, id)
 return 1
-"""
+""")
 
 # Retries or deletes those of the given jobs that are (still) in the state, of
-# the task; returns how many. KEYS: jobs (for the slot). ARGV: prefix, 'retry'
-# or 'delete', state (enqueued, done or failed), task ('' for any), ids...
-_REDIS_BULK = _REDIS_CHANGE_LIB + """
-local prefix, state, task = ARGV[1], ARGV[3], ARGV[4]
+# the task; returns how many. KEYS: jobs (for the slot). ``action``: 'retry' or 'delete';
+# ``state``: enqueued, done or failed; ``task``: '' for any.
+_REDIS_BULK = _RedisScript("prefix action state task *ids", _REDIS_CHANGE_LIB + """
 local changed = 0
-for i = 5, #ARGV do
-  local key = prefix .. 'job:' .. ARGV[i]
+for _, id in ipairs(ids) do
+  local key = prefix .. 'job:' .. id
   if is_job(key) then
     local f = redis.call('HMGET', key, 'state', 'task', 'error')
     local in_state = f[1] == state or (state == 'failed' and f[1] == 'done' and f[3])
     if in_state and (task == '' or f[2] == task) then
-      if ARGV[2] == 'retry' then retry_done(prefix, ARGV[i]) else delete_job(prefix, ARGV[i]) end
+      if action == 'retry' then retry_done(prefix, id) else delete_job(prefix, id) end
       changed = changed + 1
     end
   end
 end
 return changed
-"""
+""")
 
 
-# The number of shards a queue's ids are numbered for: the one recorded, or 1 for a queue
-# that has numbered jobs (an earlier version's) but recorded none. Unless only reading,
-# records the number given if there is none. KEYS: shards, seq. ARGV: shards, '1' to record.
-_REDIS_SHARDS = """
-local stored = redis.call('GET', KEYS[1]) or (redis.call('EXISTS', KEYS[2]) == 1 and '1')
-if not stored and ARGV[2] == '1' then
-  stored = ARGV[1]
+# The number of shards a queue's ids are numbered for, recorded by the first enqueue or
+# worker: unless ``record`` is '0', records ``shards`` if there is none. KEYS: shards.
+_REDIS_SHARDS = _RedisScript("shards record", """
+local stored = redis.call('GET', KEYS[1])
+if not stored and record == '1' then
+  stored = shards
   redis.call('SET', KEYS[1], stored)
 end
 return stored
-"""
+""")
 
 
 class RedisQueue(Queue):
@@ -2851,12 +2988,12 @@ class RedisQueue(Queue):
         if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
             raise ValueError(f"shards must be a whole number of at least 1, not {shards!r}")
         redis = _require("redis", "redis")
+        self._py = _redis_py(redis)
         self._owns_client = client is None  # close() leaves a client passed in to its owner
         # The a* methods make asyncio clients like the one made from the URL; with a client
         # passed in, they run the sync calls on the loop's executor.
         self._url = None if client is not None else url or "redis://localhost:6379/0"
-        self._redis, self._connect_timeout = redis, connect_timeout
-        self._aspare: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        self._connect_timeout = connect_timeout
         if client is None:
             # No automatic retries: a retried enqueue whose reply was lost would store it twice.
             # No pool limit (redis-py 8 sets 100): each enqueue_wait caller holds a connection
@@ -2866,7 +3003,6 @@ class RedisQueue(Queue):
                                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.client = client
         self._server_errors = (redis.ConnectionError, redis.TimeoutError, _NoAnswer)
-        self._response_error = redis.ResponseError
         pool = getattr(client, "connection_pool", None)  # a cluster client has one per node
         kwargs = getattr(pool, "connection_kwargs", {})
         self._address = kwargs.get("path") or (
@@ -2878,30 +3014,9 @@ class RedisQueue(Queue):
         self._turn = 0  # the shard the worker claims from next
         self._shards_checked = False
         self._cluster = isinstance(client, redis.RedisCluster)
-        self._worker = ""
-        self._misnumbered: ValueError | None = None  # found by a claim: process_loop raises it
-        self._wakeup = threading.Event()
-        # A plain client's commands cost ~20 us of CPU each in redis-py's execute_command
-        # (pool checkout with a poll of the socket, retries, events): run the scripts
-        # on connections this queue keeps instead. Other clients (cluster) go through it.
-        self._connections = _Connections(client, redis)
-        # A client passed in times its reads out as it was told to.
-        self._command = (self._connections.command if self._connections.usable
-                         else lambda *args, wait=0.0: client.execute_command(*args))
-        script = functools.partial(_script, self._command, redis.exceptions.NoScriptError)
-        self._enqueue_script = script(_REDIS_ENQUEUE)
-        self._claim_script = script(_REDIS_CLAIM)
-        self._finish_script = script(_REDIS_FINISH)
-        self._retry_script = script(_REDIS_RETRY)
-        self._withdraw_script = script(_REDIS_WITHDRAW)
-        self._heartbeat_script = script(_REDIS_HEARTBEAT)
-        self._requeue_script = script(_REDIS_REQUEUE)
-        self._delete_script = script(_REDIS_DELETE)
-        self._progress_script = script(_REDIS_PROGRESS)
-        self._cancel_script = script(_REDIS_CANCEL)
-        self._bulk_script = script(_REDIS_BULK)
-        self._fire_script = script(_REDIS_FIRE)
-        self._shards_script = script(_REDIS_SHARDS)
+        self._connections = _Connections(client, self._py)
+        self._command = self._connections.command
+        self._script = self._connections.script
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -2933,22 +3048,12 @@ class RedisQueue(Queue):
         if self._shards_checked:
             return
         shards = len(self._prefixes)
-        stored = self._shards_script([self._key("shards"), self._key("seq")], [shards, int(record)])
+        stored = self._script(_REDIS_SHARDS, [self._key("shards")],
+                              _REDIS_SHARDS.args(shards=shards, record=int(record)))
         if stored is not None and int(stored) != shards:
             raise ValueError(f"this queue's jobs are numbered for shards={int(stored)}, not {shards}: "
                              f"its shards can't change (start a queue under a new key_prefix instead)")
         self._shards_checked = stored is not None
-
-    def process_loop(self) -> None:
-        # A worker over the wrong number of shards would claim jobs it can't finish and number
-        # its periodic jobs wrongly: its process_loop raises the ValueError at once or, started
-        # while the server was away, once its first claim has stopped it.
-        with contextlib.suppress(*self._server_errors):
-            self._check_shards()
-        super().process_loop()
-        misnumbered, self._misnumbered = self._misnumbered, None
-        if misnumbered is not None:
-            raise misnumbered
 
     def _ttl_ms(self) -> int:
         return int(self.result_ttl * 1000) if self.result_ttl else 0
@@ -2962,7 +3067,7 @@ class RedisQueue(Queue):
         calls, replies = self._enqueue_calls(batch, jobs), []
         try:
             for keys, args, _ in calls:
-                replies.append(self._enqueue_script(keys, args))
+                replies.append(self._script(_REDIS_ENQUEUE, keys, args))
         except Exception as exc:
             if replies:
                 raise self._cut_short(exc, calls, replies) from exc
@@ -2979,7 +3084,7 @@ class RedisQueue(Queue):
         calls, replies = self._enqueue_calls(batch, jobs), []
         try:
             for keys, args, _ in calls:
-                replies.append(await self._ascript(_REDIS_ENQUEUE, keys, args))
+                replies.append(await self._aconnections().ascript(_REDIS_ENQUEUE, keys, args))
         except Exception as exc:
             if replies:
                 raise self._cut_short(exc, calls, replies) from exc
@@ -3048,29 +3153,27 @@ class RedisQueue(Queue):
         self._check_shards()
         shard = self._shard_of_key(schedule.unique_key or schedule.name)
         prefix = self._prefixes[shard]
-        fired, last = self._fire_script(
-            [prefix + "periodic"],
-            [prefix, schedule.name, "" if tick is None else tick, next_tick, schedule.task,
-             schedule.expression, batch.stack, batch.priority, schedule.params, schedule.unique_key or "",
-             len(self._prefixes), shard])
+        fired, last = self._script(_REDIS_FIRE, [prefix + "periodic"], _REDIS_FIRE.args(
+            prefix=prefix, name=schedule.name, tick="" if tick is None else tick, next_tick=next_tick,
+            task=schedule.task, expression=schedule.expression, stack=batch.stack, priority=batch.priority,
+            params=schedule.params, unique_key=schedule.unique_key or "", shards=len(self._prefixes),
+            shard=shard))
         return (_text(fired) if fired else None), (int(last) if last else None)
 
     def _periodic(self) -> list[dict[str, Any]]:
         return [{"last": None, "last_job": None, **json.loads(record)}
                 for prefix in self._prefixes for record in self.client.hgetall(prefix + "periodic").values()]
 
-    def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> list[tuple[str, dict[str, Any]]]:
-        self._worker = worker
-        try:
-            self._check_shards()
-        except ValueError as exc:
-            self._misnumbered = exc
-            self.stop()  # on the loop's own thread: process_loop ends when its jobs are done
-            return []
-        args = [limit, worker, int(self.lease_timeout * 1000), self._keep_ms(), *task_names]
+    def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
+               stopping: threading.Event) -> list[tuple[str, dict[str, Any]]]:
+        # A worker over the wrong number of shards would claim jobs it can't finish: the
+        # ValueError ends it.
+        self._check_shards()
+        args = {"limit": limit, "worker": worker, "lease": int(self.lease_timeout * 1000),
+                "keep": self._keep_ms()}
         shards = len(self._prefixes)
-        claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)], args)
+        claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)],
+                                                  task_names, args)
         if not claimed:
             due_in = next_due / 1000 if 0 <= next_due < block * 1000 else None
             ready = None
@@ -3078,19 +3181,19 @@ class RedisQueue(Queue):
                 # Redis times blocked clients out ten times a second, up to 100 ms late: the
                 # last stretch before a due job is waited here instead (and a BZPOPMIN of
                 # 0 s would block for good).
-                self._wakeup.wait(due_in)
-                self._wakeup.clear()
-            else:
+                stopping.wait(due_in)
+            elif not stopping.is_set():
                 ready = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
-            claimed, _, now = self._claim_from(list(range(shards)) if ready is None else [ready], args)
-        names = ("task", "delivery", "params", "enqueued", "attempt", "due", "stack", "time_limit",
-                 "priority", "unique_key")
+            claimed, _, now = self._claim_from(list(range(shards)) if ready is None else [ready], task_names,
+                                               args)
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
-                                 **{name: _text(value) for name, value in zip(names, job[1:])
+                                 "task": _text(job[1]), "delivery": job[2],
+                                 **{name: _text(value) for name, value in zip(_CLAIMED_FIELDS, job[3:])
                                     if value is not None}})
                 for job in claimed]
 
-    def _claim_from(self, shards: list[int], args: list[Any]) -> tuple[list[Any], int, int]:
+    def _claim_from(self, shards: list[int], task_names: list[str], args: dict[str, Any]
+                    ) -> tuple[list[Any], int, int]:
         """Claim from the first of these shards that has jobs, and claim from the next one
         the next time: no shard starves, and a busy worker makes one call per claim. Returns
         the jobs, the milliseconds until the soonest delayed job of those shards (-1: none)
@@ -3100,7 +3203,8 @@ class RedisQueue(Queue):
         for shard in shards:
             prefix = self._prefixes[shard]
             try:
-                claimed, due, now = self._claim_script([prefix + "running"], [prefix, *args])
+                claimed, due, now = self._script(_REDIS_CLAIM, [prefix + "running"],
+                                                 _REDIS_CLAIM.args(task_names, prefix=prefix, **args))
             except self._server_errors as exc:
                 failed.append(exc)
                 continue
@@ -3162,30 +3266,31 @@ class RedisQueue(Queue):
 
     def _finish(self, job: Job, result: str | None, error: str | None,
                 traceback: str | None) -> bool | None:
-        outcome = ("result", result) if error is None else ("error", error)
-        received = self._finish_script([self._job_key(job.id)],
-                                       [self._prefix_of(job.id), job.id, job._delivery, *outcome,
-                                        self._keep_ms(), traceback or "", job._progress_text or ""])
+        field, value = ("result", result) if error is None else ("error", error)
+        received = self._script(_REDIS_FINISH, [self._job_key(job.id)], _REDIS_FINISH.args(
+            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, field=field, value=value,
+            keep=self._keep_ms(), traceback=traceback or "", progress=job._progress_text or ""))
         return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
-        done = self._retry_script([self._job_key(job.id)], [self._prefix_of(job.id), job.id, job._delivery,
-                                                            int(delay * 1000), traceback or "",
-                                                            self._keep_ms()])
-        return None if done == -1 else True
+        retried = self._script(_REDIS_RETRY, [self._job_key(job.id)], _REDIS_RETRY.args(
+            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, delay=int(delay * 1000),
+            traceback=traceback or ""))
+        return None if retried == -1 else retried == 1
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
         # The progress of a shard whose master is away is dropped (its jobs' finish stores their
         # last), so that the beat doesn't log an outage each second while the other shards work;
         # a shard without progress counts as a success: this raises only if every shard failed.
-        self._on_shards(self._by_shard(progress), lambda prefix, jobs: jobs and self._progress_script(
-            [prefix + "running"],
-            [prefix, *itertools.chain.from_iterable((job.id, job._delivery, progress[job]) for job in jobs)]))
+        self._on_shards(self._by_shard(progress), lambda prefix, jobs: jobs and self._script(
+            _REDIS_PROGRESS, [prefix + "running"], _REDIS_PROGRESS.args(
+                itertools.chain.from_iterable((job.id, job._delivery, progress[job]) for job in jobs),
+                prefix=prefix)))
 
     def _cancel(self, job_id: str) -> bool:
         self._check_shards(record=False)
-        state = self._cancel_script([self._job_key(job_id)],
-                                    [self._prefix_of(job_id), job_id, self._keep_ms()])
+        state = self._script(_REDIS_CANCEL, [self._job_key(job_id)], _REDIS_CANCEL.args(
+            prefix=self._prefix_of(job_id), id=job_id, keep=self._keep_ms()))
         if state is None:
             raise NoSuchJobError()
         return _text(state) != JOB_STATE_DONE
@@ -3204,8 +3309,9 @@ class RedisQueue(Queue):
                 ids = sorted(_done_ids(members, state, task_name) if index == "done" else members,
                              key=lambda job_id: (len(job_id), job_id))  # oldest first
                 for start in range(0, len(ids), BULK_BATCH):
-                    changed += int(self._bulk_script([prefix + "jobs"], [
-                        prefix, action, state, task_name or "", *ids[start:start + BULK_BATCH]]))
+                    changed += int(self._script(_REDIS_BULK, [prefix + "jobs"], _REDIS_BULK.args(
+                        ids[start:start + BULK_BATCH], prefix=prefix, action=action, state=state,
+                        task=task_name or "")))
         except Exception as exc:
             if changed:  # whatever failed, the caller learns that some jobs were changed
                 raise _NoAnswer(f"{changed} jobs were changed before {_describe(exc)}") from exc
@@ -3216,91 +3322,48 @@ class RedisQueue(Queue):
         prefix = self._prefix_of(job.id)
         popped = (self._command("BLPOP", prefix + "outcome:" + job.id, timeout, wait=timeout)
                   if timeout >= 0.001 else None)
-        payload = popped[1] if popped else self._withdraw_script([prefix + "job:" + job.id], [prefix, job.id])
+        payload = popped[1] if popped else self._script(_REDIS_WITHDRAW, [prefix + "job:" + job.id],
+                                                        _REDIS_WITHDRAW.args(prefix=prefix, id=job.id))
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
 
     async def _aawait_outcome(self, job: Job, timeout: float) -> Job | None:
         if self._url is None:
             return await super()._aawait_outcome(job, timeout)
         prefix = self._prefix_of(job.id)
-        popped = (await self._aclient().blpop([prefix + "outcome:" + job.id], timeout)
+        connections = self._aconnections()
+        popped = (await connections.client.blpop([prefix + "outcome:" + job.id], timeout)
                   if timeout >= 0.001 else None)
-        payload = popped[1] if popped else await self._ascript(_REDIS_WITHDRAW, [prefix + "job:" + job.id],
-                                                               [prefix, job.id])
+        payload = popped[1] if popped else await connections.ascript(
+            _REDIS_WITHDRAW, [prefix + "job:" + job.id], _REDIS_WITHDRAW.args(prefix=prefix, id=job.id))
         return None if payload is None else self._decode(job.id, _pairs(json.loads(payload)))
 
     async def _aload(self, job_id: str) -> dict[str, Any]:
         if self._url is None:
             return await super()._aload(job_id)
         try:
-            fields = await self._aclient().hgetall(self._job_key(job_id))
-        except self._response_error:
+            fields = await self._aconnections().client.hgetall(self._job_key(job_id))
+        except self._py.response_error:
             raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
         if not fields:
             raise NoSuchJobError()
         return _pairs(fields)
 
-    def _aclient(self) -> Any:
-        redis = self._redis
-        # As the sync client, but no read timeout: BLPOP waits as long as asked.
-        return self._loop_client(lambda: redis.asyncio.Redis.from_url(
+    def _aconnections(self) -> _Connections:
+        """The running event loop's asyncio client, as the sync one but with no read timeout
+        (BLPOP waits as long as asked), and the connections kept from it."""
+        asyncio_redis = self._py.asyncio()
+        return self._loop_client(lambda: _Connections(asyncio_redis.Redis.from_url(
             self._url, decode_responses=True, socket_connect_timeout=self._connect_timeout,
-            max_connections=2**31, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)))
-
-    async def _ascript(self, text: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script on a connection of the loop's client, as _Connections does for the sync
-        one: packed here, without redis-py's per-command costs."""
-        client = self._aclient()
-        spare = self._aspare.setdefault(client, [])
-        try:
-            conn = spare.pop()
-        except IndexError:
-            try:
-                conn = await client.connection_pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants a command name
-                conn = await client.connection_pool.get_connection("EVALSHA")
-        sent = False
-        try:
-            if time.monotonic() - getattr(conn, "monsterqueue_used", 0.0) > IDLE_WAKE_INTERVAL:
-                await conn.connect()  # a no-op on a live connection
-                # Closed by its server meanwhile (as _Connections.command checks)? redis-py 8
-                # renamed the check.
-                check = getattr(conn, "can_read", None) or conn.can_read_destructive
-                try:
-                    closed = await check()
-                except self._server_errors:
-                    closed = True
-                if closed:
-                    await conn.disconnect()
-            command = _resp(["EVALSHA", _sha1(text), len(keys), *keys, *args])
-            await conn.send_packed_command(command)
-            sent = True
-            try:
-                reply = await conn.read_response()
-            except self._redis.exceptions.NoScriptError:  # nothing ran: sent whole, as _script does
-                sent = False
-                await conn.send_packed_command(_resp(["EVAL", text, len(keys), *keys, *args]))
-                sent = True
-                reply = await conn.read_response()
-            conn.monsterqueue_used = time.monotonic()
-            return reply
-        except self._response_error:
-            raise  # the error reply was read: the connection is clean
-        except BaseException as exc:
-            await conn.disconnect()  # a reply may be unread: it reconnects on its next use
-            if sent and isinstance(exc, self._server_errors):
-                raise _NoAnswer(_describe(exc)) from exc
-            raise
-        finally:
-            spare.append(conn)  # kept for the next script: no pool checkout per call
+            max_connections=2**31, retry=asyncio_redis.retry.Retry(self._py.module.backoff.NoBackoff(), 0)),
+            self._py))
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         # Each shard keeps its own leases, expiry and list of workers alive.
-        cancelled = self._on_shards(self._by_shard(held), lambda prefix, jobs: self._heartbeat_script(
-            [prefix + "running"],
-            [prefix, int(self.lease_timeout * 1000), self.max_deliveries, self._ttl_ms(),
-             worker, json.dumps(sorted(self._tasks)),
-             *itertools.chain.from_iterable((job.id, job._delivery) for job in jobs)]))
+        cancelled = self._on_shards(self._by_shard(held), lambda prefix, jobs: self._script(
+            _REDIS_HEARTBEAT, [prefix + "running"], _REDIS_HEARTBEAT.args(
+                itertools.chain.from_iterable((job.id, job._delivery) for job in jobs), prefix=prefix,
+                lease=int(self.lease_timeout * 1000), max_deliveries=self.max_deliveries, ttl=self._ttl_ms(),
+                worker=worker, tasks=json.dumps(sorted(self._tasks)))))
         return [_text(job_id) for ids in cancelled for job_id in ids or []]
 
     def _retire(self, worker: str) -> None:
@@ -3321,17 +3384,15 @@ class RedisQueue(Queue):
             raise failed[0]
         return done
 
-    def _interrupt_claim(self) -> None:
-        self._wakeup.set()
-        if self._worker:
-            wake = self._key("wake", self._worker)
-            self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
+    def _interrupt_claim(self, worker: str) -> None:
+        wake = self._key("wake", worker)
+        self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
 
     def _load(self, job_id: str) -> dict[str, Any]:
         self._check_shards(record=False)
         try:
             fields = self.client.hgetall(self._job_key(job_id))
-        except self._response_error:
+        except self._py.response_error:
             raise MalformedJobError(f"job {job_id} can't be decoded: it is not a Redis hash") from None
         if not fields:
             raise NoSuchJobError()
@@ -3431,14 +3492,16 @@ class RedisQueue(Queue):
 
     def _requeue(self, job_id: str) -> bool:
         self._check_shards(record=False)
-        requeued = self._requeue_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id])
+        requeued = self._script(_REDIS_REQUEUE, [self._job_key(job_id)],
+                                _REDIS_REQUEUE.args(prefix=self._prefix_of(job_id), id=job_id))
         if requeued == 0:
             raise NoSuchJobError()
         return requeued == 1
 
     def _delete(self, job_id: str) -> bool:
         self._check_shards(record=False)
-        return self._delete_script([self._job_key(job_id)], [self._prefix_of(job_id), job_id]) == 1
+        return self._script(_REDIS_DELETE, [self._job_key(job_id)],
+                            _REDIS_DELETE.args(prefix=self._prefix_of(job_id), id=job_id)) == 1
 
     def _reset(self) -> None:
         for prefix in self._prefixes:
@@ -3458,21 +3521,76 @@ class RedisQueue(Queue):
             self.client.close()
 
 
-class _Connections:
-    """Connections taken once from a plain redis.Redis client's pool and kept, one per
-    concurrent caller, to run scripts with EVALSHA without redis-py's per-command costs."""
+class _RedisPy:
+    """What differs between the redis-py versions this supports (4.5.4 on), read once."""
 
-    def __init__(self, client: Any, redis: Any) -> None:
+    def __init__(self, redis: Any) -> None:
+        import inspect
+
+        self.module = redis
+        self.server_errors = (redis.ConnectionError, redis.TimeoutError)
+        self.response_error = redis.ResponseError
+        self.no_script = redis.exceptions.NoScriptError
+        # Before 5.3 a pool hands out a connection for a command's name; later it warns of one.
+        name = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
+        self.checkout = ("EVALSHA",) if name is not None and name.default is inspect.Parameter.empty else ()
+        # From redis-py 8 on a read takes a timeout of its own; before, the socket's is stretched.
+        self.read_takes_timeout = "timeout" in inspect.signature(redis.Connection.read_response).parameters
+        self.async_check = ""
+
+    def asyncio(self) -> Any:
+        """redis.asyncio, which redis-py before 5 doesn't import with redis."""
+        module = importlib.import_module("redis.asyncio")
+        # redis-py 8 renamed the asyncio connection's check that its server didn't close it.
+        self.async_check = ("can_read_destructive" if hasattr(module.Connection, "can_read_destructive")
+                            else "can_read")
+        return module
+
+
+@functools.cache
+def _redis_py(redis: Any) -> _RedisPy:
+    return _RedisPy(redis)
+
+
+class _Connections:
+    """A redis-py client's connections, taken once from its pool and kept, one per concurrent
+    caller: a command sent through them skips redis-py's per-command costs (~20 us of CPU:
+    a pool checkout with a poll of the socket, retries, events). The steps shared by the
+    sync and the asyncio client are here once (_take, _keep, _lost); command and acommand
+    only carry out the I/O. Other clients (a cluster's) run commands their own way."""
+
+    def __init__(self, client: Any, py: _RedisPy) -> None:
+        self.client = client
         pool = getattr(client, "connection_pool", None)
         kwargs = getattr(pool, "connection_kwargs", {})
-        self.usable = (isinstance(client, redis.Redis) and pool is not None
-                       and getattr(client, "connection", None) is None
-                       and kwargs.get("encoding", "utf-8").lower().replace("-", "") == "utf8")
-        self._pool: Any = pool
-        self._response_error = redis.ResponseError
-        self._server_errors = (redis.ConnectionError, redis.TimeoutError)
+        usable = (pool is not None and getattr(client, "connection", None) is None
+                  and kwargs.get("encoding", "utf-8").lower().replace("-", "") == "utf8"
+                  and not isinstance(client, py.module.RedisCluster))
+        self._pool: Any = pool if usable else None
+        self._py = py
+        self._spare: list[tuple[Any, float]] = []  # (connection, time.monotonic() when last used)
         self._pid = os.getpid()
-        self._spare: list[Any] = []
+
+    def _take(self) -> tuple[Any, bool] | None:
+        """A kept connection, and whether to check first that its server didn't close it; None
+        if none is spare."""
+        if self._pid != os.getpid():  # forked: never share the parent's sockets
+            self._pid, self._spare = os.getpid(), []
+        if not self._spare:
+            return None
+        conn, used = self._spare.pop()
+        # A kept connection left idle may have been closed by its server (it died or restarted):
+        # reconnect then, so that a failure after sending means "no answer". One in use a
+        # moment ago is trusted, to spare the hot path a system call.
+        return conn, time.monotonic() - used > IDLE_WAKE_INTERVAL
+
+    def _keep(self, conn: Any) -> None:
+        self._spare.append((conn, time.monotonic()))
+
+    def _lost(self, exc: BaseException, sent: bool) -> bool:
+        """Whether a command that raised ``exc`` leaves its connection to reconnect (a reply may
+        be unread; an error reply was read whole) and its outcome unknown (_NoAnswer)."""
+        return sent and isinstance(exc, self._py.server_errors)
 
     def command(self, *args: Any, wait: float = 0) -> Any:
         """Send one command and return its raw reply.
@@ -3480,79 +3598,92 @@ class _Connections:
         ``wait`` is how long the server may hold the reply (a blocking pop): the read
         waits that much longer than the client's socket timeout.
         """
-        if self._pid != os.getpid():  # forked: never share the parent's sockets
-            self._pid, self._spare = os.getpid(), []
-        try:
-            conn = self._spare.pop()
-        except IndexError:
-            try:
-                conn = self._pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants a command name
-                conn = self._pool.get_connection(args[0])
+        if self._pool is None:  # a client passed in times its reads out as it was told to
+            return self.client.execute_command(*args)
+        conn, check = self._take() or (self._pool.get_connection(*self._py.checkout), False)
         sent = False
         try:
-            conn.connect()  # a no-op on a live connection
-            # A kept connection left idle may have been closed by its server (it died or
-            # restarted): reconnect now, so that a failure after sending means "no answer".
-            # One in use a moment ago is trusted, to spare the hot path a system call.
-            if time.monotonic() - getattr(conn, "monsterqueue_used", 0.0) > IDLE_WAKE_INTERVAL:
+            if check:
+                conn.connect()  # a no-op on a live connection
                 try:
                     closed = conn.can_read(0)
-                except self._server_errors:
+                except self._py.server_errors:
                     closed = True
                 if closed:
                     conn.disconnect()
             conn.send_packed_command((_resp(args),))
             sent = True
             reply = self._read(conn, wait)
-        except self._response_error:
-            self._spare.append(conn)  # the error reply was read: the connection is clean
-            raise
         except BaseException as exc:
-            conn.disconnect()  # a reply may be unread: reconnect on the next call
-            self._spare.append(conn)
-            if sent and isinstance(exc, self._server_errors):
+            if not isinstance(exc, self._py.response_error):
+                conn.disconnect()
+            self._keep(conn)
+            if self._lost(exc, sent):
                 raise _NoAnswer(_describe(exc)) from exc
             raise
-        conn.monsterqueue_used = time.monotonic()
-        self._spare.append(conn)
+        self._keep(conn)
         return reply
 
-    @staticmethod
-    def _read(conn: Any, wait: float) -> Any:
+    def _read(self, conn: Any, wait: float) -> Any:
         if not wait or conn.socket_timeout is None:
             return conn.read_response()
-        try:  # redis-py 5.1 and later time reads out after socket_timeout (5 s from redis-py 8 on)
+        if self._py.read_takes_timeout:
             return conn.read_response(timeout=conn.socket_timeout + wait)
-        except TypeError:  # before 5.1: socket_timeout defaulted to none
+        conn._sock.settimeout(conn.socket_timeout + wait)
+        try:
             return conn.read_response()
+        finally:
+            if conn._sock is not None:  # else it disconnected on an error
+                conn._sock.settimeout(conn.socket_timeout)
+
+    async def acommand(self, *args: Any) -> Any:
+        """command(), on a connection of an asyncio client: its reads wait as long as asked."""
+        conn, check = self._take() or (await self._pool.get_connection(*self._py.checkout), False)
+        sent = False
+        try:
+            if check:
+                await conn.connect()
+                try:
+                    closed = await getattr(conn, self._py.async_check)()
+                except self._py.server_errors:
+                    closed = True
+                if closed:
+                    await conn.disconnect()
+            await conn.send_packed_command(_resp(args))
+            sent = True
+            reply = await conn.read_response()
+        except BaseException as exc:
+            self._keep(conn)
+            if not isinstance(exc, self._py.response_error):
+                await conn.disconnect()
+            if self._lost(exc, sent):
+                raise _NoAnswer(_describe(exc)) from exc
+            raise
+        self._keep(conn)
+        return reply
+
+    # A script goes by EVALSHA, and whole by EVAL where the server lacks it (it restarted or
+    # flushed its scripts: nothing ran; it keeps the script then). Not redis-py's
+    # register_script: a cluster client loads a missing script on every master, and would
+    # fail it while any master is away.
+
+    def script(self, script: _RedisScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self.command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._py.no_script:
+            return self.command("EVAL", script.text, len(keys), *keys, *args)
+
+    async def ascript(self, script: _RedisScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.acommand("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._py.no_script:
+            return await self.acommand("EVAL", script.text, len(keys), *keys, *args)
 
     def close(self) -> None:
         spare, self._spare = self._spare, []
-        if self._pid == os.getpid():
-            for conn in spare:
+        if self._pool is not None and self._pid == os.getpid():
+            for conn, _ in spare:
                 self._pool.release(conn)
-
-
-def _script(command: Callable[..., Any], no_script: type[Exception], text: str
-            ) -> Callable[[list[str], list[Any]], Any]:
-    """A script run by EVALSHA through ``command``, and sent whole by EVAL where the server
-    lacks it (it restarted or flushed its scripts: nothing ran; it keeps the script then). Not
-    redis-py's register_script: a cluster client loads a missing script on every master, and
-    would fail it while any master is away."""
-    sha = _sha1(text)
-
-    def run(keys: list[str], args: list[Any]) -> Any:
-        try:
-            return command("EVALSHA", sha, len(keys), *keys, *args)
-        except no_script:
-            return command("EVAL", text, len(keys), *keys, *args)
-    return run
-
-
-@functools.cache
-def _sha1(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
 
 
 @functools.cache
@@ -3676,7 +3807,6 @@ class MongoQueue(Queue):
         self._no_server = pymongo.errors.ServerSelectionTimeoutError
         self._duplicate = pymongo.errors.DuplicateKeyError
         self._bulk_write_error = pymongo.errors.BulkWriteError
-        self._operation_failure = pymongo.errors.OperationFailure
         self._closed_client = pymongo.errors.InvalidOperation
         # Dates read back aware, in UTC, also through a client passed in without tz_aware.
         db = client[database].with_options(codec_options=_require("bson", "mongo").CodecOptions(
@@ -3687,6 +3817,7 @@ class MongoQueue(Queue):
         self._metrics = db[f"{collection_prefix}_metrics"]
         self._schedules_fired = db[f"{collection_prefix}_periodic"]
         self._observed: collections.Counter[str] = collections.Counter()  # not yet added to _metrics
+        self._observed_lock = threading.Lock()
         self._awaited: set[tuple[str, int]] = set()  # (id, delivery) of held jobs that had a waiter
         self._wakeup = threading.Event()
         self._events = _JobEvents(self) if change_streams else None
@@ -3703,14 +3834,8 @@ class MongoQueue(Queue):
         ``expires`` passes, and the unique indexes that hold a unique key while its job isn't
         done (``unique`` is set only then) and let one job per tick of a schedule in
         (``periodic``)."""
-        if "by_task" not in self._jobs.index_information():
-            # Stored by an earlier version, failed jobs said "done": once, before the index.
-            self._jobs.update_many({"state": JOB_STATE_DONE, "error": {"$type": "string"}},
-                                   {"$set": {"state": "failed"}})
         self._jobs.create_index([("state", 1), ("task", 1), ("priority", -1), ("_id", 1)],
                                 name="claim_by_priority")
-        with contextlib.suppress(self._operation_failure):  # the claim index before priorities
-            self._jobs.drop_index("claim")
         self._jobs.create_index([("task", 1), ("state", 1), ("_id", 1)], name="by_task")
         self._jobs.create_index([("state", 1), ("_id", 1)], name="by_state")
         self._jobs.create_index("done", name="by_done", partialFilterExpression={"done": {"$exists": True}})
@@ -3800,14 +3925,14 @@ class MongoQueue(Queue):
                  "next": _mongo_fields(doc).get("next"), "last": _mongo_fields(doc).get("last"),
                  "last_job": doc.get("last_job")} for doc in self._schedules_fired.find()]
 
-    def _claim(self, task_names: list[str], limit: int, worker: str,
-               block: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
+               stopping: threading.Event) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self._indexed:
             self._create_index()
         self._read_clock()
         events = self._events if self._events is not None and self._events.pushing() else None
         self._wakeup.clear()  # before the claim: a wake-up pushed while it runs is kept
-        if self._stopping is not None and self._stopping.is_set():
+        if stopping.is_set():
             return  # stop() came before the clear
         # With the stream, claim as many jobs as it announced: an idle worker woken for one
         # job makes one round trip, not a second that finds nothing. Those left over (more
@@ -3875,17 +4000,21 @@ class MongoQueue(Queue):
         for waiter, flag in ((True, True), (False, {"$ne": True}))[0 if awaited else 1:]:
             if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
                 self._awaited.discard((job.id, job._delivery))
-                # Counted here and added to the server by the next heartbeat: one update
-                # can't change the job and its task's metrics both.
-                status, ms = job.status, round(now.timestamp() * 1000)
-                started = status.started and round(status.started.timestamp() * 1000)
-                due = status.scheduled or status.enqueued
-                with self._report_lock:
-                    _observe(self._observed, job.task_name, error is not None, started and ms - started,
-                             started and due and started - round(due.timestamp() * 1000))
+                self._observe(job.task_name, error is not None, job.status.started,
+                              job.status.scheduled or job.status.enqueued, now)
                 return waiter
         self._awaited.discard((job.id, job._delivery))  # no longer held by this delivery
         return None
+
+    def _observe(self, task: str, failed: bool, started: datetime | None, due: datetime | None,
+                 now: datetime) -> None:
+        """Count a finished job into the metrics, as Redis's finish does: here, and added to the
+        server by the next heartbeat, since one update can't change the job and its task's
+        metrics both."""
+        run_ms = None if started is None else round((now - started).total_seconds() * 1000)
+        wait_ms = None if started is None or due is None else round((started - due).total_seconds() * 1000)
+        with self._observed_lock:
+            _observe(self._observed, task, failed, run_ms, wait_ms)
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._jobs.update_one(
@@ -3897,8 +4026,8 @@ class MongoQueue(Queue):
         if retried.modified_count:
             self._awaited.discard((job.id, job._delivery))
             return True
-        # Cancelled while it ran: done, not retried (or no longer held: None).
-        return None if self._finish(job, None, f"{CANCELLED} while running", traceback) is None else True
+        # Cancelled while it ran (False), or no longer held (None).
+        return False if self._jobs.count_documents({**self._holding(job), "cancel": True}, limit=1) else None
 
     def _save_progress(self, progress: dict[Job, str]) -> None:
         self._jobs.bulk_write([self._update_one(self._holding(job), {"$set": {"progress": text}})
@@ -3910,7 +4039,7 @@ class MongoQueue(Queue):
         while True:  # again if it moved between running and enqueued meanwhile
             before = self._jobs.find_one_and_update(
                 {**query, "state": JOB_STATE_ENQUEUED},
-                {"$set": {"state": "failed", "done": self._now(), "error": f"{CANCELLED} before it ran",
+                {"$set": {"state": "failed", "done": self._now(), "error": CANCELLED_BEFORE_IT_RAN,
                           "waiter": False, **self._expiry()}, "$unset": {"unique": ""}},
                 projection={"task": True})
             if before is not None:
@@ -4038,7 +4167,7 @@ class MongoQueue(Queue):
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         now = self._now()
         self._workers.replace_one({"_id": worker}, {"seen": now, "tasks": sorted(self._tasks)}, upsert=True)
-        self._workers.delete_many({"seen": {"$lt": self._now(-3 * self.lease_timeout)}})
+        self._workers.delete_many({"seen": {"$lt": self._now(-WORKER_ALIVE_LEASES * self.lease_timeout)}})
         cancelled = []
         if held:
             mine = {"_id": {"$in": [self._object_id_class(job.id) for job in held]},
@@ -4047,20 +4176,20 @@ class MongoQueue(Queue):
             cancelled = [str(doc["_id"]) for doc in self._jobs.find({**mine, "cancel": True},
                                                                     projection={"_id": True})]
         for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
-                                   projection={"delivery": True, "lost": True, "cancel": True, "task": True}):
+                                   projection={"delivery": True, "lost": True, "cancel": True, "task": True,
+                                               "started": True, "due": True}):
             expired = {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "delivery": doc["delivery"],
                        "lease": {"$lt": now}}
             # Lost leases are counted apart from deliveries: retries deliver a job again too.
             lost = doc.get("lost", 0) + 1
-            error = (f"{CANCELLED} while running" if doc.get("cancel") else
-                     f"delivered {doc['delivery']} times without finishing: its worker died or lost its "
-                     f"lease {lost} times" if lost >= self.max_deliveries else None)
+            error = (CANCELLED_WHILE_RUNNING if doc.get("cancel") else
+                     POISON_ERROR % (doc["delivery"], lost) if lost >= self.max_deliveries else None)
             if error is not None:
                 if self._jobs.update_one(expired, {
                         "$set": {"state": "failed", "done": now, "waiter": False, "lost": lost,
                                  **self._expiry(), "error": error},
                         "$unset": {"worker": "", "lease": "", "unique": ""}}).matched_count:
-                    self._add_metrics({f"finished:{doc.get('task')}": 1, f"failed:{doc.get('task')}": 1})
+                    self._observe(doc.get("task", ""), True, doc.get("started"), doc.get("due"), now)
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
@@ -4070,7 +4199,7 @@ class MongoQueue(Queue):
     def _add_observed(self) -> None:
         """Add what this worker's finishes counted to the metrics; kept for the next try if the
         server surely didn't add them."""
-        with self._report_lock:
+        with self._observed_lock:
             observed, self._observed = self._observed, collections.Counter()
         if not observed:
             return
@@ -4078,7 +4207,7 @@ class MongoQueue(Queue):
             self._add_metrics(observed)
         except self._server_errors as exc:
             if not self._answer_lost(exc):
-                with self._report_lock:
+                with self._observed_lock:
                     self._observed.update(observed)
             raise
 
@@ -4094,7 +4223,7 @@ class MongoQueue(Queue):
         self._workers.delete_one({"_id": worker})
         self._add_observed()
 
-    def _interrupt_claim(self) -> None:
+    def _interrupt_claim(self, worker: str) -> None:
         self._wakeup.set()
 
     def _object_id(self, job_id: str) -> Any:
@@ -4133,7 +4262,8 @@ class MongoQueue(Queue):
             if minutes[0] <= group["_id"] <= minutes[-1]:
                 per_minute[(group["_id"] - minutes[0]) // 60_000] += group["n"]
         workers = [(doc["_id"], doc["seen"], doc["tasks"])
-                   for doc in self._workers.find({"seen": {"$gte": self._now(-3 * self.lease_timeout)}})]
+                   for doc in self._workers.find(
+                       {"seen": {"$gte": self._now(-WORKER_ALIVE_LEASES * self.lease_timeout)}})]
         metrics = {_metric_key(doc["_id"], field): number for doc in self._metrics.find()
                    for field, number in doc.items() if field != "_id"}
         return counts, workers, per_minute, metrics
@@ -4151,8 +4281,7 @@ class MongoQueue(Queue):
         due now (its queue wait counts from here)."""
         self._read_clock()
         return {"$set": {"state": JOB_STATE_ENQUEUED, "attempt": 1, "due": self._now()},
-                "$unset": {"started": "", "done": "", "result": "", "error": "", "expires": "", "lost": "",
-                           "traceback": "", "progress": "", "cancel": ""}}
+                "$unset": dict.fromkeys(("started", "expires", *REQUEUE_CLEARS), "")}
 
     def _retake_unique_keys(self, query: dict[str, Any]) -> None:
         """Let retried jobs hold their unique keys again, each unless an unfinished job took it."""
@@ -4925,12 +5054,13 @@ def _demo(url: str, jobs: int, concurrency: int) -> None:
         last = enqueued[-1].id
         # A progress line redrawn in place, on a terminal only: a log file would get one long line.
         live = sys.stdout.isatty()
-        while queue.retrieve_job(last).status.state != JOB_STATE_DONE or queue._held:
+        while queue.retrieve_job(last).status.state != JOB_STATE_DONE:
             if live:
                 done = queue.stats()["counts"].get("square", {}).get(JOB_STATE_DONE, 0)
                 elapsed = time.perf_counter() - started
                 print(f"\rprocessing: {done:>7} / {jobs} jobs, {elapsed:5.1f}s", end="", flush=True)
             time.sleep(0.1)
+        queue.wait()  # the last job is done: the jobs before it are done or finishing
         elapsed = time.perf_counter() - started
         print(f"{chr(13) if live else ''}processed {jobs} jobs with {concurrency} threads in {elapsed:.2f}s "
               f"({jobs / elapsed:,.0f} jobs/s)")
@@ -4972,7 +5102,7 @@ def _work(queue: Queue, grace: float) -> int:
         if next(signals) > 1:
             logger.warning("second signal: exiting now; unfinished jobs will be redelivered")
             os._exit(1)
-        logger.warning("signal %d: finishing %d running jobs (grace %gs)", signum, len(queue._held), grace)
+        logger.warning("signal %d: finishing the running jobs (grace %gs)", signum, grace)
         queue.stop()
         timer = threading.Timer(grace, give_up)
         timer.daemon = True
