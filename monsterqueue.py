@@ -934,6 +934,11 @@ class Queue:
 
     # -- storage primitives, supplied by each backend ------------------------
 
+    def _check_fit(self) -> None:
+        """Raise ValueError if this queue object can't serve the stored queue (a Redis queue
+        over another number of shards), recording what the stored queue lacks. A worker
+        checks at its start and each claim again."""
+
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         """Store jobs of batch.task, one per (JSON params text, unique key or None), all at once.
@@ -1655,17 +1660,25 @@ class _Worker:
         self._misfit: ValueError | None = None  # a claim's refusal of this queue: run() raises it
 
     def run(self) -> None:
-        for _ in range(self.queue.concurrency):
+        queue, stopping = self.queue, self.stopping
+        try:
+            with queue._server():
+                queue._check_fit()  # now: a worker that runs no task claims nothing
+        except ServerUnavailableError:
+            pass  # each claim checks it again
+        except ValueError as exc:
+            self._misfit = exc
+            stopping.set()
+        for _ in range(queue.concurrency):
             self._add_thread(None)
         drained = threading.Event()  # set once the last running job has ended
         helpers = [threading.Thread(target=target, args=(until,), name=f"monsterqueue-{name}", daemon=True)
                    for name, target, until in (("heartbeat", self._beat, drained),
                                                ("timer", self._time, drained),
                                                ("scheduler", self._fire_schedules, self.stopping))
-                   if name != "scheduler" or self.queue._schedules]
+                   if name != "scheduler" or queue._schedules]
         for helper in helpers:
             helper.start()
-        queue, stopping = self.queue, self.stopping
         try:
             while not stopping.is_set():
                 names, free = self._wait_for_free_slots()
@@ -3164,10 +3177,12 @@ class RedisQueue(Queue):
         return [{"last": None, "last_job": None, **json.loads(record)}
                 for prefix in self._prefixes for record in self.client.hgetall(prefix + "periodic").values()]
 
+    def _check_fit(self) -> None:
+        # A worker over the wrong number of shards would claim jobs it can't finish.
+        self._check_shards()
+
     def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
                stopping: threading.Event) -> list[tuple[str, dict[str, Any]]]:
-        # A worker over the wrong number of shards would claim jobs it can't finish: the
-        # ValueError ends it.
         self._check_shards()
         args = {"limit": limit, "worker": worker, "lease": int(self.lease_timeout * 1000),
                 "keep": self._keep_ms()}
