@@ -220,7 +220,8 @@ class MalformedJobError(MonsterQueueError):
 class ServerUnavailableError(MonsterQueueError, ConnectionError):
     """The queue's server can't be reached; the message names its address.
 
-    Nothing was stored: the request never reached the server.
+    Nothing was stored: the request never reached the server, or the server
+    refused it (a Redis still loading its data).
     """
 
 
@@ -239,7 +240,7 @@ class OutcomeUnknownError(ServerUnavailableError):
 JobParams = dict[str, Any]
 JobResult = Any
 # What a backend's _stats returns: see Queue._stats.
-_Stats = tuple[dict[str, int], list[tuple[str, "datetime | None", list[str]]], list[int], dict[str, int]]
+_Stats = tuple[list[tuple[str, Any]], list[tuple[str, Any, Any]], list[int], list[tuple[str, Any]], list[str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,8 +682,7 @@ class Queue:
         """
         if state not in (None, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed"):
             raise ValueError(f"unknown job state {state!r}")
-        if (limit is not None and limit < 0) or offset < 0:
-            raise ValueError("limit and offset can't be negative")
+        _check_page(limit, offset)
         if limit == 0:
             return []
         with self._server():
@@ -708,22 +708,48 @@ class Queue:
         the ``p50``, ``p95`` and ``p99`` estimated from them. ``periodic``
         lists the schedules the workers fire: name, task, schedule (the
         expression), next and last tick (ISO 8601) and last_job (an id).
+        ``malformed`` says what was left out because it can't be read (an
+        entry of the shared records that isn't what this library writes, a
+        key of the wrong type): the rest is served.
         """
         with self._server():
-            counts, workers, per_minute, metrics = self._stats()
+            counts, workers, per_minute, metrics, malformed = self._stats()
             periodic = self._periodic()
+        # The one place where the shared records are read back: an entry that can't be read
+        # is left out, said in "malformed" and once in the log.
+
+        def read(what: str, decode: Callable[..., Any], *stored: Any) -> Any:
+            try:
+                return decode(*stored)
+            except (TypeError, ValueError, KeyError, RecursionError) as exc:
+                malformed.append(_printable(f"{what} left out: {_describe(exc)}"))
+                return None
         by_task: dict[str, dict[str, int]] = {}
-        for key, number in sorted(counts.items()):
+        for key, number in sorted(counts, key=lambda entry: entry[0]):  # a sharded queue's are summed
             state, _, task_name = key.partition(":")
-            by_task.setdefault(task_name, dict.fromkeys(_COUNTED_STATES, 0))[state] = number
+            if read(f"the count {key!r}", _count, state, number):
+                of_task = by_task.setdefault(_printable(task_name), dict.fromkeys(_COUNTED_STATES, 0))
+                of_task[state] += int(number)
+        alive: dict[str, tuple[datetime, list[str]]] = {}
+        for worker, seen, tasks in workers:  # a Redis queue's shards each list its workers
+            record, worker = read(f"the worker {worker!r}", _worker_record, seen, tasks), _printable(worker)
+            if record is not None and (worker not in alive or alive[worker][0] < record[0]):
+                alive[worker] = record
+        good_metrics: collections.Counter[str] = collections.Counter()
+        for key, number in metrics:
+            if read(f"the metric {key!r}", _metric_entry, key, number):
+                good_metrics[_printable(key)] += int(number)
+        schedules = [record for record in (read(f"the schedule {raw!r:.60}", _schedule_record, raw)
+                                           for raw in periodic) if record is not None]
+        for note in malformed:
+            _log_once(note)
         return {"counts": by_task,
                 "workers": [{"id": worker, "last_seen": _iso(seen), "tasks": tasks}
-                            for worker, seen, tasks in sorted(workers)],
+                            for worker, (seen, tasks) in sorted(alive.items())],
                 "done_per_minute": per_minute,
-                "metrics": _task_metrics(metrics),
-                "periodic": [{**record, "next": _iso(_time(record["next"])),
-                              "last": _iso(_time(record["last"]))}
-                             for record in sorted(periodic, key=lambda record: record["name"])]}
+                "metrics": _task_metrics(good_metrics),
+                "periodic": sorted(schedules, key=lambda record: record["name"]),
+                "malformed": malformed}
 
     def retry_job(self, job_id: str) -> Job:
         """Run a done job again from its first attempt; NoSuchJobError, ValueError if it isn't done."""
@@ -795,7 +821,7 @@ class Queue:
                     f"the queue's server at {self._address} was sent the request but did not answer "
                     f"({exc}): it may have been carried out, and retrying it may do it twice") from exc
             raise ServerUnavailableError(f"can't reach the queue's server at {self._address}: "
-                                         f"{_describe(exc)}; the request was not sent") from exc
+                                         f"{_describe(exc)}; the request was not carried out") from exc
 
     def _answer_lost(self, exc: BaseException) -> bool:
         """Whether a driver's error came after the request was sent (its outcome is unknown)."""
@@ -910,18 +936,30 @@ class Queue:
         text) or error (text), stack, attempt (runs by retries), delivery
         (claims so far), and when set: progress (JSON text), traceback,
         time_limit (seconds, 0 for none), priority and unique_key.
+
+        The one place where job records are read back: whatever is wrong with one
+        (a field missing or of the wrong type, bytes that aren't UTF-8, JSON nested
+        too deeply, a state that is no job state) fails this record alone.
         """
+        shown = _printable(job_id)
+
         def field(name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
             value = fields.get(name)
             if value is None:
                 if name in ("task", "params", "state", "enqueued"):
-                    raise MalformedJobError(f"job {job_id} can't be decoded: its {name} is missing")
+                    raise MalformedJobError(f"job {shown} can't be decoded: its {name} is missing")
                 return default
             try:
+                if isinstance(value, str) and not value.isascii():
+                    value.encode()  # bytes that weren't UTF-8 were read back as surrogates
                 return convert(value)
-            except (TypeError, ValueError) as exc:
-                raise MalformedJobError(f"job {job_id} can't be decoded: its {name} "
-                                        f"{value!r:.60} is wrong: {_describe(exc)}") from None
+            except UnicodeEncodeError:
+                raise MalformedJobError(f"job {shown} can't be decoded: its {name} is not UTF-8 text: "
+                                        f"{_printable(value)!r:.60}") from None
+            except (TypeError, ValueError, RecursionError) as exc:
+                shown_value = _printable(str(value))
+                raise MalformedJobError(f"job {shown} can't be decoded: its {name} {shown_value!r:.60} "
+                                        f"is wrong: {_describe(exc)}") from None
 
         result = field("result", json.loads)
         return Job(self, job_id, field("task", str), field("params", _json_object),
@@ -965,9 +1003,10 @@ class Queue:
         """
         raise NotImplementedError
 
-    def _periodic(self) -> list[dict[str, Any]]:
-        """Return the recorded schedules: name, task, schedule (the expression), next and last
-        (ms since the epoch, or None) and last_job (an id, or None)."""
+    def _periodic(self) -> list[Any]:
+        """Return the recorded schedules as stored, each a dict or its JSON text: name, task,
+        schedule (the expression), next and last (ms since the epoch, or None) and last_job
+        (an id, or None). stats() reads them."""
         raise NotImplementedError
 
     def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
@@ -1066,9 +1105,10 @@ class Queue:
         raise NotImplementedError
 
     def _stats(self) -> _Stats:
-        """Return counts ("STATE:TASK" -> n, with "failed" apart from "done"), the workers
-        alive as (id, last seen, task names), jobs done in each of the last 15 minutes,
-        and the metrics kept by _finish (see _task_metrics)."""
+        """Return the counts as stored ("STATE:TASK", n), with "failed" apart from "done"; the
+        workers alive as stored (id, last seen, task names); jobs done in each of the last 15
+        minutes; the metrics kept by _finish as stored (key, n: see _observe); and what was
+        found of the wrong type, said. stats() reads and sums the entries."""
         raise NotImplementedError
 
     def _requeue(self, job_id: str) -> bool:
@@ -1124,12 +1164,19 @@ class Queue:
 # ---------------------------------------------------------------------------
 
 _json_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_json_utf8_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
 def _encode(value: Any) -> str:
     """Encode a JSON-compatible value once; TypeError names what isn't compatible."""
     try:
-        return _json_encoder.encode(value)
+        text = _json_encoder.encode(value)
+        if "\\ud" in text:  # a surrogate: of a character beyond U+FFFF, or a lone one
+            _json_utf8_encoder.encode(value).encode()
+        return text
+    except UnicodeEncodeError:  # as os.fsdecode gives for a file name that isn't UTF-8
+        raise TypeError("value holds a lone surrogate, which is not Unicode text: decode it with "
+                        "errors='replace', or pass the bytes as base64") from None
     except ValueError as exc:  # NaN and infinities, which JSON can't carry
         raise TypeError(str(exc)) from None
     except RecursionError:
@@ -1184,6 +1231,13 @@ def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
 def _check_task_name(name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a task name must be a non-empty string, not {name!r}")
+
+
+def _check_page(limit: int | None, offset: int) -> None:
+    """Refuse a page no server can seek: ValueError unless whole numbers from 0 to 2**63 - 1."""
+    for name, value in (("limit", 0 if limit is None else limit), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be a whole number from 0 to 2**63 - 1, not {value!r}")
 
 
 def _one_key_each(params_list: list[JobParams | None], unique_keys: Iterable[str | None] | None
@@ -1284,6 +1338,77 @@ def _metric_key(task: str, field: str) -> str:
     return f"{kind}:{task}:{index}" if index else f"{kind}:{task}"
 
 
+# -- reading back what a server stores: bad data is said, never fatal --------
+
+def _printable(text: str) -> str:
+    """Text read back from a server, with the bytes that weren't UTF-8 (read as surrogates)
+    shown escaped, as \\xff: safe to print, log and put in a page."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that no bytes were read as
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
+_logged_once: set[str] = set()
+
+
+def _log_once(note: str) -> None:
+    """Log a warning about bad stored data the first time it is seen by this process: a
+    dashboard reads stats every few seconds, and the same junk would fill the log."""
+    if note not in _logged_once:
+        _logged_once.add(note)
+        logger.warning("%s", note)
+
+
+def _whole(value: Any) -> int:
+    """A stored whole number: an int, or its digits as text; ValueError or TypeError else."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{type(value).__name__} is not a whole number")
+    return int(value)
+
+
+def _count(state: str, number: Any) -> int:
+    if state not in _COUNTED_STATES:
+        raise ValueError(f"{state!r} is not a job state")
+    return _whole(number)
+
+
+def _worker_record(seen: Any, tasks: Any) -> tuple[datetime, list[str]]:
+    """A worker's heartbeat as stored: when it was seen (ms or a date) and its task names (a
+    list, or one in JSON)."""
+    moment = seen if isinstance(seen, datetime) else _time(_whole(seen))
+    names = json.loads(tasks) if isinstance(tasks, str) else tasks
+    if moment is None or not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise TypeError("its time or its list of task names is wrong")
+    return moment, [_printable(name) for name in names]
+
+
+def _metric_entry(key: str, number: Any) -> bool:
+    """Check one counter of _observe as stored: its key's shape and a whole number."""
+    kind, _, index = _metric_of(key)[1].partition(":")
+    if kind not in ("finished", "failed", "run_ms", "wait_ms") and not (
+            kind in ("run", "wait") and index.isdigit() and int(index) <= len(HISTOGRAM_BUCKETS)):
+        raise ValueError("not a metric this library counts")
+    _whole(number)
+    return True
+
+
+def _schedule_record(raw: Any) -> dict[str, Any]:
+    """A schedule's record as stats() shows it, from its stored JSON text or fields."""
+    record = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(record, dict):
+        raise TypeError("not a JSON object")
+    for name in ("name", "task", "schedule"):
+        if not isinstance(record.get(name), str):
+            raise TypeError(f"its {name} is missing or not text")
+    return {"name": _printable(record["name"]), "task": _printable(record["task"]),
+            "schedule": _printable(record["schedule"]),
+            "next": _iso(_time(record.get("next"))), "last": _iso(_time(record.get("last"))),
+            "last_job": None if record.get("last_job") is None else _printable(str(record["last_job"]))}
+
+
 def _int(value: Any) -> int:
     try:
         return int(value or 0)
@@ -1347,7 +1472,10 @@ def _time(ms: Any) -> datetime | None:
     """Turn stored milliseconds since the epoch into an aware UTC datetime."""
     if ms is None or ms == "":
         return None
-    return datetime.fromtimestamp(int(ms) / 1000, timezone.utc)
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, timezone.utc)
+    except (OverflowError, OSError):
+        raise ValueError(f"{ms} ms is out of range") from None
 
 
 def _delay(delay: float | None, eta: datetime | None, now_ms: int) -> float:
@@ -2138,7 +2266,7 @@ class MemoryQueue(Queue):
             record.update(last=tick, last_job=job_id)
             return job_id, last
 
-    def _periodic(self) -> list[dict[str, Any]]:
+    def _periodic(self) -> list[Any]:
         with self._changed:
             return [dict(record) for record in self._schedules_fired.values()]
 
@@ -2339,8 +2467,8 @@ class MemoryQueue(Queue):
                 counts[f"{'failed' if _failed(fields) else fields['state']}:{fields['task']}"] += 1
                 if fields["state"] == JOB_STATE_DONE and fields["done"] >= minutes[0]:
                     per_minute[(fields["done"] - minutes[0]) // 60_000] += 1
-            workers = [(worker, _time(seen), tasks) for worker, (seen, tasks) in self._workers.items()]
-            return dict(counts), workers, per_minute, dict(self._metrics)
+            workers = [(worker, seen, tasks) for worker, (seen, tasks) in self._workers.items()]
+            return list(counts.items()), workers, per_minute, list(self._metrics.items()), []
 
     def _requeue(self, job_id: str) -> bool:
         with self._changed:
@@ -2505,16 +2633,10 @@ local function done_member(key, id)
   return outcome .. ':' .. (redis.call('HGET', key, 'task') or '') .. ':' .. id
 end
 
--- Makes a job claimable again, in its place by number, from running or done.
 -- A job's place in its task's queue, a sorted set ordered by priority, then by number:
 -- higher priorities first, the oldest first among equals. An exact integer below 2^53.
 local function queue_score(priority, id)
   return int((100 - (tonumber(priority) or 0)) * 17592186044416 + (tonumber(id) or 0))
-end
-
--- Puts a job in its task's queue; the caller marks the queue ready.
-local function push(prefix, task, id, priority)
-  redis.call('ZADD', prefix .. 'queue:' .. task, queue_score(priority, id), id)
 end
 
 -- Makes a job claimable again, in its place by priority and number, from running or done.
@@ -2523,7 +2645,7 @@ local function requeue(prefix, id, task)
   redis.call('HSET', key, 'state', 'enqueued')
   redis.call('HDEL', key, 'started', 'worker')
   redis.call('ZADD', prefix .. 'enqueued', redis.call('ZSCORE', prefix .. 'jobs', id) or 0, id)
-  push(prefix, task, id, redis.call('HGET', key, 'priority'))
+  redis.call('ZADD', prefix .. 'queue:' .. task, queue_score(redis.call('HGET', key, 'priority'), id), id)
   redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
   count(prefix, 'enqueued', task, 1)
 end
@@ -2661,8 +2783,9 @@ return {fired, last or false}
 # Moves due jobs to their queues, then pops ids and records the claim in the
 # same step, so no crash can lose a popped job: it is in the running set with
 # a lease deadline, or still queued. Returns the claimed jobs and how long
-# until the next scheduled job is due (-1 for none), and the server's time. Each
-# claimed job is its id, task and new delivery, then _CLAIMED_FIELDS.
+# until the next scheduled job is due (-1 for none), the server's time and the tasks
+# whose keys are of the wrong type. Each claimed job is its id, task and new delivery,
+# then _CLAIMED_FIELDS.
 # KEYS: running. ``lease`` and ``keep`` (see finish_job) in ms.
 _CLAIMED_FIELDS = ("params", "enqueued", "attempt", "due", "stack", "time_limit", "priority", "unique_key")
 _REDIS_CLAIM = _RedisScript("prefix limit worker lease keep *tasks", _REDIS_LIB + """
@@ -2670,13 +2793,24 @@ limit = tonumber(limit)
 local now = now_ms()
 local now_text = int(now)
 local due = redis.call('ZRANGEBYSCORE', prefix .. 'scheduled', '-inf', now_text, 'LIMIT', '0', '1000')
+-- A task whose queue or ready key is of the wrong type (garbage written there) holds up
+-- no other: its commands are run by pcall, and it is passed over and reported.
+local broken = {}
+local function failed(reply, task)
+  if type(reply) == 'table' and reply.err then broken[task] = true end
+  return broken[task]
+end
 for _, id in ipairs(due) do
-  redis.call('ZREM', prefix .. 'scheduled', id)
   local key = prefix .. 'job:' .. id
-  if is_job(key) then
-    local f = redis.call('HMGET', key, 'task', 'priority')
-    push(prefix, f[1] or '', id, f[2])
-    redis.call('ZADD', prefix .. 'ready:' .. (f[1] or ''), '0', '1')
+  if not is_job(key) then
+    redis.call('ZREM', prefix .. 'scheduled', id)
+  else
+    local task, priority = unpack(redis.call('HMGET', key, 'task', 'priority'))
+    task = task or ''
+    if not failed(redis.pcall('ZADD', prefix .. 'queue:' .. task, queue_score(priority, id), id), task) then
+      redis.call('ZREM', prefix .. 'scheduled', id)  -- else it waits there
+      failed(redis.pcall('ZADD', prefix .. 'ready:' .. task, '0', '1'), task)
+    end
   end
 end
 -- The best ids of all these tasks: the highest priority first, then the oldest. A
@@ -2686,10 +2820,15 @@ local best, merge, last = {}, #tasks > 1, int(limit - 1)
 for _, task in ipairs(tasks) do
   local queue = prefix .. 'queue:' .. task
   if merge then
-    local top = redis.call('ZRANGE', queue, '0', last, 'WITHSCORES')
-    for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), task, top[j]} end
+    local top = redis.pcall('ZRANGE', queue, '0', last, 'WITHSCORES')
+    if not failed(top, task) then
+      for j = 1, #top, 2 do best[#best + 1] = {tonumber(top[j + 1]), task, top[j]} end
+    end
   else
-    for _, id in ipairs(redis.call('ZRANGE', queue, '0', last)) do best[#best + 1] = {0, task, id} end
+    local top = redis.pcall('ZRANGE', queue, '0', last)
+    if not failed(top, task) then
+      for _, id in ipairs(top) do best[#best + 1] = {0, task, id} end
+    end
   end
 end
 if merge then table.sort(best, function(a, b) return a[1] < b[1] end) end
@@ -2722,8 +2861,15 @@ for j = 1, math.min(limit, #best) do
     -- Only what the worker can't know: it set task, state, started and worker itself.
     local f = redis.call('HMGET', key, 'state', 'delivery', CLAIMED_FIELDS)
     local state, delivery, due = f[1], f[2], f[2 + DUE]
+    if state and state ~= 'enqueued' and state ~= 'running' and state ~= 'done' then
+      -- A state no job has: failed now, as any record that can't be read.
+      if redis.call('ZREM', prefix .. 'enqueued', id) == 1 then count(prefix, 'enqueued', task, -1) end
+      redis.call('HSET', key, 'state', 'running')
+      count(prefix, 'running', task, 1)
+      finish_job(prefix, id, 'error', 'the stored job has a state that is no job state: ' .. state, now,
+                 tonumber(keep), false, false)
     -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
-    if (state == 'enqueued' or not state) and (tonumber(due) or 0) <= now then
+    elseif (state == 'enqueued' or not state) and (tonumber(due) or 0) <= now then
       delivery = (tonumber(delivery) or 0) + 1
       redis.call('HSET', key, 'state', 'running', 'started', now_text, 'worker', worker,
                  'delivery', int(delivery))
@@ -2741,14 +2887,17 @@ for task, n in pairs(started) do
   count(prefix, 'running', task, n)
 end
 for _, task in ipairs(tasks) do
-  if redis.call('ZCARD', prefix .. 'queue:' .. task) > 0 then
-    redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  if broken[task] then
+  elseif redis.call('ZCARD', prefix .. 'queue:' .. task) > 0 then
+    failed(redis.pcall('ZADD', prefix .. 'ready:' .. task, 0, 1), task)
   else
     redis.call('DEL', prefix .. 'ready:' .. task)
   end
 end
+local unclaimable = {}
+for task in pairs(broken) do unclaimable[#unclaimable + 1] = task end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
-return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1, now}
+return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1, now, unclaimable}
 """.replace("CLAIMED_FIELDS", ", ".join(map(_lua, _CLAIMED_FIELDS)))
    .replace("DUE", str(_CLAIMED_FIELDS.index("due") + 1)))
 
@@ -3012,6 +3161,7 @@ class RedisQueue(Queue):
             # No pool limit (redis-py 8 sets 100): each enqueue_wait caller holds a connection
             # in BLPOP, and a full pool would fail the workers that would answer them.
             client = redis.Redis.from_url(url or "redis://localhost:6379/0", decode_responses=True,
+                                          encoding_errors="surrogateescape",
                                           socket_connect_timeout=connect_timeout, max_connections=2**31,
                                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.client = client
@@ -3025,6 +3175,9 @@ class RedisQueue(Queue):
         self._prefixes = [self._prefix, *("{" + tag + "}:" for tag in _shard_tags(key_prefix, shards)[1:])]
         self._next_shard = itertools.count(secrets.randbelow(shards))  # where the next batch goes
         self._turn = 0  # the shard the worker claims from next
+        # Per shard, the tasks whose keys the last claim found of the wrong type: idle workers
+        # don't wait on them, as a blocking pop on one fails for every key.
+        self._unclaimable: dict[str, set[str]] = {prefix: set() for prefix in self._prefixes}
         self._shards_checked = False
         self._cluster = isinstance(client, redis.RedisCluster)
         self._connections = _Connections(client, self._py)
@@ -3173,9 +3326,12 @@ class RedisQueue(Queue):
             shard=shard))
         return (_text(fired) if fired else None), (int(last) if last else None)
 
-    def _periodic(self) -> list[dict[str, Any]]:
-        return [{"last": None, "last_job": None, **json.loads(record)}
-                for prefix in self._prefixes for record in self.client.hgetall(prefix + "periodic").values()]
+    def _periodic(self) -> list[Any]:
+        records: list[Any] = []
+        for prefix in self._prefixes:
+            with contextlib.suppress(self._py.response_error):  # not a hash: the next tick replaces it
+                records += self.client.hgetall(prefix + "periodic").values()
+        return records
 
     def _check_fit(self) -> None:
         # A worker over the wrong number of shards would claim jobs it can't finish.
@@ -3218,11 +3374,15 @@ class RedisQueue(Queue):
         for shard in shards:
             prefix = self._prefixes[shard]
             try:
-                claimed, due, now = self._script(_REDIS_CLAIM, [prefix + "running"],
-                                                 _REDIS_CLAIM.args(task_names, prefix=prefix, **args))
+                claimed, due, now, unclaimable = self._script(
+                    _REDIS_CLAIM, [prefix + "running"], _REDIS_CLAIM.args(task_names, prefix=prefix, **args))
             except self._server_errors as exc:
                 failed.append(exc)
                 continue
+            self._unclaimable[prefix] = {_text(task) for task in unclaimable}
+            for task in self._unclaimable[prefix]:
+                shown = _printable(prefix + "queue:" + task)
+                _log_once(f"{shown} (or its ready key) is not a sorted set: its task's jobs can't be claimed")
             if claimed:
                 self._turn = shard + 1
                 return claimed, -1, now
@@ -3235,8 +3395,8 @@ class RedisQueue(Queue):
     def _wait_for_ready(self, task_names: list[str], worker: str, wait: float) -> int | None:
         """Block until a job of these tasks is ready on some shard, or stop() wakes the worker,
         for at most ``wait`` seconds; return that shard, if one is."""
-        keys = [[*(prefix + "ready:" + name for name in task_names), prefix + "wake:" + worker]
-                for prefix in self._prefixes]
+        keys = [[*(prefix + "ready:" + name for name in task_names if name not in self._unclaimable[prefix]),
+                 prefix + "wake:" + worker] for prefix in self._prefixes]
         if len(keys) == 1 or not self._cluster:  # one server: one pop over every key
             one = self._command("BZPOPMIN", *itertools.chain.from_iterable(keys), wait, wait=wait)
             return next((shard for shard, its_keys in enumerate(keys)
@@ -3368,7 +3528,8 @@ class RedisQueue(Queue):
         (BLPOP waits as long as asked), and the connections kept from it."""
         asyncio_redis = self._py.asyncio()
         return self._loop_client(lambda: _Connections(asyncio_redis.Redis.from_url(
-            self._url, decode_responses=True, socket_connect_timeout=self._connect_timeout,
+            self._url, decode_responses=True, encoding_errors="surrogateescape",
+            socket_connect_timeout=self._connect_timeout,
             max_connections=2**31, retry=asyncio_redis.retry.Retry(self._py.module.backoff.NoBackoff(), 0)),
             self._py))
 
@@ -3478,29 +3639,47 @@ class RedisQueue(Queue):
 
     def _stats(self) -> _Stats:
         self._check_shards(record=False)
-        # The shards' sums; a worker is listed by every shard, as last seen by any.
-        counts: collections.Counter[str] = collections.Counter()
-        metrics: collections.Counter[str] = collections.Counter()
-        seen: dict[str, tuple[str, list[str]]] = {}
+        # Every shard's entries: stats() sums them, and keeps a worker as last seen by any.
+        counts: list[tuple[str, Any]] = []
+        workers: list[tuple[str, Any, Any]] = []
+        metrics: list[tuple[str, Any]] = []
+        malformed: list[str] = []
         minutes = _minutes(self._clock_ms())
         per_minute = [0] * len(minutes)
         for prefix in self._prefixes:
+            keys = [prefix + "counts", prefix + "workers", prefix + "metrics"]
             pipe = self.client.pipeline(transaction=False)
-            pipe.hgetall(prefix + "counts")
-            pipe.hgetall(prefix + "workers")
-            pipe.hgetall(prefix + "metrics")
+            for key in keys:
+                pipe.hgetall(key)
             for start in minutes:
                 pipe.zcount(prefix + "done", start, start + 59_999)
-            its_counts, workers, its_metrics, *its_minutes = pipe.execute()
-            counts.update({_text(k): int(v) for k, v in its_counts.items()})
-            metrics.update({_text(k): int(v) for k, v in its_metrics.items()})
-            per_minute = [a + b for a, b in zip(per_minute, its_minutes)]
-            for worker, record in workers.items():
-                seen_ms, _, tasks = _text(record).partition(" ")
-                if float(seen_ms) > float(seen.get(_text(worker), ("0", []))[0]):
-                    seen[_text(worker)] = (seen_ms, json.loads(tasks))
-        alive = [(worker, _time(seen_ms), tasks) for worker, (seen_ms, tasks) in seen.items()]
-        return {k: v for k, v in counts.items() if v}, alive, per_minute, dict(metrics)
+            its_counts, its_workers, its_metrics, *its_minutes = self._read_all(
+                pipe, [*keys, *[prefix + "done"] * len(minutes)], malformed)
+            counts += [(_text(key), number) for key, number in (its_counts or {}).items()]
+            metrics += [(_text(key), number) for key, number in (its_metrics or {}).items()]
+            workers += [(_text(worker), *_text(record).partition(" ")[::2])
+                        for worker, record in (its_workers or {}).items()]
+            per_minute = [a + (b or 0) for a, b in zip(per_minute, its_minutes)]
+            # A task whose keys are of the wrong type holds up none of the others (claims pass
+            # it over): said here, as its worker logs it.
+            queues = sorted({prefix + kind + _text(key).partition(":")[2] for key in its_counts or {}
+                             for kind in ("queue:", "ready:")})
+            pipe = self.client.pipeline(transaction=False)
+            for key in queues:
+                pipe.type(key)
+            malformed += [f"{_printable(key)} is a Redis {_text(kind)}, not a sorted set: the jobs of its "
+                          f"task can't be claimed" for key, kind in zip(queues, pipe.execute())
+                          if _text(kind) not in ("zset", "none")]
+        return counts, workers, per_minute, metrics, malformed
+
+    @staticmethod
+    def _read_all(pipe: Any, keys: list[str], malformed: list[str]) -> list[Any]:
+        """Run a pipeline of reads, one per key: a key of the wrong type is said and read as None."""
+        replies = pipe.execute(raise_on_error=False)
+        for key, reply in zip(keys, replies):
+            if isinstance(reply, Exception):
+                malformed.append(f"{_printable(key)} left out: {_printable(str(reply))}")
+        return [None if isinstance(reply, Exception) else reply for reply in replies]
 
     def _answer_lost(self, exc: BaseException) -> bool:
         return isinstance(exc, _NoAnswer)
@@ -3545,21 +3724,27 @@ class _RedisPy:
         self.module = redis
         self.server_errors = (redis.ConnectionError, redis.TimeoutError)
         self.response_error = redis.ResponseError
+        # Error replies, read whole: the connection is clean and the command didn't run (a
+        # server still loading its data refuses it, though redis-py calls that a ConnectionError).
+        self.refusals = (redis.ResponseError, redis.exceptions.BusyLoadingError)
         self.no_script = redis.exceptions.NoScriptError
         # Before 5.3 a pool hands out a connection for a command's name; later it warns of one.
         name = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
         self.checkout = ("EVALSHA",) if name is not None and name.default is inspect.Parameter.empty else ()
         # From redis-py 8 on a read takes a timeout of its own; before, the socket's is stretched.
         self.read_takes_timeout = "timeout" in inspect.signature(redis.Connection.read_response).parameters
+        self._asyncio: Any = None
         self.async_check = ""
 
     def asyncio(self) -> Any:
         """redis.asyncio, which redis-py before 5 doesn't import with redis."""
-        module = importlib.import_module("redis.asyncio")
-        # redis-py 8 renamed the asyncio connection's check that its server didn't close it.
-        self.async_check = ("can_read_destructive" if hasattr(module.Connection, "can_read_destructive")
-                            else "can_read")
-        return module
+        if self._asyncio is None:
+            module = importlib.import_module("redis.asyncio")
+            # redis-py 8 renamed the asyncio connection's check that its server didn't close it.
+            self.async_check = ("can_read_destructive" if hasattr(module.Connection, "can_read_destructive")
+                                else "can_read")
+            self._asyncio = module
+        return self._asyncio
 
 
 @functools.cache
@@ -3603,9 +3788,9 @@ class _Connections:
         self._spare.append((conn, time.monotonic()))
 
     def _lost(self, exc: BaseException, sent: bool) -> bool:
-        """Whether a command that raised ``exc`` leaves its connection to reconnect (a reply may
-        be unread; an error reply was read whole) and its outcome unknown (_NoAnswer)."""
-        return sent and isinstance(exc, self._py.server_errors)
+        """Whether a command that raised ``exc`` has an unknown outcome (_NoAnswer): its request
+        went out and no reply came."""
+        return sent and isinstance(exc, self._py.server_errors) and not isinstance(exc, self._py.refusals)
 
     def command(self, *args: Any, wait: float = 0) -> Any:
         """Send one command and return its raw reply.
@@ -3630,7 +3815,7 @@ class _Connections:
             sent = True
             reply = self._read(conn, wait)
         except BaseException as exc:
-            if not isinstance(exc, self._py.response_error):
+            if not isinstance(exc, self._py.refusals):  # a reply may be unread: reconnect next time
                 conn.disconnect()
             self._keep(conn)
             if self._lost(exc, sent):
@@ -3669,7 +3854,7 @@ class _Connections:
             reply = await conn.read_response()
         except BaseException as exc:
             self._keep(conn)
-            if not isinstance(exc, self._py.response_error):
+            if not isinstance(exc, self._py.refusals):
                 await conn.disconnect()
             if self._lost(exc, sent):
                 raise _NoAnswer(_describe(exc)) from exc
@@ -3724,7 +3909,8 @@ def _resp(args: Iterable[Any]) -> bytes:
     args = list(args)
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg if isinstance(arg, bytes) else repr(arg).encode()
+        data = (arg.encode("utf-8", "surrogateescape") if isinstance(arg, str)
+                else arg if isinstance(arg, bytes) else repr(arg).encode())
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
 
@@ -3737,7 +3923,9 @@ def _done_ids(members: list[str], state: str | None, task_name: str | None) -> l
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A reply as text, as a client made here decodes it: bytes that aren't UTF-8 become
+    surrogates, for Queue._decode to refuse and _printable to show."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _pairs(fields: Any) -> dict[str, Any]:
@@ -3824,8 +4012,9 @@ class MongoQueue(Queue):
         self._bulk_write_error = pymongo.errors.BulkWriteError
         self._closed_client = pymongo.errors.InvalidOperation
         # Dates read back aware, in UTC, also through a client passed in without tz_aware.
+        # Text that isn't UTF-8 is read back with surrogates, for _decode to refuse.
         db = client[database].with_options(codec_options=_require("bson", "mongo").CodecOptions(
-            tz_aware=True, tzinfo=timezone.utc))
+            tz_aware=True, tzinfo=timezone.utc, unicode_decode_error_handler="surrogateescape"))
         self._jobs = db[f"{collection_prefix}_jobs"]
         self._workers = db[f"{collection_prefix}_workers"]
         # One document per task: its metrics (see _observe) under "KIND" or "KIND:BUCKET".
@@ -3935,10 +4124,8 @@ class MongoQueue(Queue):
                                              {"$set": {"last": _time(tick), "last_job": job_id}})
         return job_id, last
 
-    def _periodic(self) -> list[dict[str, Any]]:
-        return [{"name": doc["_id"], "task": doc["task"], "schedule": doc["schedule"],
-                 "next": _mongo_fields(doc).get("next"), "last": _mongo_fields(doc).get("last"),
-                 "last_job": doc.get("last_job")} for doc in self._schedules_fired.find()]
+    def _periodic(self) -> list[Any]:
+        return [{"name": doc["_id"], **_mongo_fields(doc)} for doc in self._schedules_fired.find()]
 
     def _claim(self, task_names: list[str], limit: int, worker: str, block: float,
                stopping: threading.Event) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -4174,7 +4361,8 @@ class MongoQueue(Queue):
         ms = int(self._connect_timeout * 1000)
         client = self._loop_client(lambda: self._pymongo.AsyncMongoClient(
             self._url, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms))
-        return client[self._jobs.database.name][self._jobs.name]
+        return client[self._jobs.database.name].get_collection(self._jobs.name,
+                                                              codec_options=self._jobs.codec_options)
 
     def _expiry(self) -> dict[str, datetime]:
         return {"expires": self._now(self.result_ttl)} if self.result_ttl else {}
@@ -4268,7 +4456,7 @@ class MongoQueue(Queue):
         # server would scan the collection unless told which index.
         groups = self._jobs.aggregate([{"$group": {"_id": {"state": "$state", "task": "$task"},
                                                    "n": {"$sum": 1}}}], hint="by_task")
-        counts = {f"{group['_id']['state']}:{group['_id']['task']}": group["n"] for group in groups}
+        counts = [(f"{group['_id'].get('state')}:{group['_id'].get('task')}", group["n"]) for group in groups]
         minutes = _minutes(self._clock_ms())
         done = {"$toLong": "$done"}
         per_minute = [0] * len(minutes)
@@ -4276,12 +4464,12 @@ class MongoQueue(Queue):
                 "_id": {"$subtract": [done, {"$mod": [done, 60_000]}]}, "n": {"$sum": 1}}}], hint="by_done"):
             if minutes[0] <= group["_id"] <= minutes[-1]:
                 per_minute[(group["_id"] - minutes[0]) // 60_000] += group["n"]
-        workers = [(doc["_id"], doc["seen"], doc["tasks"])
+        workers = [(str(doc["_id"]), doc.get("seen"), doc.get("tasks"))
                    for doc in self._workers.find(
                        {"seen": {"$gte": self._now(-WORKER_ALIVE_LEASES * self.lease_timeout)}})]
-        metrics = {_metric_key(doc["_id"], field): number for doc in self._metrics.find()
-                   for field, number in doc.items() if field != "_id"}
-        return counts, workers, per_minute, metrics
+        metrics = [(_metric_key(str(doc["_id"]), field), number) for doc in self._metrics.find()
+                   for field, number in doc.items() if field != "_id"]
+        return counts, workers, per_minute, metrics, []
 
     def _requeue(self, job_id: str) -> bool:
         requeued = self._jobs.update_one({"_id": self._object_id(job_id), "state": {"$in": _MONGO_DONE}},
@@ -4502,13 +4690,15 @@ def _set_if(field: str, value: Any) -> dict[str, Any]:
 
 
 def _mongo_fields(doc: dict[str, Any]) -> dict[str, Any]:
-    """Turn a job document into Queue._decode's fields: BSON dates become milliseconds."""
+    """Turn a job document into Queue._decode's fields: BSON dates become milliseconds. What
+    is wrong with a document is left for _decode to say."""
     fields = {key: round(value.timestamp() * 1000) if isinstance(value, datetime) else value
               for key, value in doc.items() if value is not None}
     if fields.get("state") == "failed":
         fields["state"] = JOB_STATE_DONE
-    if fields.get("due", 0) <= fields.get("enqueued", 0):
-        fields.pop("due", None)  # every document has a due time; only a later one is a schedule
+    due, enqueued = fields.get("due"), fields.get("enqueued")
+    if isinstance(due, int) and isinstance(enqueued, int) and due <= enqueued:
+        del fields["due"]  # every document has a due time; only a later one is a schedule
     return fields
 
 
@@ -4599,8 +4789,8 @@ def _web_query(query: str) -> tuple[str | None, str | None, int, int]:
         offset, limit = int(values.get("offset") or 0), int(values.get("limit") or WEB_PAGE_SIZE)
     except ValueError:
         raise _WebError(400, "offset and limit must be whole numbers") from None
-    if offset < 0 or not 1 <= limit <= WEB_MAX_PAGE_SIZE:
-        raise _WebError(400, f"offset must be 0 or more, and limit from 1 to {WEB_MAX_PAGE_SIZE}")
+    if not 0 <= offset < 2**63 or not 1 <= limit <= WEB_MAX_PAGE_SIZE:
+        raise _WebError(400, f"offset must be from 0 to 2**63 - 1, and limit from 1 to {WEB_MAX_PAGE_SIZE}")
     state = values.get("state") or None
     if state is not None and state not in _COUNTED_STATES:
         raise _WebError(400, f"state must be one of {', '.join(_COUNTED_STATES)}")
@@ -4721,7 +4911,10 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
             f"minutes, {done[-1] if done else 0} in this one</p>"
             f"<h2>Workers alive: {len(stats['workers'])}</h2>"
             + (f"<table><tr><th>worker</th><th>last seen</th><th>tasks</th></tr>{workers}</table>"
-               if workers else "<p>No worker has been seen lately.</p>"))
+               if workers else "<p>No worker has been seen lately.</p>")
+            + ("<h2>Malformed data</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>"
+                                                       for note in stats["malformed"]) + "</ul>"
+               if stats["malformed"] else ""))
 
 
 def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, task: str | None,
@@ -4850,6 +5043,8 @@ class _WebHandler(_RequestHandler):
             self._error(exc.status, str(exc))
         except NoSuchJobError:
             self._error(404, "no such job")
+        except MalformedJobError as exc:  # the record is wrong, not the request: said as it is
+            self._error(422, str(exc))
         except ServerUnavailableError as exc:
             self._error(503, str(exc))
         except Exception:
@@ -5036,7 +5231,8 @@ def _open(url: str, prefix: str | None, shards: int = 1, cluster: bool = False, 
     if cluster:
         redis = _require("redis", "redis")
         try:  # the client reads the cluster's slots at once
-            client = redis.cluster.RedisCluster.from_url(url, decode_responses=True)
+            client = redis.cluster.RedisCluster.from_url(url, decode_responses=True,
+                                                         encoding_errors="surrogateescape")
         except redis.RedisError as exc:
             raise ServerUnavailableError(f"can't reach the Redis Cluster at {url}: {exc}") from None
         queue: Queue = RedisQueue(client=client, **options)
@@ -5176,7 +5372,8 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"\nworkers alive: {len(stats['workers'])}",
                 *(f"  {w['id']}  seen {_short(w['last_seen'])}  tasks {', '.join(w['tasks'])}"
                   for w in stats["workers"]),
-                f"done per minute, last 15 minutes: {' '.join(map(str, stats['done_per_minute']))}"]))
+                f"done per minute, last 15 minutes: {' '.join(map(str, stats['done_per_minute']))}",
+                *(f"malformed: {note}" for note in stats["malformed"])]))
         elif args.command == "enqueue":
             params = json.loads(args.params)
             job = (queue.enqueue(args.task, params) if args.wait is None
