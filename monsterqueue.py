@@ -2766,11 +2766,12 @@ return {now, first, due, held}
 # '' for none.
 _REDIS_FIRE = _RedisScript("prefix name tick next_tick task expression stack priority params unique_key "
                            "shards shard", _REDIS_ENQUEUE_LIB + """
-local record = cjson.decode(redis.call('HGET', KEYS[1], name) or '{}')
-local last = record.last
+local read, record = pcall(cjson.decode, redis.call('HGET', KEYS[1], name) or '{}')
+if not read or type(record) ~= 'table' then record = {} end  -- junk: a new record replaces it
+local last = tonumber(record.last)
 record.name, record.task, record.schedule, record.next = name, task, expression, tonumber(next_tick)
 local fired = false
-if tick ~= '' and (tonumber(last) or 0) < tonumber(tick) then
+if tick ~= '' and (last or 0) < tonumber(tick) then
   local _, first, _, held = enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, '', 0, '',
                                          tonumber(priority), {params, unique_key})
   fired = held[1] and held[1][2] or first
@@ -4396,6 +4397,14 @@ class MongoQueue(Queue):
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
+        # A job whose state is no job state is never claimed: failed, as a record that can't be
+        # read is. The index's bounds skip every job in a state of its own.
+        for doc in self._jobs.find({"state": {"$nin": [JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, *_MONGO_DONE]}},
+                                   projection={"state": True}, hint="by_state"):
+            self._jobs.update_one({"_id": doc["_id"], "state": doc.get("state")}, {
+                "$set": {"state": "failed", "done": now, "waiter": False, **self._expiry(),
+                         "error": f"the stored job has a state that is no job state: {doc.get('state')!r}"},
+                "$unset": {"worker": "", "lease": "", "unique": ""}})
         self._add_observed()  # last: the leases above matter more
         return cancelled
 
