@@ -259,7 +259,8 @@ def make_queue(request: pytest.FixtureRequest, backend: str, **options: Any) -> 
         # A pool as large as the load tests' waiters, each of which holds a connection in BLPOP.
         sharded = {"shards": 3, "key_prefix": "mq-shards"} if backend == "redis-cluster-shards" else {}
         return RedisQueue(client=RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True,
-                                              max_connections=1000), **sharded, **options)
+                                              encoding_errors="surrogateescape", max_connections=1000),
+                          **sharded, **options)
     raise ValueError(backend)
 
 
@@ -297,12 +298,18 @@ def load(queue: Queue, jobs: int) -> int:
     return max(jobs // 10, 10) if isinstance(queue, MongoQueue) else jobs
 
 
+def held(q: Queue) -> dict[str, Job]:
+    """The jobs q's worker runs now."""
+    worker = q._worker
+    return {} if worker is None else worker._held
+
+
 @contextlib.contextmanager
 def running(q: Queue) -> Iterator[threading.Thread]:
     """Run q.process_loop on a thread for the with-block, then stop it."""
     thread = threading.Thread(target=q.process_loop, daemon=True)
     thread.start()
-    assert wait_until(lambda: q._stopping is not None, 5)
+    assert wait_until(lambda: q._worker is not None, 5)
     try:
         yield thread
     finally:
@@ -567,7 +574,7 @@ def test_stop_is_safe_twice_from_any_thread_and_without_a_loop(queue: Queue, tas
     queue.stop()
     thread = threading.Thread(target=queue.process_loop)
     thread.start()
-    assert wait_until(lambda: queue._stopping is not None)
+    assert wait_until(lambda: queue._worker is not None)
     stoppers = [threading.Thread(target=queue.stop) for _ in range(3)]
     for stopper in stoppers:
         stopper.start()
@@ -586,6 +593,18 @@ def test_stop_returns_promptly(queue: Queue, task: TestTask) -> None:
     queue.stop()
     assert time.monotonic() - started < 0.5
     thread.join(5)
+
+
+def test_stop_wins_whenever_it_comes_after_process_loop_was_entered(queue: Queue, task: TestTask) -> None:
+    """stop() at once after the start, while the loop is still starting, ends it: a thousand times."""
+    for _ in range(1000):
+        thread = threading.Thread(target=queue.process_loop)
+        thread.start()
+        while queue._worker is None and thread.is_alive():
+            time.sleep(0)
+        queue.stop()
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 def test_stop_from_a_signal_handler_on_the_loop_thread(queue: Queue, task: TestTask) -> None:
@@ -1099,14 +1118,14 @@ def test_a_time_limit_fails_a_task_blocked_in_c_and_keeps_the_concurrency(
 
     with running(queue):
         stuck_jobs = [queue.enqueue("stuck") for _ in range(2)]
-        assert wait_until(lambda: len(queue._held) == 2, 5)
+        assert wait_until(lambda: len(held(queue)) == 2, 5)
         # 2 threads stuck, 6 free: six jobs run at once beside them.
         queue.enqueue_many("meet", [{"i": i} for i in range(6)])
         assert wait_until(lambda: len(met) == 6, 10)
         for job in stuck_jobs:
             failed_with(queue, job.id, "TimeLimitExceeded", 3)
         # The stuck threads still block, yet all 8 places are free again.
-        assert wait_until(lambda: not queue._held, 5)
+        assert wait_until(lambda: not held(queue), 5)
         together = threading.Barrier(8, timeout=10)
         met.clear()
         meeting = queue.enqueue_many("meet", [{"i": i} for i in range(8)])
@@ -1228,14 +1247,16 @@ def test_cancel_a_running_job_within_a_heartbeat(new_queue: Any) -> None:
 
 
 def test_a_job_cancelled_while_running_is_not_retried(queue: Queue) -> None:
+    queue.task("flaky", max_retries=3)(lambda: None)
     job = queue.enqueue("flaky")
-    ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)
+    ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0, threading.Event())
     assert queue.cancel_job(job.id).status.state == JOB_STATE_RUNNING
     # The task fails before its worker's heartbeat tells it of the cancel: no retry.
-    assert queue._retry(queue._decode(job_id, fields), 0, None)
+    assert queue._retry(queue._decode(job_id, fields), 0, None) is False  # nothing changed
+    queue._report(queue._decode(job_id, fields), None, "boom", retryable=True)
     done = queue.retrieve_job(job.id)
     assert done.status.state == JOB_STATE_DONE and done.as_dict()["error"] == "cancelled while running"
-    assert list(queue._claim(["flaky"], 1, "worker", 0.01)) == []
+    assert list(queue._claim(["flaky"], 1, "worker", 0.01, threading.Event())) == []
 
 
 def test_retried_jobs_wait_from_their_retry_and_stale_ids_are_skipped(queue: Queue, task: TestTask) -> None:
@@ -1908,30 +1929,20 @@ def test_a_cancelled_aenqueue_wait_withdraws_so_one_side_wins(queue: Queue, canc
         assert wait_until(lambda: acked == [False])  # the caller had withdrawn: nobody received it
 
 
-FASTAPI_STYLE_EXAMPLE = """
-import monsterqueue
-
-queue = monsterqueue.Queue(URL)
-
-async def thumbnail(request):                      # e.g. @app.post("/thumbnails") in FastAPI
-    job = await queue.aenqueue_wait("resize", {"path": request["path"]}, timeout=10)
-    return {"job": job.id, "thumbnail": job.result()}
-"""
-
-
-def test_the_readme_s_fastapi_style_handler(queue: Queue) -> None:
+def test_twenty_web_requests_await_their_jobs_at_once(queue: Queue) -> None:
+    """What a web handler does (the README's FastAPI route runs in the docs test), on every backend."""
     import asyncio
 
-    namespace: dict[str, Any] = {"QUEUE": queue}
-    exec(FASTAPI_STYLE_EXAMPLE.replace("monsterqueue.Queue(URL)", "QUEUE"), namespace)
-    assert FASTAPI_STYLE_EXAMPLE.strip() in (HERE / "README.md").read_text()
+    async def thumbnail(path: str) -> dict[str, Any]:
+        job = await queue.aenqueue_wait("resize", {"path": path}, timeout=10)
+        return {"job": job.id, "thumbnail": job.result()}
 
     @queue.task()
     async def resize(path: str) -> str:
         return path.replace(".png", ".small.png")
 
     async def requests() -> list[dict[str, Any]]:
-        return await asyncio.gather(*(namespace["thumbnail"]({"path": f"{i}.png"}) for i in range(20)))
+        return await asyncio.gather(*(thumbnail(f"{i}.png") for i in range(20)))
 
     with running(queue):
         answers = asyncio.run(requests())
@@ -2319,7 +2330,8 @@ def test_a_queue_refuses_another_number_of_shards(sharded: Any, redis_url: str) 
     reader = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=4)
     assert reader.stats()["counts"] == {}  # a read records no number
     reader.close()
-    with running(one):  # a worker records the number at once, before any job
+    with running(one):  # a worker records the number as it starts, before any job
+        assert wait_until(lambda: one.client.get("{mq-one-shard}:shards") == "1", 5)
         spread = RedisQueue(redis_url, key_prefix="mq-one-shard", shards=3)
         with pytest.raises(ValueError, match="numbered for shards=1, not 3"):
             spread.enqueue("nobody")
@@ -2401,14 +2413,15 @@ def test_a_batch_cut_short_on_its_second_shard_says_what_was_stored(sharded: Any
     queue.reset_storage()
     keys = [f"key-{n}" for n in range(20)]
     assert len({queue._shard_of_key(key) for key in keys}) == 3
-    real, calls = queue._enqueue_script, []
+    real, calls = queue._script, []
 
-    def second_fails(keys: list[str], args: list[Any]) -> Any:
-        calls.append(keys)
-        if len(calls) == 2:  # as a master that went away between two scripts of one batch
-            raise redis.ConnectionError("the master went away")
-        return real(keys, args)
-    monkeypatch.setattr(queue, "_enqueue_script", second_fails)
+    def second_fails(script: Any, keys: list[str], args: list[Any]) -> Any:
+        if script is monsterqueue._REDIS_ENQUEUE:
+            calls.append(keys)
+            if len(calls) == 2:  # as a master that went away between two scripts of one batch
+                raise redis.ConnectionError("the master went away")
+        return real(script, keys, args)
+    monkeypatch.setattr(queue, "_script", second_fails)
     with pytest.raises(OutcomeUnknownError, match=r"(\d+) of the 20 jobs were stored") as caught:
         queue.enqueue_many("nobody", [{"n": n} for n in range(20)], unique_keys=keys)
     stored = int(re.search(r"(\d+) of the 20", str(caught.value)).group(1))  # type: ignore[union-attr]
@@ -2492,7 +2505,7 @@ def mongo_queue(mongodb_url: str) -> Iterator[MongoQueue]:
 
 
 def test_mongodb_claim_uses_its_index(mongo_queue: MongoQueue) -> None:
-    list(mongo_queue._claim(["test-task"], 1, "worker", 0))
+    list(mongo_queue._claim(["test-task"], 1, "worker", 0, threading.Event()))
     indexes = {index["name"]: index["key"] for index in mongo_queue._jobs.list_indexes()}
     assert list(indexes["claim_by_priority"].items()) == [("state", 1), ("task", 1), ("priority", -1),
                                                          ("_id", 1)]
@@ -2540,7 +2553,7 @@ def test_mongodb_round_trips_per_job(mongodb_url: str, monkeypatch: pytest.Monke
         return call(), list(commands.names)
 
     _, enqueue = sent(lambda: queue.enqueue("test-task"))
-    claimed, claim = sent(lambda: list(queue._claim(["test-task"], 1, "worker", 0)))
+    claimed, claim = sent(lambda: list(queue._claim(["test-task"], 1, "worker", 0, threading.Event())))
     _, finish = sent(lambda: queue._decode(*claimed[0]).success("done"))
     steps = {"enqueue": enqueue, "claim": claim, "finish": finish}
     assert steps == {"enqueue": ["insert"], "claim": ["findAndModify"], "finish": ["update"]}
@@ -2619,20 +2632,6 @@ def test_mongodb_listing_and_stats_read_indexes_not_the_collection(mongodb_url: 
     queue.close()
 
 
-def test_mongodb_failed_jobs_of_earlier_versions_are_moved_to_their_state(mongo_queue: MongoQueue,
-                                                                          mongodb_url: str) -> None:
-    """Earlier versions stored failed jobs as state done: the first queue of this one moves them."""
-    now = datetime.now(timezone.utc)
-    old = {"task": "t", "params": "{}", "enqueued": now, "due": now, "done": now, "attempt": 1}
-    ids = mongo_queue._jobs.insert_many([{**old, "state": "done", "error": "boom"},
-                                         {**old, "state": "done", "result": "1"}]).inserted_ids
-    mongo_queue._jobs.drop_index("by_task")
-    MongoQueue(mongodb_url, collection_prefix="mq_test").close()
-    assert [mongo_queue._jobs.find_one({"_id": i})["state"] for i in ids] == ["failed", "done"]
-    assert mongo_queue.stats()["counts"]["t"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 1}
-    assert mongo_queue.retrieve_job(str(ids[0])).status.state == JOB_STATE_DONE
-
-
 def test_mongodb_falls_back_to_polling_where_change_streams_are_refused(
         mongodb_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """A standalone mongod answers a change stream with error 40573 (here a failpoint says it):
@@ -2685,7 +2684,7 @@ def test_mongodb_waits_and_claims_go_on_through_a_server_restart(tmp_path: Path)
             caller = threading.Thread(target=lambda: waited.update(
                 job=producer.enqueue_wait("slow", {"seconds": 3}, timeout=60)))
             caller.start()
-            assert wait_until(lambda: worker._held, 10)
+            assert wait_until(lambda: held(worker), 10)
             restart()
             caller.join(60)
             assert not caller.is_alive() and waited["job"].result() == "slept"
@@ -2712,7 +2711,8 @@ def test_mongodb_a_finish_retried_after_a_server_error_still_reaches_its_waiter(
     caller = threading.Thread(target=lambda: waited.update(job=mongo_queue.enqueue_wait("t", timeout=10)))
     caller.start()
     claimed: list[tuple[str, dict[str, Any]]] = []
-    assert wait_until(lambda: claimed.extend(mongo_queue._claim(["t"], 1, "worker", 0.1)) or claimed)
+    assert wait_until(lambda: claimed.extend(mongo_queue._claim(["t"], 1, "worker", 0.1, threading.Event()))
+                      or claimed)
     ((job_id, fields),) = claimed
     holding, failures = mongo_queue._holding, [pymongo.errors.AutoReconnect("the server went away")]
 
@@ -2813,7 +2813,7 @@ def test_mongodb_malformed_ids_are_no_such_job(mongo_queue: MongoQueue) -> None:
 
 def test_mongodb_a_worker_that_does_not_hold_the_job_cannot_finish_it(mongo_queue: MongoQueue) -> None:
     mongo_queue.enqueue("test-task")
-    ((job_id, fields),) = mongo_queue._claim(["test-task"], 1, "worker-a", 0)
+    ((job_id, fields),) = mongo_queue._claim(["test-task"], 1, "worker-a", 0, threading.Event())
     held = mongo_queue._decode(job_id, fields)
     stale = Job(mongo_queue, job_id, "test-task", {}, held.status, "", delivery=held._delivery - 1)
     assert stale.success("not mine") is False
@@ -3013,19 +3013,22 @@ def test_retries_do_not_count_as_lost_leases(backend: str, request: pytest.Fixtu
     queue.reset_storage()
     try:
         job = queue.enqueue("flaky")
-        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0, threading.Event())
         assert queue._retry(queue._decode(job_id, fields), 0, None)  # delivery 1 failed and is retried
         time.sleep(0.01)
-        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)  # delivery 2
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0, threading.Event())  # delivery 2
         time.sleep(0.4)
         queue._heartbeat("another-worker", [])  # delivery 2's lease ran out: the first loss
         again = queue.retrieve_job(job.id)
         assert again.status.state == JOB_STATE_ENQUEUED and again._delivery == 2
-        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0)  # delivery 3
+        ((job_id, fields),) = queue._claim(["flaky"], 1, "worker", 0, threading.Event())  # delivery 3
         time.sleep(0.4)
         queue._heartbeat("another-worker", [])  # the second loss: max_deliveries
         with pytest.raises(JobError, match=r"delivered 3 times without finishing: .* lease 2 times"):
             queue.retrieve_job(job.id).result()
+        # Counted as every failure is, its run time with it, on both servers.
+        metrics = queue.stats()["metrics"]["flaky"]
+        assert (metrics["finished"], metrics["failed"], metrics["run_seconds"]["count"]) == (1, 1, 1)
     finally:
         queue.reset_storage()
         queue.close()
@@ -3069,7 +3072,7 @@ def test_redis_says_when_a_request_was_sent_and_no_answer_came() -> None:
         try:
             with pytest.raises(OutcomeUnknownError, match="may have been carried out"):
                 queue.enqueue("kept", {"n": 1})
-            with pytest.raises(ServerUnavailableError, match="the request was not sent") as raised:
+            with pytest.raises(ServerUnavailableError, match="the request was not carried out") as raised:
                 queue.enqueue("kept", {"n": 2})  # its new connection never got to send it
             assert type(raised.value) is ServerUnavailableError
         finally:
@@ -3698,3 +3701,343 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         worker.join(10)
         q.reset_storage()
         q.close()
+
+
+# ---------------------------------------------------------------------------
+# The documentation's examples
+# ---------------------------------------------------------------------------
+#
+# Every ```python block of README.md and docs/*.md runs here, so that none rots. The rules:
+#
+# - The blocks of one file run in order in one namespace, so a block continues the ones
+#   before it; each file starts afresh. __name__ isn't "__main__" there: a worker's
+#   endless loop is shown behind `if __name__ == "__main__":` and not run.
+# - A server URL in a string literal (redis://, rediss://, unix://, mongodb://,
+#   mongodb+srv://) becomes "memory://": this checks the examples' code, and the shared
+#   suite above each backend's behaviour.
+# - A block whose first line is "# NAME.py" is the module NAME: later blocks import it,
+#   and a worker runs each Queue it defines (process_loop on a thread) until the file's
+#   blocks are done, as `python -m monsterqueue worker NAME:queue` would beside them.
+# - A block whose first line is "# not run: <why>" (it needs a Redis Cluster, say) is
+#   compiled but not run. ```sh and ```text blocks are neither.
+# - The README's FastAPI route is sent a real request through FastAPI's TestClient where
+#   fastapi and httpx import; elsewhere a stand-in fastapi module lets its block run, and
+#   the handler is called with a stand-in request.
+#
+# A failing example's traceback names the Markdown file and its line.
+
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+SERVER_URL = re.compile(r"""(["'])(?:redis|rediss|unix|mongodb|mongodb\+srv)://[^"']*\1""")
+MODULE_BLOCK = re.compile(r"# (\w+)\.py")
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """The ```python blocks of a Markdown file: the line before each one's code, and the code."""
+    blocks: list[tuple[int, str]] = []
+    start: int | None = None
+    lines: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if start is None and line.strip() == "```python":
+            start, lines = number, []
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(lines) + "\n"))
+            start = None
+        elif start is not None:
+            lines.append(line)
+    assert start is None, f"{path.name}: the block opened at line {start} is never closed"
+    return blocks
+
+
+class StandInRequest:
+    """What the README's handler reads of a request: its JSON body."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    async def json(self) -> dict[str, Any]:
+        return self.body
+
+
+def stand_in_fastapi() -> Any:
+    """A module named fastapi whose app's route decorators leave the handler as it is."""
+    import types
+
+    class FastAPI:
+        def post(self, path: str) -> Any:
+            return lambda handler: handler
+
+    class Request:
+        pass
+
+    module = types.ModuleType("fastapi")
+    module.FastAPI, module.Request = FastAPI, Request  # type: ignore[attr-defined]
+    return module
+
+
+def ask_the_readme_s_route(namespace: dict[str, Any]) -> None:
+    import asyncio
+
+    body = {"path": "cat.png"}
+    try:
+        from fastapi.testclient import TestClient  # needs httpx as well
+    except (ImportError, RuntimeError):
+        answer = asyncio.run(namespace["thumbnail"](StandInRequest(body)))
+    else:
+        response = TestClient(namespace["app"]).post("/thumbnails", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+    assert answer["thumbnail"] == "cat.small.png"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(HERE)))
+def test_docs_examples_run(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    blocks = python_blocks(path)
+    readme = path.name == "README.md"
+    if readme:
+        try:
+            import fastapi  # noqa: F401
+        except ImportError:
+            monkeypatch.setitem(sys.modules, "fastapi", stand_in_fastapi())
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    modules: list[types.ModuleType] = []
+    workers: list[tuple[Queue, threading.Thread]] = []
+    try:
+        for start, code in blocks:
+            first = code.split("\n", 1)[0]
+            compiled = compile("\n" * start + SERVER_URL.sub('"memory://"', code), str(path), "exec")
+            module_name = MODULE_BLOCK.fullmatch(first)
+            if first.startswith("# not run:"):
+                continue
+            if module_name is None:
+                exec(compiled, namespace)
+                continue
+            module = types.ModuleType(module_name[1])
+            module.__file__ = str(path)
+            monkeypatch.setitem(sys.modules, module.__name__, module)
+            modules.append(module)
+            exec(compiled, vars(module))
+            for value in vars(module).values():
+                if isinstance(value, Queue):
+                    workers.append((value, threading.Thread(target=value.process_loop, daemon=True)))
+                    workers[-1][1].start()
+        if readme:
+            assert "thumbnail" in namespace, "the README's FastAPI route is gone"
+            ask_the_readme_s_route(namespace)
+    finally:
+        for q, thread in workers:
+            deadline = time.monotonic() + 10
+            while thread.is_alive() and time.monotonic() < deadline:  # stop() is a no-op until it runs
+                q.stop()
+                thread.join(0.1)
+            assert not thread.is_alive(), "a worker of the examples did not stop"
+        for value in [*namespace.values(), *(v for module in modules for v in vars(module).values())]:
+            if isinstance(value, Queue):
+                value.close()
+
+
+# ---------------------------------------------------------------------------
+# Bad stored data: one malformed record never hurts another (Redis and MongoDB)
+# ---------------------------------------------------------------------------
+
+def raw_redis(queue: RedisQueue) -> Any:
+    """A client of the queue's server that reads and writes bytes, as garbage would be written."""
+    import redis
+    kwargs = queue.client.connection_pool.connection_kwargs
+    return redis.Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0))
+
+
+def run_briefly(queue: Queue, until: Any, timeout: float = 20) -> None:
+    with running(queue):
+        assert wait_until(until, timeout)
+
+
+def test_a_job_that_is_not_utf8_fails_alone_at_once(redis_queue: RedisQueue) -> None:
+    ran: list[int] = []
+    redis_queue.task("t")(lambda n: ran.append(n))
+    jobs = redis_queue.enqueue_many("t", [{"n": 1}, {"n": 2}, {"n": 3}])
+    raw_redis(redis_queue).hset(f"{{mq-test}}:job:{jobs[1].id}", "params", b'{"n": "\xff"}')
+    with pytest.raises(MalformedJobError, match="its params is not UTF-8"):
+        redis_queue.retrieve_job(jobs[1].id)
+    assert [job.id for job in redis_queue.list_jobs()] == [jobs[0].id, jobs[2].id]  # left out, logged
+    started = time.monotonic()
+    run_briefly(redis_queue, lambda: redis_queue.stats()["counts"]["t"]["done"] == 2
+                and redis_queue.stats()["counts"]["t"]["failed"] == 1)
+    assert time.monotonic() - started < 5  # failed at its first claim, not after five lost leases
+    assert sorted(ran) == [1, 3]
+    stored = raw_redis(redis_queue).hget(f"{{mq-test}}:job:{jobs[1].id}", "error").decode()
+    assert "params is not UTF-8" in stored
+
+
+def test_a_task_name_that_is_not_utf8_leaves_stats_readable(redis_queue: RedisQueue, serve: Any) -> None:
+    redis_queue.task("ok")(lambda: None)
+    job = redis_queue.enqueue("ok")
+    raw_redis(redis_queue).hset(f"{{mq-test}}:job:{job.id}", "task", b"ok\xff")
+    raw_redis(redis_queue).hincrby("{mq-test}:counts", b"done:ok\xff", 1)
+    counts = redis_queue.stats()["counts"]
+    assert counts["ok\\xff"]["done"] == 1  # shown escaped, never raised
+    site = serve(redis_queue)
+    for path in ("/", "/metrics", "/api/stats", "/jobs"):
+        assert site.request(path)[0] == 200, path
+    status, _, page = site.request(f"/jobs/{job.id}")
+    assert status == 422 and "not UTF-8" in page
+    out = subprocess.run([sys.executable, "-m", "monsterqueue", "stats", redis_url_of(redis_queue),
+                          "--prefix", "mq-test"], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert out.returncode == 0 and "ok\\xff" in out.stdout, out.stderr
+
+
+def redis_url_of(queue: RedisQueue) -> str:
+    kwargs = queue.client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def corrupt(queue: Queue, job_id: str, **fields: Any) -> None:
+    """Overwrite stored fields of a job through the server's own client."""
+    if isinstance(queue, RedisQueue):
+        raw_redis(queue).hset(queue._job_key(job_id), mapping=fields)
+    else:
+        assert isinstance(queue, MongoQueue)
+        queue._jobs.update_one({"_id": queue._object_id(job_id)}, {"$set": fields})
+
+
+def test_deeply_nested_or_wrong_typed_fields_fail_their_job_alone(server_queue: Queue, serve: Any) -> None:
+    ran: list[int] = []
+    server_queue.task("t")(lambda n: ran.append(n))
+    jobs = server_queue.enqueue_many("t", [{"n": n} for n in range(4)])
+    corrupt(server_queue, jobs[1].id, params='{"n":' + "[" * 100_000 + "]" * 100_000 + "}")
+    corrupt(server_queue, jobs[2].id, enqueued="yesterday")
+    for job, what in ((jobs[1], "params"), (jobs[2], "enqueued")):
+        with pytest.raises(MalformedJobError, match=f"its {what}"):
+            server_queue.retrieve_job(job.id)
+    assert [job.id for job in server_queue.list_jobs()] == [jobs[0].id, jobs[3].id]
+    site = serve(server_queue)
+    assert site.request("/jobs")[0] == 200
+    assert site.request(f"/jobs/{jobs[1].id}")[0] == 422
+    out = subprocess.run([sys.executable, "-m", "monsterqueue", "show", server_url_of(server_queue),
+                          *prefix_args(server_queue), jobs[1].id], capture_output=True, text=True, cwd=HERE,
+                         timeout=60)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    run_briefly(server_queue, lambda: sum(server_queue.stats()["counts"]["t"].values()) == 4
+                and server_queue.stats()["counts"]["t"]["failed"] == 2, 30)
+    assert sorted(ran) == [0, 3]
+
+
+def server_url_of(queue: Queue) -> str:
+    if isinstance(queue, RedisQueue):
+        return redis_url_of(queue)
+    assert isinstance(queue, MongoQueue)
+    address = queue.client.address
+    return f"mongodb://{address[0]}:{address[1]}/{queue._jobs.database.name}"
+
+
+def prefix_args(queue: Queue) -> list[str]:
+    return ["--prefix", queue._prefix.strip("{}:")] if isinstance(queue, RedisQueue) else []
+
+
+def test_a_job_in_no_job_state_is_failed_with_a_reason(server_queue: Queue) -> None:
+    server_queue.task("t")(lambda: None)
+    zombie, good = server_queue.enqueue("t"), server_queue.enqueue("t")
+    corrupt(server_queue, zombie.id, state="zombie")
+    assert server_queue.stats()["counts"].get("t", {}).get("zombie") is None  # no column of its own
+    run_briefly(server_queue, lambda: server_queue.stats()["counts"]["t"]["failed"] == 1, 30)
+    with pytest.raises(JobError, match="no job state"):
+        server_queue.retrieve_job(zombie.id).result()
+    assert server_queue.retrieve_job(good.id).status.state == JOB_STATE_DONE
+
+
+def test_a_lone_surrogate_is_refused_at_enqueue(queue: Queue) -> None:
+    name = os.fsdecode(b"caf\xe9.txt")  # a file name that isn't UTF-8: "caf\udce9.txt"
+    for enqueue in (lambda: queue.enqueue("t", {"path": name}),
+                    lambda: queue.enqueue_many("t", [{"a": 1}, {"path": name}])):
+        with pytest.raises(TypeError, match="lone surrogate"):
+            enqueue()
+    assert queue.list_jobs() == []
+    assert queue.enqueue("t", {"text": "caf\u00e9 \U0001f600"}).params == {"text": "caf\u00e9 \U0001f600"}
+
+
+def test_a_page_past_what_a_server_seeks_is_refused_before_it(queue: Queue, serve: Any) -> None:
+    for limit, offset in ((None, 2**63), (2**63, 0), (None, -1), (True, 0)):
+        with pytest.raises(ValueError, match="from 0 to 2"):
+            queue.list_jobs(limit=limit, offset=offset)
+    assert serve(queue).request(f"/jobs?offset={2**63}")[0] == 400
+
+
+def test_junk_in_the_shared_records_is_left_out_and_said(server_queue: Queue, serve: Any,
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monsterqueue, "_logged_once", set())  # said before, by another test
+    server_queue.task("t")(lambda: None)
+    server_queue.enqueue("t")
+    if isinstance(server_queue, RedisQueue):
+        raw = raw_redis(server_queue)
+        raw.hset("{monsterqueue}:counts", mapping={"enqueued:junk": "many", "zombie:t": 1})
+        raw.hset("{monsterqueue}:metrics", mapping={"finished:t": "x", "run:t:99": 1})
+        raw.hset("{monsterqueue}:workers", "ghost", f"{int(time.time() * 1000)} not-json")
+        raw.hset("{monsterqueue}:periodic", "broken", "{not json")
+    else:
+        assert isinstance(server_queue, MongoQueue)
+        server_queue._metrics.insert_one({"_id": "t2", "finished": "x"})
+        server_queue._workers.insert_one({"_id": "ghost", "seen": datetime.now(timezone.utc), "tasks": "t"})
+        server_queue._schedules_fired.insert_one({"_id": "broken", "schedule": "every 1s"})
+        server_queue._jobs.insert_one({"task": "t", "state": "zombie", "params": "{}"})
+    with caplog.at_level("WARNING", logger="monsterqueue"):
+        stats = server_queue.stats()
+        server_queue.stats()
+    assert stats["counts"]["t"]["enqueued"] == 1 and stats["workers"] == [] and stats["periodic"] == []
+    assert len(stats["malformed"]) >= 4, stats["malformed"]
+    assert all(" left out: " in note for note in stats["malformed"])
+    logged = [record.message for record in caplog.records if " left out: " in record.message]
+    assert sorted(logged) == sorted(stats["malformed"])  # each said once, however often read
+    site = serve(server_queue)
+    for path in ("/", "/metrics", "/api/stats"):
+        assert site.request(path)[0] == 200, path
+    assert "Malformed data" in site.request("/")[2]
+
+
+def test_a_task_whose_queue_key_is_of_the_wrong_type_holds_up_no_other(redis_queue: RedisQueue) -> None:
+    ran: list[str] = []
+    redis_queue.task("a")(lambda: ran.append("a"))
+    redis_queue.task("b")(lambda: ran.append("b"))
+    redis_queue.enqueue("a")
+    raw_redis(redis_queue).set("{mq-test}:queue:a", "garbage")
+    redis_queue.enqueue_many("b", [{}, {}, {}])
+    with running(redis_queue):
+        assert wait_until(lambda: ran.count("b") == 3, 10)
+        time.sleep(1.5)  # idle, blocked on b's ready key alone (a pop on a's would fail at once)
+        redis_queue.enqueue("b")
+        assert wait_until(lambda: ran.count("b") == 4, 1)
+    assert "a" not in ran
+    assert any("queue:a" in note for note in redis_queue.stats()["malformed"])
+
+
+def test_a_redis_still_loading_its_data_refuses_the_request() -> None:
+    """LOADING is a refusal, said as ServerUnavailableError (not carried out), never as
+    OutcomeUnknownError: the command never ran."""
+    import redis
+    server = RedisServer("--enable-debug-command", "yes")
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.execute_command("DEBUG", "POPULATE", "30000")
+        client.save()
+        client.close()
+        server.stop()
+        # Each key takes 100 us to load, and the server answers between every few keys.
+        server.process = subprocess.Popen([*server.args, "--key-load-delay", "100",
+                                           "--loading-process-events-interval-bytes", "1024"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        queue = RedisQueue(server.url, connect_timeout=1)
+        refused, deadline = 0, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                queue.enqueue("t")
+                break
+            except OutcomeUnknownError as exc:
+                pytest.fail(f"a refusal said as an unknown outcome: {exc}")
+            except ServerUnavailableError as exc:
+                refused += "loading" in str(exc)
+                time.sleep(0.02)
+        assert refused and len(queue.list_jobs()) == 1
+        queue.close()
+    finally:
+        server.remove()
