@@ -2223,7 +2223,7 @@ class MemoryQueue(Queue):
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         now = _now_ms()
-        due = now + int(batch.delay * 1000) if batch.delay else None
+        due = now + round(batch.delay * 1000) if batch.delay else None
         enqueued = _time(now)
         assert enqueued is not None
         stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]] = []
@@ -2347,7 +2347,7 @@ class MemoryQueue(Queue):
                 return None
             if fields.get("cancel"):
                 return False
-            due = _now_ms() + int(delay * 1000)
+            due = _now_ms() + round(delay * 1000)
             fields.update(state=JOB_STATE_ENQUEUED, started=None, worker=None, due=due,
                           attempt=fields["attempt"] + 1, traceback=traceback)
             self._make_ready(job.id, due)
@@ -3293,7 +3293,7 @@ class RedisQueue(Queue):
         for shard, mine in places.items():
             prefix = self._prefixes[shard]
             head = [prefix, len(self._prefixes), shard, batch.task, batch.stack, waiter,
-                    int(batch.delay * 1000), limit, batch.priority]
+                    round(batch.delay * 1000), limit, batch.priority]
             for start in range(0, len(mine), 1000):
                 some = mine[start:start + 1000]
                 calls.append(([prefix + "seq"], [*head, *itertools.chain.from_iterable(
@@ -3450,7 +3450,7 @@ class RedisQueue(Queue):
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._script(_REDIS_RETRY, [self._job_key(job.id)], _REDIS_RETRY.args(
-            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, delay=int(delay * 1000),
+            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, delay=round(delay * 1000),
             traceback=traceback or ""))
         return None if retried == -1 else retried == 1
 
@@ -4066,7 +4066,7 @@ class MongoQueue(Queue):
 
     def _now(self, later: float = 0.0) -> datetime:
         """The server's time (plus ``later`` seconds), cut to the milliseconds BSON dates keep."""
-        return datetime.fromtimestamp((self._clock_ms() + int(later * 1000)) / 1000, timezone.utc)
+        return datetime.fromtimestamp((self._clock_ms() + round(later * 1000)) / 1000, timezone.utc)
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -4076,7 +4076,7 @@ class MongoQueue(Queue):
 
     def _documents(self, batch: _Batch, texts: list[str]) -> tuple[datetime, datetime, list[dict[str, Any]]]:
         now = self._now()
-        due = self._now(batch.delay) if batch.delay else now
+        due = now + timedelta(milliseconds=round(batch.delay * 1000))
         limit = {} if batch.time_limit is None else {"time_limit": batch.time_limit}
         return now, due, [{"task": batch.task, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
                            "due": due, "stack": batch.stack, "delivery": 0, "attempt": 1,
