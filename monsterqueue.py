@@ -957,8 +957,7 @@ class Queue:
                 raise MalformedJobError(f"job {shown} can't be decoded: its {name} is not UTF-8 text: "
                                         f"{_printable(value)!r:.60}") from None
             except (TypeError, ValueError, RecursionError) as exc:
-                shown_value = _printable(str(value))
-                raise MalformedJobError(f"job {shown} can't be decoded: its {name} {shown_value!r:.60} "
+                raise MalformedJobError(f"job {shown} can't be decoded: its {name} {value!r:.60} "
                                         f"is wrong: {_describe(exc)}") from None
 
         result = field("result", json.loads)
