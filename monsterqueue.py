@@ -281,7 +281,10 @@ class Task(abc.ABC):
 
 
 class FunctionTask(Task):
-    """A task made by @queue.task from a function of the job's params."""
+    """A task made by @queue.task from a function of the job's params, and the handle that
+    decorator returns: called, it runs the function here (in tests, say); its enqueue
+    methods enqueue jobs of it on the queue it is registered on, the params bound to the
+    function's signature (TypeError, and nothing stored, for a missing or unknown one)."""
 
     def __init__(self, name: str, function: Callable[..., Any], max_retries: int = 0,
                  retry_delay: float = 1.0, time_limit: float | None = DEFAULT_TIME_LIMIT,
@@ -292,9 +295,109 @@ class FunctionTask(Task):
         self.retry_delay = retry_delay
         self.time_limit = time_limit
         self.priority = _check_priority(priority)
+        self.queue: Queue | None = None  # the queue it was registered on last
+        self._signature: Any = None
 
     def run(self, job: Job) -> None:
         job.success(self.function(**job.params))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    def options(self, **options: Any) -> _TaskOptions:
+        """This task with enqueue options for its enqueue methods: any of Queue.enqueue's and
+        enqueue_wait's, ``timeout`` mattering to the waits only."""
+        return _TaskOptions(self, options)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> Job:
+        """Queue.enqueue() a job of this task with these params, by position or keyword."""
+        return self.options().enqueue(*args, **kwargs)
+
+    def enqueue_many(self, params_list: Iterable[JobParams]) -> list[Job]:
+        """Queue.enqueue_many() jobs of this task, one per dict of params."""
+        return self.options().enqueue_many(params_list)
+
+    def enqueue_wait(self, *args: Any, **kwargs: Any) -> Job:
+        """Queue.enqueue_wait() a job of this task with these params."""
+        return self.options().enqueue_wait(*args, **kwargs)
+
+    async def aenqueue(self, *args: Any, **kwargs: Any) -> Job:
+        """Queue.aenqueue() a job of this task with these params."""
+        return await self.options().aenqueue(*args, **kwargs)
+
+    async def aenqueue_many(self, params_list: Iterable[JobParams]) -> list[Job]:
+        """Queue.aenqueue_many() jobs of this task, one per dict of params."""
+        return await self.options().aenqueue_many(params_list)
+
+    async def aenqueue_wait(self, *args: Any, **kwargs: Any) -> Job:
+        """Queue.aenqueue_wait() a job of this task with these params."""
+        return await self.options().aenqueue_wait(*args, **kwargs)
+
+    def _params(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JobParams:
+        """A call's arguments as a job's params, by the function's parameter names."""
+        import inspect
+
+        if self._signature is None:
+            self._signature = inspect.signature(self.function)
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r}: {exc}") from None
+        params: JobParams = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                params.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"task {self.name!r} takes *{name}: a job's params are named")
+            else:
+                params[name] = value
+        return params
+
+
+class _TaskOptions:
+    """A task handle with enqueue options: what FunctionTask.options returns."""
+
+    def __init__(self, task: FunctionTask, options: dict[str, Any]) -> None:
+        self._task, self._options = task, options
+
+    def _queue(self, waits: bool) -> tuple[Queue, dict[str, Any]]:
+        if self._task.queue is None:
+            raise TypeError(f"task {self._task.name!r} is registered on no queue")
+        options = dict(self._options)
+        if not waits:
+            options.pop("timeout", None)
+        return self._task.queue, options
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> Job:
+        queue, options = self._queue(False)
+        return queue.enqueue(self._task.name, self._task._params(args, kwargs), **options)
+
+    def enqueue_many(self, params_list: Iterable[JobParams]) -> list[Job]:
+        queue, options = self._queue(False)
+        return queue.enqueue_many(self._task.name, [self._task._params((), params) for params in params_list],
+                                  **options)
+
+    def enqueue_wait(self, *args: Any, **kwargs: Any) -> Job:
+        queue, options = self._queue(True)
+        return queue.enqueue_wait(self._task.name, self._task._params(args, kwargs), **options)
+
+    async def aenqueue(self, *args: Any, **kwargs: Any) -> Job:
+        queue, options = self._queue(False)
+        return await queue.aenqueue(self._task.name, self._task._params(args, kwargs), **options)
+
+    async def aenqueue_many(self, params_list: Iterable[JobParams]) -> list[Job]:
+        queue, options = self._queue(False)
+        return await queue.aenqueue_many(
+            self._task.name, [self._task._params((), params) for params in params_list], **options)
+
+    async def aenqueue_wait(self, *args: Any, **kwargs: Any) -> Job:
+        queue, options = self._queue(True)
+        return await queue.aenqueue_wait(self._task.name, self._task._params(args, kwargs), **options)
 
 
 class AsyncFunctionTask(FunctionTask):
@@ -447,11 +550,26 @@ class Queue:
 
     # -- tasks ---------------------------------------------------------------
 
-    def register_task(self, task: Task) -> None:
-        """Make ``task`` runnable by this queue's workers; ValueError on a duplicate or empty name."""
-        _check_task_name(task.name)
+    def register_task(self, task: Task | type[Task]) -> None:
+        """Make ``task`` runnable by this queue's workers: a Task, or a Task subclass that can be
+        built with no arguments. TypeError for anything else; ValueError for a duplicate or
+        empty name, a priority out of -100..100 or a time_limit that isn't a positive number."""
+        if isinstance(task, type) and issubclass(task, Task):
+            kind = task
+            try:
+                task = kind()
+            except TypeError as exc:
+                raise TypeError(f"{kind.__name__} can't be built with no arguments ({exc}): register an "
+                                "instance") from None
+        if not isinstance(task, Task):
+            raise TypeError(f"register_task takes a Task or a Task subclass, not {task!r}")
+        _check_task_name(getattr(task, "name", None))
+        _check_priority(task.priority)
+        _check_time_limit(task.time_limit)
         if task.name in self._tasks:
             raise ValueError(f"task {task.name!r} is already registered")
+        if isinstance(task, FunctionTask):
+            task.queue = self
         self._tasks[task.name] = task
         if _is_coroutine_function(task.run):
             self._async_tasks.add(task.name)
@@ -470,10 +588,14 @@ class Queue:
         _check_priority(priority)
 
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
+            if isinstance(function, type):
+                raise TypeError(f"@queue.task makes tasks of functions: register the class "
+                                f"{function.__name__} with queue.register_task")
             kind = AsyncFunctionTask if _is_coroutine_function(function) else FunctionTask
-            self.register_task(kind(name if isinstance(name, str) else function.__name__,
-                                    function, max_retries, retry_delay, time_limit, priority))
-            return function
+            handle = kind(name if isinstance(name, str) else function.__name__, function, max_retries,
+                          retry_delay, time_limit, priority)
+            self.register_task(handle)
+            return handle
         return register(name) if callable(name) else register
 
     def periodic(self, cron: str | None = None, *, every: float | None = None,
@@ -485,9 +607,9 @@ class Queue:
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             task_name = function.__name__
             schedule = _Schedule(name or task_name, task_name, cron, every, params, unique_key)
-            self.task(task_name, **task_options)(function)
+            handle = self.task(task_name, **task_options)(function)
             self._add_schedule(schedule)
-            return function
+            return handle
         return register
 
     def schedule(self, task_name: str, cron: str | None = None, *, every: float | None = None,
@@ -514,11 +636,14 @@ class Queue:
 
     # -- producing -----------------------------------------------------------
 
-    def enqueue(self, task_name: str, params: JobParams | None = None, *,
+    def enqueue(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None, *,
                 delay: float | None = None, eta: datetime | None = None,
                 time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
                 unique_key: str | None = None) -> Job:
         """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON.
+
+        The task is named, or given by the handle @queue.task returned (whose
+        own enqueue methods take its params by position or keyword).
 
         With ``delay`` (seconds) or ``eta`` (an aware datetime) it starts no
         sooner. ``time_limit`` (seconds, None for none) overrides the task's.
@@ -531,7 +656,8 @@ class Queue:
         """
         return self._enqueue(task_name, [params], [unique_key], None, delay, eta, time_limit, priority)[0]
 
-    def enqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
+    def enqueue_many(self, task_name: str | Task | Callable[..., Any],
+                     params_list: Iterable[JobParams | None], *,
                      delay: float | None = None, eta: datetime | None = None,
                      time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
                      unique_keys: Iterable[str | None] | None = None) -> list[Job]:
@@ -543,7 +669,7 @@ class Queue:
         return self._enqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None, delay,
                              eta, time_limit, priority)
 
-    def enqueue_wait(self, task_name: str, params: JobParams | None = None,
+    def enqueue_wait(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None,
                      timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
                      eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
                      priority: int | None = None) -> Job:
@@ -580,7 +706,10 @@ class Queue:
                  time_limit: float | object | None, priority: int | None
                  ) -> tuple[_Batch, list[tuple[str, str | None]]]:
         """Check and encode what enqueue and its twins are given, or raise; nothing is stored."""
-        _check_task_name(task_name)
+        task_name = self._name_of(task_name)
+        if self._tasks and task_name not in self._tasks:
+            _log_once(f"enqueue: no task {task_name!r} is registered on this queue: a worker that runs it "
+                      f"must register it, or its jobs wait for good")
         if priority is None:
             priority = self._tasks[task_name].priority if task_name in self._tasks else 0
         spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta, self._clock_ms()),
@@ -594,6 +723,18 @@ class Queue:
             jobs.append((_encoded_params(params), unique_key))
         return spec, jobs
 
+    def _name_of(self, task: str | Task | Callable[..., Any]) -> str:
+        """The name of a task given by name, by its handle or Task, or by its function."""
+        if isinstance(task, Task):
+            return task.name
+        if callable(task):
+            registered = [name for name, of in self._tasks.items() if getattr(of, "function", None) is task]
+            if not registered:
+                raise ValueError(f"{task!r} is no task registered on this queue: pass its name")
+            return registered[0]
+        _check_task_name(task)
+        return task
+
     def _built(self, batch: _Batch, jobs: list[tuple[str, str | None]],
                stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]) -> list[Job]:
         """The Job of each job _insert stored, or the stored job that holds its unique key."""
@@ -605,7 +746,7 @@ class Queue:
 
     # -- producing from asyncio code -------------------------------------------
 
-    async def aenqueue(self, task_name: str, params: JobParams | None = None, *,
+    async def aenqueue(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None, *,
                        delay: float | None = None, eta: datetime | None = None,
                        time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
                        unique_key: str | None = None) -> Job:
@@ -614,7 +755,8 @@ class Queue:
         return (await self._aenqueue(task_name, [params], [unique_key], None, delay, eta, time_limit,
                                      priority))[0]
 
-    async def aenqueue_many(self, task_name: str, params_list: Iterable[JobParams | None], *,
+    async def aenqueue_many(self, task_name: str | Task | Callable[..., Any],
+                            params_list: Iterable[JobParams | None], *,
                             delay: float | None = None, eta: datetime | None = None,
                             time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
                             unique_keys: Iterable[str | None] | None = None) -> list[Job]:
@@ -623,7 +765,7 @@ class Queue:
         return await self._aenqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None,
                                     delay, eta, time_limit, priority)
 
-    async def aenqueue_wait(self, task_name: str, params: JobParams | None = None,
+    async def aenqueue_wait(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None,
                             timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
                             eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
                             priority: int | None = None) -> Job:
