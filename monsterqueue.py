@@ -850,7 +850,9 @@ class Queue:
         the ``p50``, ``p95`` and ``p99`` estimated from them. ``periodic``
         lists the schedules the workers fire: name, task, schedule (the
         expression), next and last tick (ISO 8601) and last_job (an id).
-        ``malformed`` says what was left out because it can't be read (an
+        ``unserved`` names the tasks with enqueued (or delayed) jobs that no
+        live worker runs: a typo, or a worker missing. ``malformed`` says what
+        was left out because it can't be read (an
         entry of the shared records that isn't what this library writes, a
         key of the wrong type): the rest is served.
         """
@@ -885,12 +887,15 @@ class Queue:
                                            for raw in periodic) if record is not None]
         for note in malformed:
             _log_once(note)
+        served = {task for _, tasks in alive.values() for task in tasks}
         return {"counts": by_task,
                 "workers": [{"id": worker, "last_seen": _iso(seen), "tasks": tasks}
                             for worker, (seen, tasks) in sorted(alive.items())],
                 "done_per_minute": per_minute,
                 "metrics": _task_metrics(good_metrics),
                 "periodic": sorted(schedules, key=lambda record: record["name"]),
+                "unserved": [task for task, of_task in by_task.items()
+                             if of_task[JOB_STATE_ENQUEUED] and task not in served],
                 "malformed": malformed}
 
     def retry_job(self, job_id: str) -> Job:
@@ -5027,7 +5032,9 @@ def _web_progress(progress: Any) -> str:
 
 def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
     counts: dict[str, dict[str, int]] = stats["counts"]
-    rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{html.escape(task_name)}</a></td>'
+    rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{html.escape(task_name)}</a>'
+            + (' <span class="error" title="no live worker runs this task">no worker</span>'
+               if task_name in stats["unserved"] else "") + "</td>"
             + "".join(_web_count(of_task.get(state, 0), task_name, state) for state in _COUNTED_STATES)
             + f"<td>{_web_task_actions(task_name, of_task, csrf_token)}</td></tr>"
             for task_name, of_task in counts.items()]
@@ -5129,6 +5136,10 @@ def _prometheus(stats: dict[str, Any]) -> str:
              "# TYPE monsterqueue_jobs gauge"]
     lines += [f'monsterqueue_jobs{{task="{label(task)}",state="{state}"}} {number}'
               for task, of_task in stats["counts"].items() for state, number in of_task.items()]
+    lines += ["# HELP monsterqueue_task_unserved 1 for a task with jobs waiting that no live worker runs.",
+              "# TYPE monsterqueue_task_unserved gauge"]
+    lines += [f'monsterqueue_task_unserved{{task="{label(task)}"}} {int(task in stats["unserved"])}'
+              for task in stats["counts"]]
     lines += ["# HELP monsterqueue_workers Workers whose heartbeat is less than three leases old.",
               "# TYPE monsterqueue_workers gauge", f"monsterqueue_workers {len(stats['workers'])}"]
     metrics = stats["metrics"]
@@ -5523,6 +5534,8 @@ def _inspect(args: argparse.Namespace) -> int:
                 *(f"  {w['id']}  seen {_short(w['last_seen'])}  tasks {', '.join(w['tasks'])}"
                   for w in stats["workers"]),
                 f"done per minute, last 15 minutes: {' '.join(map(str, stats['done_per_minute']))}",
+                *([f"unserved (jobs waiting, no live worker runs the task): {', '.join(stats['unserved'])}"]
+                  if stats["unserved"] else []),
                 *(f"malformed: {note}" for note in stats["malformed"])]))
         elif args.command == "enqueue":
             params = json.loads(args.params)
