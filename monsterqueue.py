@@ -114,11 +114,14 @@ CANCELLED_WHILE_RUNNING = f"{CANCELLED} while running"
 # workers, and must not loop forever. Filled with its deliveries and its lost leases.
 POISON_ERROR = "delivered %d times without finishing: its worker died or lost its lease %d times"
 
+# How a done job ended: job.status.outcome, stored with the outcome.
+OUTCOMES = ("succeeded", "failed", "cancelled", "expired")
+
 # A worker is listed alive while its last heartbeat is less than this many leases old.
 WORKER_ALIVE_LEASES = 3
 
 # What a job made enqueued again from done (retry_job, retry_jobs) no longer has.
-REQUEUE_CLEARS = ("done", "result", "error", "lost", "traceback", "progress", "cancel")
+REQUEUE_CLEARS = ("done", "outcome", "result", "error", "lost", "traceback", "progress", "cancel")
 
 # Defaults of the Queue options.
 DEFAULT_CONCURRENCY = 8         # worker threads per process_loop
@@ -248,7 +251,10 @@ class JobStatus:
     """Where a job is in its life, with timezone-aware UTC times.
 
     ``attempt`` counts runs made by retries (1 until the first retry);
-    ``scheduled`` is when a delayed or retried job becomes due.
+    ``scheduled`` is when a delayed or retried job becomes due; ``outcome``
+    is None until the job is done, then one of OUTCOMES: "succeeded",
+    "failed" (an error, a time limit, a malformed record, a poison job) or
+    "cancelled".
     """
 
     state: str
@@ -257,6 +263,7 @@ class JobStatus:
     done: datetime | None = None
     attempt: int = 1
     scheduled: datetime | None = None
+    outcome: str | None = None
 
 
 class Task(abc.ABC):
@@ -488,6 +495,7 @@ class Job:
         """Return the job as JSON-compatible data, times in ISO 8601: what the CLI and web show."""
         status = self._status
         return {"id": self._id, "task": self._task_name, "params": self._params, "state": status.state,
+                "outcome": status.outcome,
                 "enqueued": _iso(status.enqueued), "started": _iso(status.started),
                 "done": _iso(status.done), "scheduled": _iso(status.scheduled),
                 "attempt": status.attempt, "result": self._result, "error": self._error,
@@ -1027,7 +1035,7 @@ class Queue:
         return self._tasks[job.task_name].time_limit if job._time_limit is None else job._time_limit
 
     def _report(self, job: Job, result: str | None, error: str | None, retryable: bool,
-                traceback: str | None = None) -> bool:
+                traceback: str | None = None, cancelled: bool = False) -> bool:
         """Record a job's outcome, or schedule its retry; True if a waiter received it.
 
         A job cancelled while it ran is done as cancelled, never retried. While
@@ -1048,10 +1056,11 @@ class Queue:
                 with self._server():
                     retried = None if retry_in is None else self._retry(job, retry_in, traceback)
                     if retried is None and retry_in is None:
-                        received = self._finish(job, result, error, traceback)
+                        outcome = "succeeded" if error is None else "cancelled" if cancelled else "failed"
+                        received = self._finish(job, result, error, traceback, outcome)
                     elif retried is False:  # cancelled while it ran
                         retry_in, error = None, CANCELLED_WHILE_RUNNING
-                        received = self._finish(job, None, error, traceback)
+                        received = self._finish(job, None, error, traceback, "cancelled")
                     else:
                         received = False if retried else None
                 break
@@ -1110,7 +1119,8 @@ class Queue:
         result = field("result", json.loads)
         return Job(self, job_id, field("task", str), field("params", _json_object),
                    JobStatus(field("state", _state), field("enqueued", _time), field("started", _time),
-                             field("done", _time), field("attempt", int, 1), field("due", _time)),
+                             field("done", _time), field("attempt", int, 1), field("due", _time),
+                             field("outcome", _check_outcome)),
                    field("stack", str, ""), delivery=_int(fields.get("delivery")),
                    result=result, error=field("error", str), progress=field("progress", json.loads),
                    traceback=field("traceback", str) or None, time_limit=field("time_limit", float),
@@ -1171,11 +1181,11 @@ class Queue:
         """
         raise NotImplementedError
 
-    def _finish(self, job: Job, result: str | None, error: str | None,
-                traceback: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None, traceback: str | None,
+                outcome: str) -> bool | None:
         """Record the outcome if ``job`` still holds its delivery, and hand it to the waiter.
 
-        Atomically: state done, done time, result or error, the traceback (or
+        Atomically: state done, done time, ``outcome`` (one of OUTCOMES), result or error, the traceback (or
         none), the job's last progress if it set any, no longer held, kept for
         ``result_ttl`` then removed by the server, and the task's metrics
         (finished, failed, run time and queue wait: see _task_metrics).
@@ -1365,6 +1375,15 @@ def _bounded_traceback(lines: list[str]) -> str:
     text = "".join(lines)
     return text if len(text.encode()) <= TRACEBACK_LIMIT else text.encode()[:TRACEBACK_LIMIT].decode(
         errors="ignore")
+
+
+def _task_frames(frames: list[tuple[types.FrameType, int]]) -> traceback.StackSummary:
+    """Where an interrupted task was, outermost first, from its own first frame: the worker's
+    frames (of this file, and of the thread or event loop that runs it) left out, as they
+    are from the traceback of an exception the task raised."""
+    while frames and (_in_this_file(frames[0][0]) or frames[0][0].f_code.co_filename == threading.__file__):
+        frames.pop(0)
+    return traceback.StackSummary.extract(frames, lookup_lines=False)
 
 
 def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
@@ -1566,6 +1585,11 @@ def _int(value: Any) -> int:
 _COUNTED_STATES = (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed")
 
 
+def _state_text(job: dict[str, Any]) -> str:
+    """A job's state, as Job.as_dict() gives it, with its outcome once done: "done (failed)"."""
+    return f"{job['state']} ({job['outcome']})" if job.get("outcome") else job["state"]
+
+
 def _failed(job: dict[str, Any]) -> bool:
     """Whether a job, as stored fields or as_dict(), is done with an error."""
     return job.get("state") == JOB_STATE_DONE and job.get("error") is not None
@@ -1602,6 +1626,12 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError("not a JSON object")
     return value
+
+
+def _check_outcome(outcome: str) -> str:
+    if outcome not in OUTCOMES:
+        raise ValueError("not an outcome")
+    return outcome
 
 
 def _state(state: str) -> str:
@@ -1874,6 +1904,11 @@ def _require(module: str, extra: str) -> Any:
 # The worker: what process_loop runs
 # ---------------------------------------------------------------------------
 
+# What replaces an interrupted job's thread records: the job, its error, whether it may be
+# retried, where it was, and whether it was cancelled.
+_Interrupted = tuple[Job, str, bool, "traceback.StackSummary | None", bool]
+
+
 class _Run:
     """One delivery of a job on a worker: what the worker keeps while it runs."""
 
@@ -2082,7 +2117,7 @@ class _Worker:
 
     # -- jobs on threads -----------------------------------------------------------
 
-    def _add_thread(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+    def _add_thread(self, interrupted: _Interrupted | None,
                     serves: bool = True) -> None:
         """Start a worker thread; one that replaces an interrupted job's thread records its outcome
         first. One that ``serves`` no jobs only records it (an interrupted coroutine's)."""
@@ -2092,15 +2127,15 @@ class _Worker:
             self._threads.append(thread)
         thread.start()
 
-    def _serve(self, interrupted: tuple[Job, str, bool, traceback.StackSummary | None] | None,
+    def _serve(self, interrupted: _Interrupted | None,
                serves: bool) -> None:
         """Run the jobs handed to this thread until it is handed None, or replaced."""
         if interrupted is not None:
-            job, error, retryable, stack = interrupted
+            job, error, retryable, stack, cancelled = interrupted
             trace = None if stack is None else _bounded_traceback(
                 ["Traceback (most recent call last):\n", *stack.format(), f"{error}\n"])
             try:
-                self.queue._report(job, None, error, retryable, trace)
+                self.queue._report(job, None, error, retryable, trace, cancelled)
             except Exception:  # the server refused it (out of memory, say): the lease decides
                 logger.exception("job %s: outcome not recorded", job.id)
         while serves:
@@ -2225,20 +2260,17 @@ class _Worker:
             with self._thread_lock:
                 run.interrupted = True
                 if run.coroutine is not None:
-                    stack = traceback.StackSummary.extract(((frame, frame.f_lineno)
-                                                            for frame in run.coroutine.get_stack()),
-                                                           lookup_lines=False)
+                    stack = _task_frames([(frame, frame.f_lineno) for frame in run.coroutine.get_stack()])
                     self._event_loop.call_soon_threadsafe(run.coroutine.cancel)
                 elif run.thread is not None:
                     frame = sys._current_frames().get(run.thread)
                     if frame is not None:  # where it was: read now, formatted by the new thread
-                        stack = traceback.StackSummary.extract(traceback.walk_stack(frame),
-                                                               lookup_lines=False)
-                        stack.reverse()
+                        stack = _task_frames(list(traceback.walk_stack(frame))[::-1])
                     _raise_in_thread(run.thread, exception)
                     self._threads = [thread for thread in self._threads if thread.ident != run.thread]
             # Added before the loop can see the job gone, so that its shutdown waits for the report.
-            self._add_thread((job, error, retryable, stack), serves=job.task_name not in self._async_tasks)
+            self._add_thread((job, error, retryable, stack, exception is JobCancelledError),
+                             serves=job.task_name not in self._async_tasks)
             self._idle.notify_all()
         logger.warning("job %s (%s) interrupted: %s", job.id, job.task_name, error)
 
@@ -2450,13 +2482,13 @@ class MemoryQueue(Queue):
             return None
         return fields
 
-    def _finish(self, job: Job, result: str | None, error: str | None,
-                traceback: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None, traceback: str | None,
+                outcome: str) -> bool | None:
         with self._changed:
             fields = self._held_fields(job)
             if fields is None:
                 return None
-            self._done(job.id, result, error, traceback)
+            self._done(job.id, result, error, traceback, outcome)
             if job._progress_text is not None:
                 fields["progress"] = job._progress_text
             received = fields["waiter"]
@@ -2471,12 +2503,13 @@ class MemoryQueue(Queue):
         if loop is not None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-    def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None) -> None:
+    def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None,
+              outcome: str) -> None:
         fields = self._jobs[job_id]
         self._free_unique_key(job_id)
         now = _now_ms()
-        fields.update(state=JOB_STATE_DONE, done=now, result=result, error=error, traceback=traceback,
-                      worker=None)
+        fields.update(state=JOB_STATE_DONE, done=now, outcome=outcome, result=result, error=error,
+                      traceback=traceback, worker=None)
         started = fields.get("started")
         _observe(self._metrics, fields["task"], error is not None, started and now - started,
                  started and started - (fields["due"] or fields["enqueued"]))
@@ -2550,7 +2583,7 @@ class MemoryQueue(Queue):
                 raise NoSuchJobError()
             state = fields["state"]
             if state == JOB_STATE_ENQUEUED:
-                self._done(job_id, None, CANCELLED_BEFORE_IT_RAN, None)
+                self._done(job_id, None, CANCELLED_BEFORE_IT_RAN, None, "cancelled")
                 self._hand_over(job_id)
             elif state == JOB_STATE_RUNNING:
                 fields["cancel"] = True
@@ -2808,13 +2841,13 @@ end
 -- the waiter flag flips once, here or in the withdraw script, never both.
 -- A heartbeat removes the job once its result_ttl has passed; its key's own
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
-local function finish_job(prefix, id, field, value, now, keep, traceback, progress)
+local function finish_job(prefix, id, outcome, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
   local task, waiter, attempt, started, due, enqueued, unique_key = unpack(redis.call(
     'HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued', 'unique_key'))
-  local outcome, now_text = field == 'error' and 'failed' or 'done', int(now)
+  local kind, now_text = field == 'error' and 'failed' or 'done', int(now)
   task = task or ''
-  redis.call('HSET', key, 'state', 'done', 'done', now_text, field, value)
+  redis.call('HSET', key, 'state', 'done', 'done', now_text, 'outcome', outcome, field, value)
   redis.call('HDEL', key, 'worker')
   release_key(prefix, task, id, unique_key)
   if traceback then
@@ -2823,12 +2856,12 @@ local function finish_job(prefix, id, field, value, now, keep, traceback, progre
     redis.call('HDEL', key, 'traceback')
   end
   if progress then redis.call('HSET', key, 'progress', progress) end
-  observe(prefix, task, outcome == 'failed', tonumber(started), tonumber(due or enqueued), now)
+  observe(prefix, task, kind == 'failed', tonumber(started), tonumber(due or enqueued), now)
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
-  redis.call('ZADD', prefix .. 'done', now_text, outcome .. ':' .. task .. ':' .. id)
+  redis.call('ZADD', prefix .. 'done', now_text, kind .. ':' .. task .. ':' .. id)
   count(prefix, 'running', task, -1)
-  count(prefix, outcome, task, 1)
+  count(prefix, kind, task, 1)
   if keep > 0 then redis.call('PEXPIRE', key, int(keep)) end
   local deadline = tonumber(waiter)
   if not deadline or deadline == 0 then return 0 end
@@ -2836,10 +2869,10 @@ local function finish_job(prefix, id, field, value, now, keep, traceback, progre
   -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
   -- down, still settles a late withdrawal as a timeout.
   if now > deadline + 10000 then return 0 end
-  local outcome = prefix .. 'outcome:' .. id
-  redis.call('RPUSH', outcome, cjson.encode(redis.call('HGETALL', key)))
+  local handed = prefix .. 'outcome:' .. id
+  redis.call('RPUSH', handed, cjson.encode(redis.call('HGETALL', key)))
   -- The waiter pops it at once; the expiry only bounds a waiter that died.
-  redis.call('PEXPIRE', outcome, math.max(deadline - now, 0) + 60000)
+  redis.call('PEXPIRE', handed, math.max(deadline - now, 0) + 60000)
   return 1
 end
 """
@@ -3002,7 +3035,7 @@ for j = 1, math.min(limit, #best) do
     redis.call('DEL', key)
     redis.call('HSET', key, 'task', task, 'params', '{}', 'state', 'running', 'enqueued', now)
     count(prefix, 'running', task, 1)
-    finish_job(prefix, id, 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
+    finish_job(prefix, id, 'failed', 'error', 'the stored job was a Redis ' .. kind .. ', not a hash', now,
                tonumber(keep), false, false)
   else
     -- Only what the worker can't know: it set task, state, started and worker itself.
@@ -3013,8 +3046,8 @@ for j = 1, math.min(limit, #best) do
       if redis.call('ZREM', prefix .. 'enqueued', id) == 1 then count(prefix, 'enqueued', task, -1) end
       redis.call('HSET', key, 'state', 'running')
       count(prefix, 'running', task, 1)
-      finish_job(prefix, id, 'error', 'the stored job has a state that is no job state: ' .. state, now,
-                 tonumber(keep), false, false)
+      finish_job(prefix, id, 'failed', 'error', 'the stored job has a state that is no job state: ' .. state,
+                 now, tonumber(keep), false, false)
     -- Else it was cancelled while it waited, or it is a stale id of a job scheduled again.
     elseif (state == 'enqueued' or not state) and (tonumber(due) or 0) <= now then
       delivery = (tonumber(delivery) or 0) + 1
@@ -3056,9 +3089,9 @@ if held[1] ~= 'running' or held[2] ~= delivery then return -1 end
 
 # KEYS: job:ID. ``field``: 'result' or 'error', ``value`` its text; ``keep`` in ms (see
 # finish_job); ``traceback`` '' for none, ``progress`` '' for unchanged.
-_REDIS_FINISH = _RedisScript("prefix id delivery field value keep traceback progress",
+_REDIS_FINISH = _RedisScript("prefix id delivery outcome field value keep traceback progress",
                              _REDIS_LIB + _REDIS_HELD + """
-return finish_job(prefix, id, field, value, now_ms(), tonumber(keep), traceback ~= '' and traceback,
+return finish_job(prefix, id, outcome, field, value, now_ms(), tonumber(keep), traceback ~= '' and traceback,
                   progress ~= '' and progress)
 """)
 
@@ -3123,15 +3156,15 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     local task = redis.call('HGET', key, 'task') or ''
     -- Lost leases are counted apart from deliveries: retries deliver a job again too.
     local lost = redis.call('HINCRBY', key, 'lost', 1)
-    local error = false
+    local error, outcome = false, 'failed'
     if redis.call('HEXISTS', key, 'cancel') == 1 then
-      error = CANCELLED_WHILE_RUNNING
+      error, outcome = CANCELLED_WHILE_RUNNING, 'cancelled'
     elseif lost >= tonumber(max_deliveries) then
       error = string.format(POISON_ERROR, tonumber(redis.call('HGET', key, 'delivery')) or 0, lost)
     end
     if error then
       redis.call('ZADD', KEYS[1], now, id)  -- finish_job takes it out again
-      finish_job(prefix, id, 'error', error, now, ttl > 0 and ttl + lease or 0, false, false)
+      finish_job(prefix, id, outcome, 'error', error, now, ttl > 0 and ttl + lease or 0, false, false)
     else
       count(prefix, 'running', task, -1)
       requeue(prefix, id, task)
@@ -3190,7 +3223,8 @@ if state == 'enqueued' then
   -- finish_job ends a running job: count this one as one first.
   count(prefix, 'enqueued', task, -1)
   count(prefix, 'running', task, 1)
-  finish_job(prefix, id, 'error', CANCELLED_BEFORE_IT_RAN, now_ms(), tonumber(keep), false, false)
+  finish_job(prefix, id, 'cancelled', 'error', CANCELLED_BEFORE_IT_RAN, now_ms(), tonumber(keep), false,
+             false)
 elseif state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', 1)
 end
@@ -3586,12 +3620,12 @@ class RedisQueue(Queue):
             raise failed[0]
         return ready[0] if ready else None
 
-    def _finish(self, job: Job, result: str | None, error: str | None,
-                traceback: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None, traceback: str | None,
+                outcome: str) -> bool | None:
         field, value = ("result", result) if error is None else ("error", error)
         received = self._script(_REDIS_FINISH, [self._job_key(job.id)], _REDIS_FINISH.args(
-            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, field=field, value=value,
-            keep=self._keep_ms(), traceback=traceback or "", progress=job._progress_text or ""))
+            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, outcome=outcome, field=field,
+            value=value, keep=self._keep_ms(), traceback=traceback or "", progress=job._progress_text or ""))
         return None if received == -1 else received == 1
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
@@ -4333,8 +4367,8 @@ class MongoQueue(Queue):
         return {"_id": self._object_id_class(job.id), "state": JOB_STATE_RUNNING,
                 "delivery": job._delivery}
 
-    def _finish(self, job: Job, result: str | None, error: str | None,
-                traceback: str | None) -> bool | None:
+    def _finish(self, job: Job, result: str | None, error: str | None, traceback: str | None,
+                outcome: str) -> bool | None:
         # The waiter flag is decided by each update's filter, not by reading it back,
         # so that this and the waiter's withdrawal can't both win. The flag only ever
         # goes from true to false, so a job claimed without a waiter, the usual case,
@@ -4342,7 +4376,8 @@ class MongoQueue(Queue):
         awaited = (job.id, job._delivery) in self._awaited
         now = self._now()
         done = {"$set": {"state": JOB_STATE_DONE if error is None else "failed", "done": now,
-                         "result": result, "error": error, "waiter": False, **self._expiry(),
+                         "outcome": outcome, "result": result, "error": error, "waiter": False,
+                         **self._expiry(),
                          **_set_if("traceback", traceback), **_set_if("progress", job._progress_text)},
                 "$unset": {"worker": "", "lease": "", "unique": "",
                            **({} if traceback else {"traceback": ""})}}
@@ -4388,7 +4423,8 @@ class MongoQueue(Queue):
         while True:  # again if it moved between running and enqueued meanwhile
             before = self._jobs.find_one_and_update(
                 {**query, "state": JOB_STATE_ENQUEUED},
-                {"$set": {"state": "failed", "done": self._now(), "error": CANCELLED_BEFORE_IT_RAN,
+                {"$set": {"state": "failed", "done": self._now(), "outcome": "cancelled",
+                          "error": CANCELLED_BEFORE_IT_RAN,
                           "waiter": False, **self._expiry()}, "$unset": {"unique": ""}},
                 projection={"task": True})
             if before is not None:
@@ -4537,7 +4573,8 @@ class MongoQueue(Queue):
             if error is not None:
                 if self._jobs.update_one(expired, {
                         "$set": {"state": "failed", "done": now, "waiter": False, "lost": lost,
-                                 **self._expiry(), "error": error},
+                                 **self._expiry(), "error": error,
+                                 "outcome": "cancelled" if doc.get("cancel") else "failed"},
                         "$unset": {"worker": "", "lease": "", "unique": ""}}).matched_count:
                     self._observe(doc.get("task", ""), True, doc.get("started"), doc.get("due"), now)
             else:
@@ -4549,6 +4586,7 @@ class MongoQueue(Queue):
                                    projection={"state": True}, hint="by_state"):
             self._jobs.update_one({"_id": doc["_id"], "state": doc.get("state")}, {
                 "$set": {"state": "failed", "done": now, "waiter": False, **self._expiry(),
+                         "outcome": "failed",
                          "error": f"the stored job has a state that is no job state: {doc.get('state')!r}"},
                 "$unset": {"worker": "", "lease": "", "unique": ""}})
         self._add_observed()  # last: the leases above matter more
@@ -4959,8 +4997,8 @@ def _web_link(path: str, **query: Any) -> str:
 
 
 def _web_state(job: dict[str, Any]) -> str:
-    state = html.escape("failed" if _failed(job) else job["state"])
-    return f'<span class="state {state}">{state}</span>'
+    kind = "failed" if _failed(job) else job["state"]
+    return f'<span class="state {kind}">{html.escape(_state_text(job))}</span>'
 
 
 def _web_time(iso: str | None) -> str:
@@ -5517,7 +5555,7 @@ def _inspect(args: argparse.Namespace) -> int:
             page = {"jobs": [job.as_dict() for job in jobs], "offset": args.offset, "limit": args.limit}
             print(json.dumps(page, indent=2) if args.json else _table(
                 ["ID", "TASK", "STATE", "ENQUEUED", "DONE", "ATTEMPT", "OUTCOME"],
-                [[d["id"], d["task"], d["state"], _short(d["enqueued"]), _short(d["done"]), d["attempt"],
+                [[d["id"], d["task"], _state_text(d), _short(d["enqueued"]), _short(d["done"]), d["attempt"],
                   _outcome(d)[:60]] for d in page["jobs"]]))
         elif args.command == "stats":
             stats = queue.stats()
@@ -5588,7 +5626,7 @@ def _show(job: Job, as_json: bool) -> None:
         return
     for name in ("id", "task", "state", "enqueued", "scheduled", "started", "done", "attempt"):
         if data[name] is not None:
-            print(f"{name + ':':11}{data[name]}")
+            print(f"{name + ':':11}{_state_text(data) if name == 'state' else data[name]}")
     print(f"{'params:':11}{json.dumps(data['params'])}")
     if data["progress"] is not None:
         print(f"{'progress:':11}{json.dumps(data['progress'])}")

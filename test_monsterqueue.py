@@ -1351,7 +1351,7 @@ def test_tracebacks_of_failed_attempts(queue: Queue) -> None:
         raise ValueError("at the bottom")
 
     def deeper(n: int) -> None:  # frames that alternate are not folded into one line
-        deep(n)
+        deep.function(n)  # the function itself: calling its handle adds a frame of the library's
 
     class SaysNo(Task):
         name = "says-no"
@@ -4041,3 +4041,112 @@ def test_a_redis_still_loading_its_data_refuses_the_request() -> None:
         queue.close()
     finally:
         server.remove()
+
+
+# ---------------------------------------------------------------------------
+# The first hour: task handles, checked registration, outcomes, unserved tasks
+# ---------------------------------------------------------------------------
+
+def test_a_task_handle_runs_here_and_enqueues_its_params_by_name(queue: Queue) -> None:
+    import asyncio
+
+    @queue.task()
+    def square(x: int, delay: int = 0) -> int:  # a parameter named like an option
+        return x * x + delay
+
+    assert square(3) == 9 and square.name == "square"
+    with running(queue):
+        assert square.enqueue_wait(4).result() == 16
+        assert square.options(timeout=10, priority=3).enqueue_wait(x=2, delay=1).result() == 5
+        assert square.enqueue(5).params == {"x": 5}
+        assert [job.params for job in square.enqueue_many([{"x": 1}, {"x": 2}])] == [{"x": 1}, {"x": 2}]
+        assert asyncio.run(square.aenqueue_wait(x=7)).result() == 49
+        assert asyncio.run(square.options(delay=0.01).aenqueue(6)).status.scheduled is not None
+        assert [job.params for job in asyncio.run(square.aenqueue_many([{"x": 3}]))] == [{"x": 3}]
+        assert queue.enqueue(square, {"x": 2}).task_name == "square"
+        assert queue.enqueue(square.function, {"x": 2}).task_name == "square"
+    before = len(queue.list_jobs())
+    for wrong in (lambda: square.enqueue(1, 2, 3), lambda: square.enqueue(y=1), lambda: square.enqueue(),
+                  lambda: square.enqueue_many([{"x": 1}, {"y": 2}])):
+        with pytest.raises(TypeError, match="task 'square'"):
+            wrong()
+    assert len(queue.list_jobs()) == before  # nothing stored
+    with pytest.raises(ValueError, match="no task registered"):
+        queue.enqueue(lambda: None)
+
+
+def test_registration_fails_early(queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    class Resize(Task):
+        name = "resize"
+
+        def run(self, job: Job) -> None:
+            job.success("resized")
+
+    queue.register_task(Resize)  # a subclass is built with no arguments
+    with running(queue):
+        assert queue.enqueue_wait("resize", timeout=10).result() == "resized"
+
+    class NeedsArgument(Resize):
+        name = "needs"
+
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+    class TooUrgent(Resize):
+        name = "urgent"
+        priority = 1000
+
+    for wrong, error in ((NeedsArgument, TypeError), (print, TypeError), ("resize", TypeError),
+                         (TooUrgent, ValueError)):
+        with pytest.raises(error):
+            queue.register_task(wrong)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="register_task"):
+        queue.task()(Resize)
+    with caplog.at_level("WARNING", logger="monsterqueue"):
+        queue.enqueue("sqaure-typo-" + str(id(queue)))
+    assert any("no task 'sqaure-typo" in record.message for record in caplog.records)
+
+
+def test_every_outcome_is_stored_and_shown(new_queue: Any) -> None:
+    queue = new_queue(lease_timeout=1.5)  # the cancel reaches the running job with a heartbeat
+    queue.reset_storage()
+
+    @queue.task(max_retries=1, retry_delay=0.01)
+    def fails() -> None:
+        raise ValueError("no")
+
+    @queue.task()
+    def sleeps() -> None:
+        time.sleep(30)
+
+    queue.task()(lambda: None)
+    waiting = queue.enqueue("sleeps", delay=60)
+    assert waiting.status.outcome is None
+    assert queue.cancel_job(waiting.id).status.outcome == "cancelled"
+    with running(queue):
+        assert queue.enqueue_wait("<lambda>", timeout=10).status.outcome == "succeeded"
+        failed = queue.enqueue_wait("fails", timeout=10)
+        running_job = queue.enqueue("sleeps")
+        assert wait_until(lambda: queue.retrieve_job(running_job.id).status.state == JOB_STATE_RUNNING)
+        queue.cancel_job(running_job.id)
+        assert wait_until(lambda: queue.retrieve_job(running_job.id).status.state == JOB_STATE_DONE, 20)
+    assert failed.status.outcome == "failed" and failed.as_dict()["outcome"] == "failed"
+    cancelled = queue.retrieve_job(running_job.id)
+    assert cancelled.status.outcome == "cancelled"
+    assert cancelled.traceback is not None and "in sleeps\n" in cancelled.traceback
+    # From the task's own first frame: none of the worker's, nor of the thread that ran it.
+    assert f'"{monsterqueue.__file__}"' not in cancelled.traceback
+    assert "threading.py" not in cancelled.traceback
+    assert queue.retry_job(failed.id).status.outcome is None  # a retried job has no outcome yet
+    assert monsterqueue._state_text(cancelled.as_dict()) == "done (cancelled)"
+
+
+def test_stats_name_the_tasks_no_live_worker_serves(queue: Queue) -> None:
+    queue.task("served")(lambda: None)
+    queue.enqueue("unserved-task")
+    queue.enqueue("served", delay=60)
+    with running(queue):
+        assert wait_until(lambda: queue.stats()["workers"], 10)
+        stats = queue.stats()
+        assert stats["unserved"] == ["unserved-task"]
+        assert 'monsterqueue_task_unserved{task="unserved-task"} 1' in monsterqueue._prometheus(stats)
