@@ -1827,25 +1827,45 @@ def _in_this_file(frame: types.FrameType) -> bool:
     return os.path.normcase(frame.f_code.co_filename) == _THIS_FILE
 
 
+@functools.cache
+def _library_paths() -> tuple[str, ...]:
+    """Where the standard library and installed packages live: not the user's own code."""
+    import sysconfig
+
+    return tuple({path for name in ("stdlib", "platstdlib", "purelib", "platlib")
+                  if (path := sysconfig.get_paths().get(name))})
+
+
 def _enqueue_stack() -> str:
     """Describe the caller's stack, innermost frames kept within STACK_TRACE_LIMIT.
 
-    Only file, line and function are written: reading source lines (as the
-    traceback module does) would cost more than the enqueue itself.
+    The frames worth reading are the user's: this library's own are left out,
+    and so are those of the standard library and of installed packages (a web
+    framework, a server), unless no other frame is left. The command line's
+    enqueue says so. Only file, line and function are written: reading source
+    lines (as the traceback module does) would cost more than the enqueue itself.
     """
+    frames, own = [], []
     frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None and _in_this_file(frame):
+    library = _library_paths()
+    while frame is not None:
+        code = frame.f_code
+        if code is main.__code__:
+            return "  enqueued by the command line: python -m monsterqueue enqueue\n"
+        if not _in_this_file(frame):
+            frames.append(frame)
+            if not code.co_filename.startswith(library):
+                own.append(frame)
         frame = frame.f_back
     lines: list[str] = []
     size = 0
-    while frame is not None:
+    for frame in own or frames:
         code = frame.f_code
         line = f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n'
         size += len(line.encode())
         if size > STACK_TRACE_LIMIT:
             break
         lines.append(line)
-        frame = frame.f_back
     return "".join(reversed(lines))
 
 
@@ -5222,7 +5242,7 @@ class _WebHandler(_RequestHandler):
         super().__init__(*args)           # which handles the request
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("web: %s " + format, self.address_string(), *args)
+        logger.info("web: %s " + format, self.address_string(), *args)
 
     def _answer(self) -> None:
         url = urlsplit(self.path)
@@ -5644,13 +5664,23 @@ def main(argv: list[str] | None = None) -> int:
     Exit codes: 0 done; 1 the job is unknown, not done, failed or timed out;
     2 a usage error; 3 the URL is wrong or its server can't be reached.
     """
-    parser = argparse.ArgumentParser(prog="python -m monsterqueue", description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default="memory://", help="queue URL for the demo (default memory://)")
-    parser.add_argument("--jobs", type=int, default=5000, help="jobs the demo runs (default 5000)")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                        help=f"worker threads (default {DEFAULT_CONCURRENCY})")
+    # The global options, taken before the command or after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        default=argparse.SUPPRESS,
+                        help="what is logged (default: INFO for worker and web, which log each job and "
+                             "request, WARNING for the rest)")
+    parser = argparse.ArgumentParser(prog="python -m monsterqueue", parents=[common],
+                                     description=__doc__.split("\n")[0] + " With no command: the demo.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    worker = commands.add_parser("worker", help="run the tasks of a queue until SIGTERM or SIGINT")
+    demo = commands.add_parser("demo", parents=[common], help="enqueue and run jobs, then time enqueue_wait "
+                               "(the command by default)")
+    demo.add_argument("--url", default="memory://", help="queue URL (default memory://)")
+    demo.add_argument("--jobs", type=int, default=5000, help="jobs it runs (default 5000)")
+    demo.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                      help=f"worker threads (default {DEFAULT_CONCURRENCY})")
+    worker = commands.add_parser("worker", parents=[common],
+                                 help="run the tasks of a queue until SIGTERM or SIGINT")
     worker.add_argument("queue", metavar="MODULE:QUEUE", help="e.g. myapp.tasks:queue")
     worker.add_argument("--concurrency", type=int, dest="threads",
                         help="worker threads (default: the queue's)")
@@ -5662,7 +5692,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--cluster", action="store_true", help="the URL names a node of a Redis Cluster")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, parents=[common], help=help)
         sub.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
         sub.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
         sharding(sub)
@@ -5690,7 +5720,8 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("--task", help="with --state: only the jobs of this task")
     delete.add_argument("--yes", action="store_true", help="with --state: really delete them")
     command("cancel", "cancel a job: it never runs, or is interrupted if running").add_argument("id")
-    web = commands.add_parser("web", help="serve the dashboard and its JSON API until SIGINT")
+    web = commands.add_parser("web", parents=[common],
+                              help="serve the dashboard and its JSON API until SIGINT, logging each request")
     web.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")
     web.add_argument("--prefix", help="the queue's key_prefix (Redis) or collection_prefix (MongoDB)")
     sharding(web)
@@ -5698,14 +5729,13 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--port", type=int, default=8778, help="port to listen on (default 8778)")
     web.add_argument("--auth", metavar="USER:PASSWORD", help="require HTTP basic auth, as any host but a "
                      "loopback one does (default: $MONSTERQUEUE_WEB_AUTH)")
-    parser.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="what is logged (default: INFO for worker and web, which log each job and "
-                             "request, WARNING for the rest)")
     args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "demo"])
     bulk = {"retry": "failed", "delete": "state"}.get(args.command)
     if bulk and (args.id is None) == (not getattr(args, bulk)):
         parser.error(f"{args.command} takes a job id or --{bulk}, one of them")
-    level = args.log_level or ("INFO" if args.command in ("worker", "web") else "WARNING")
+    level = getattr(args, "log_level", None) or ("INFO" if args.command in ("worker", "web") else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "web":
@@ -5720,7 +5750,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 queue.concurrency = args.threads
             return _work(queue, args.grace)
-        if args.command is None:
+        if args.command == "demo":
             _demo(args.url, args.jobs, args.concurrency)
             return 0
         return _inspect(args)
@@ -5730,6 +5760,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a URL no backend takes
         print(f"monsterqueue: {exc}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # its reader went away (| head): say nothing more, as head expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

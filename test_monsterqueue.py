@@ -2089,8 +2089,8 @@ def test_cli_errors_are_one_line_with_exit_codes() -> None:
 
 
 def test_demo_runs_on_memory() -> None:
-    done = subprocess.run([sys.executable, "-m", "monsterqueue", "--jobs", "500"], capture_output=True,
-                          text=True, cwd=HERE, timeout=120, check=False)
+    done = subprocess.run([sys.executable, "-m", "monsterqueue", "demo", "--jobs", "500"],
+                          capture_output=True, text=True, cwd=HERE, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "processed 500 jobs" in done.stdout and "enqueue_wait round trip" in done.stdout
     assert "\r" not in done.stdout  # no progress line redrawn in a file that isn't a terminal
@@ -4150,3 +4150,32 @@ def test_stats_name_the_tasks_no_live_worker_serves(queue: Queue) -> None:
         stats = queue.stats()
         assert stats["unserved"] == ["unserved-task"]
         assert 'monsterqueue_task_unserved{task="unserved-task"} 1' in monsterqueue._prometheus(stats)
+
+
+def test_the_command_line_takes_global_options_anywhere_and_ends_quietly(redis_queue: RedisQueue) -> None:
+    url = redis_url_of(redis_queue)
+    redis_queue.enqueue_many("t", [{"n": n} for n in range(2000)])
+    for args in (("--log-level", "ERROR", "jobs", url, "--prefix", "mq-test"),
+                 ("jobs", url, "--prefix", "mq-test", "--log-level", "ERROR")):
+        done = cli(*args)
+        assert done.returncode == 0 and done.stdout.startswith("ID"), done.stderr
+    assert cli("--jobs", "5").returncode == 2  # the demo's options are the demo's
+    # A reader that goes away early (| head -1) gets no traceback.
+    command = f"{sys.executable} -m monsterqueue jobs {url} --prefix mq-test --limit 2000 | head -1"
+    shown = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=HERE, timeout=60,
+                           check=False)
+    assert shown.stdout.startswith("ID") and "Traceback" not in shown.stderr and "Error" not in shown.stderr
+    assert "command line" in cli("enqueue", url, "t", "--prefix", "mq-test").stdout.split("enqueued from:")[1]
+
+
+def test_the_enqueue_stack_keeps_the_user_s_frames(queue: Queue) -> None:
+    import sysconfig
+    framework = os.path.join(sysconfig.get_paths()["purelib"], "someframework", "routing.py")
+    namespace: dict[str, Any] = {"queue": queue}
+    exec(compile("def dispatch(handler):\n    return handler()\n", framework, "exec"), namespace)
+
+    def handler() -> Job:  # the user's endpoint, called by the framework
+        return queue.enqueue("t")
+    stack = namespace["dispatch"](handler).enqueue_stack
+    assert "in handler" in stack and "someframework" not in stack
+    assert monsterqueue.__file__ not in stack
