@@ -1245,7 +1245,13 @@ class Queue:
         raise NotImplementedError
 
     def _interrupt_claim(self, worker: str) -> None:
-        """Wake ``worker`` if it is blocked in _claim, so that stop() returns at once."""
+        """Wake ``worker`` if it is blocked in _claim or _await_cancel, so that stop() returns at
+        once."""
+        raise NotImplementedError
+
+    def _await_cancel(self, worker: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the server to push a cancel of a job ``worker``
+        runs (then return True: its heartbeat runs at once), or for _interrupt_claim."""
         raise NotImplementedError
 
     def _load(self, job_id: str) -> dict[str, Any]:
@@ -2042,6 +2048,8 @@ class _Worker:
                 thread.join()
             drained.set()
             self._wake_timer.set()
+            with contextlib.suppress(Exception), queue._server():
+                queue._interrupt_claim(self.id)  # the heartbeat waits for cancels: it ends now
             for helper in helpers:
                 helper.join()
             self._close_loop()
@@ -2332,8 +2340,9 @@ class _Worker:
     # -- the heartbeat and the scheduler ---------------------------------------------
 
     def _beat(self, drained: threading.Event) -> None:
-        """Every third of a lease: renew this worker's leases, requeue expired ones and interrupt
-        the jobs cancelled meanwhile. Every PROGRESS_INTERVAL: store the progress set since."""
+        """Every third of a lease, and at once when the server pushes a cancel of one of its
+        jobs: renew this worker's leases, requeue expired ones and interrupt the jobs cancelled
+        meanwhile. Every PROGRESS_INTERVAL: store the progress set since."""
         queue = self.queue
         next_beat = 0.0
         stored: dict[str, str] = {}  # job id -> the progress text last stored
@@ -2356,7 +2365,14 @@ class _Worker:
                 queue._outage.failed(exc)
             except Exception:  # an out-of-memory server, a bad record: leases must go on
                 logger.exception("heartbeat of worker %s failed; retrying", self.id)
-            if drained.wait(min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))):
+            wait = min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))
+            try:
+                with queue._server():
+                    if queue._await_cancel(self.id, wait):
+                        next_beat = 0.0
+            except Exception:  # the server is away: the heartbeat says so
+                drained.wait(wait)
+            if drained.is_set():
                 return
 
     def _fire_schedules(self, stopping: threading.Event) -> None:
@@ -2417,6 +2433,7 @@ class MemoryQueue(Queue):
         self._workers: dict[str, tuple[int, list[str]]] = {}  # worker -> (last seen ms, tasks)
         self._metrics: collections.Counter[str] = collections.Counter()  # see _observe
         self._ids = itertools.count(1)
+        self._woken: set[str] = set()  # workers told of a cancel, or to stop waiting for one
 
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -2607,6 +2624,8 @@ class MemoryQueue(Queue):
                 self._hand_over(job_id)
             elif state == JOB_STATE_RUNNING:
                 fields["cancel"] = True
+                self._woken.add(fields["worker"])
+                self._changed.notify_all()
             return state != JOB_STATE_DONE
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
@@ -2637,7 +2656,16 @@ class MemoryQueue(Queue):
 
     def _interrupt_claim(self, worker: str) -> None:
         with self._changed:
+            self._woken.add(worker)
             self._changed.notify_all()
+
+    def _await_cancel(self, worker: str, timeout: float) -> bool:
+        with self._changed:
+            self._changed.wait_for(lambda: worker in self._woken, timeout)
+            if worker not in self._woken:
+                return False
+            self._woken.discard(worker)
+            return True
 
     def _load(self, job_id: str) -> dict[str, Any]:
         with self._changed:
@@ -3247,6 +3275,11 @@ if state == 'enqueued' then
              false)
 elseif state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', 1)
+  local worker = redis.call('HGET', KEYS[1], 'worker')
+  if worker then  -- its worker's heartbeat waits on this list: it interrupts the job at once
+    redis.call('RPUSH', prefix .. 'cancels:' .. worker, id)
+    redis.call('PEXPIRE', prefix .. 'cancels:' .. worker, 60000)
+  end
 end
 return state
 """)
@@ -3762,8 +3795,20 @@ class RedisQueue(Queue):
         return done
 
     def _interrupt_claim(self, worker: str) -> None:
-        wake = self._key("wake", worker)
-        self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).execute()
+        wake, cancels = self._key("wake", worker), self._key("cancels", worker)
+        self.client.pipeline().zadd(wake, {"stop": 0}).expire(wake, 60).rpush(cancels, "").expire(
+            cancels, 60).execute()
+
+    def _await_cancel(self, worker: str, timeout: float) -> bool:
+        # On one server one pop waits on every shard's list; a cluster can't pop keys of several
+        # slots at once: there the first shard's cancels are pushed, the others' come with the
+        # heartbeat.
+        if timeout < 0.01:  # BLPOP would take 0 for "for good"
+            return False
+        prefixes = self._prefixes[:1] if self._cluster else self._prefixes
+        popped = self._command("BLPOP", *(prefix + "cancels:" + worker for prefix in prefixes), timeout,
+                               wait=timeout)
+        return bool(popped) and _text(popped[1]) != ""
 
     def _load(self, job_id: str) -> dict[str, Any]:
         self._check_shards(record=False)
@@ -4225,6 +4270,7 @@ class MongoQueue(Queue):
         self._observed_lock = threading.Lock()
         self._awaited: set[tuple[str, int]] = set()  # (id, delivery) of held jobs that had a waiter
         self._wakeup = threading.Event()
+        self._cancel_pushed = threading.Event()  # the change stream saw a cancel of a running job
         self._events = _JobEvents(self) if change_streams else None
         self._clock_offset, self._clock_read = 0, -math.inf  # ms the server's clock is ahead; when read
         self._indexed = False
@@ -4641,6 +4687,16 @@ class MongoQueue(Queue):
 
     def _interrupt_claim(self, worker: str) -> None:
         self._wakeup.set()
+        self._cancel_pushed.set()
+
+    def _await_cancel(self, worker: str, timeout: float) -> bool:
+        pushed = self._cancel_pushed.wait(timeout)
+        self._cancel_pushed.clear()
+        if pushed or (self._events is not None and self._events.pushing()):
+            return pushed
+        # Without the change stream, a look for its cancelled jobs after each wait.
+        return self._jobs.find_one({"state": JOB_STATE_RUNNING, "worker": worker, "cancel": True},
+                                   projection={"_id": True}) is not None
 
     def _object_id(self, job_id: str) -> Any:
         if not self._object_id_class.is_valid(job_id):
@@ -4735,10 +4791,12 @@ class MongoQueue(Queue):
 _MONGO_EVENTS = [
     {"$match": {"$or": [{"operationType": {"$in": ["insert", "delete"]}},
                         {"operationType": "update", "updateDescription.updatedFields.state": {
-                            "$in": [JOB_STATE_ENQUEUED, *_MONGO_DONE]}}]}},
+                            "$in": [JOB_STATE_ENQUEUED, *_MONGO_DONE]}},
+                        {"operationType": "update", "updateDescription.updatedFields.cancel": True}]}},
     {"$project": {"operationType": True, "documentKey": True, "fullDocument.task": True,
                   "fullDocument.due": True, "updateDescription.updatedFields.state": True,
-                  "updateDescription.updatedFields.due": True}}]
+                  "updateDescription.updatedFields.due": True,
+                  "updateDescription.updatedFields.cancel": True}}]
 
 # The codes of a server that has no change streams: a standalone mongod (40573),
 # one that doesn't know the stage (40324) or the command (115).
@@ -4865,6 +4923,9 @@ class _JobEvents:
 
     def _dispatch(self, change: dict[str, Any]) -> None:
         fields = change.get("fullDocument") or change.get("updateDescription", {}).get("updatedFields", {})
+        if fields.get("cancel"):  # a running job was cancelled: its worker's heartbeat runs now
+            self._queue._cancel_pushed.set()
+            return
         task = fields.get("task")  # an insert names its task, an update not
         if change["operationType"] == "delete" or fields.get("state") in _MONGO_DONE:
             with self._lock:
@@ -5610,8 +5671,18 @@ def _inspect(args: argparse.Namespace) -> int:
         elif args.command == "retry" and args.id is None:
             retried = queue.retry_jobs(args.task)
             print(json.dumps({"retried": retried}) if args.json else f"retried {retried} failed jobs")
+        elif args.command == "cancel":
+            job = queue.cancel_job(args.id)
+            if job.status.state == JOB_STATE_RUNNING:
+                print(f"monsterqueue: cancel requested: the worker running job {job.id} stops it within "
+                      f"about a second", file=sys.stderr)
+                deadline = time.monotonic() + (args.wait or 0)
+                while job.status.state != JOB_STATE_DONE and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    job = queue.retrieve_job(job.id)
+            _show(job, args.json)
         else:
-            act = {"retry": queue.retry_job, "cancel": queue.cancel_job}.get(args.command, queue.retrieve_job)
+            act = queue.retry_job if args.command == "retry" else queue.retrieve_job
             _show(act(args.id), args.json)
         return 0
     except QueueWaitTimeoutError as exc:
@@ -5719,7 +5790,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every job in this state (done includes the failed ones)")
     delete.add_argument("--task", help="with --state: only the jobs of this task")
     delete.add_argument("--yes", action="store_true", help="with --state: really delete them")
-    command("cancel", "cancel a job: it never runs, or is interrupted if running").add_argument("id")
+    cancel = command("cancel", "cancel a job: it never runs, or is interrupted if running")
+    cancel.add_argument("id")
+    cancel.add_argument("--wait", type=float, metavar="SECONDS", help="wait for a running job to end")
     web = commands.add_parser("web", parents=[common],
                               help="serve the dashboard and its JSON API until SIGINT, logging each request")
     web.add_argument("url", metavar="URL", help="the queue's URL, e.g. redis://localhost:6379/0")

@@ -4179,3 +4179,25 @@ def test_the_enqueue_stack_keeps_the_user_s_frames(queue: Queue) -> None:
     stack = namespace["dispatch"](handler).enqueue_stack
     assert "in handler" in stack and "someframework" not in stack
     assert monsterqueue.__file__ not in stack
+
+
+def test_a_cancel_reaches_its_running_job_at_once(backend: str, new_queue: Any) -> None:
+    """Pushed to the worker that holds it, not left for its next heartbeat (ten seconds away)."""
+    queue = new_queue()  # the default lease: a heartbeat every 10 s
+    queue.reset_storage()
+
+    @queue.task()
+    def sleeps() -> None:
+        time.sleep(60)
+
+    with running(queue):
+        for _ in range(3):
+            job = queue.enqueue("sleeps")
+            assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_RUNNING, 10)
+            time.sleep(0.2)
+            cancelled = time.monotonic()
+            queue.cancel_job(job.id)
+            assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE, 15)
+            # On a cluster only the first shard's cancels are pushed; the others wait for a heartbeat.
+            assert time.monotonic() - cancelled < (11 if backend == "redis-cluster-shards" else 1.5)
+            assert queue.retrieve_job(job.id).status.outcome == "cancelled"
