@@ -2975,6 +2975,7 @@ def test_sigterm_lets_the_running_job_finish_and_exits_0(fault_queue: Any) -> No
     assert re.search(r"INFO worker \d+ runs tasks sleepy, suicide, record with 4 threads", log), log
     assert f"INFO job {job.id} (sleepy) started" in log
     assert re.search(rf"INFO job {job.id} \(sleepy\) succeeded in 1\.\d+s", log), log
+    assert re.search(r"INFO worker \S+ stopped", log), log  # and its end
 
 
 def test_a_job_that_kills_its_worker_fails_after_max_deliveries(fault_queue: Any) -> None:
@@ -3265,8 +3266,11 @@ def ids_in(page: str) -> list[str]:
     return re.findall(r'href="/jobs/([^"?/]+)"', page)
 
 
-def test_web_overview_shows_counts_workers_and_throughput(web_queue: Queue, web: Site) -> None:
-    status, headers, page = web.request("/")
+def test_web_overview_shows_counts_workers_and_throughput(web_queue: Queue, web: Site,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="monsterqueue"):
+        status, headers, page = web.request("/")
+    assert any('"GET / HTTP/1.1" 200' in record.message for record in caplog.records)  # a line per request
     assert status == 200
     assert headers["Content-Type"] == "text/html; charset=utf-8"
     assert "script-src 'sha256-" in headers["Content-Security-Policy"]
@@ -4192,12 +4196,15 @@ def test_a_cancel_reaches_its_running_job_at_once(backend: str, new_queue: Any) 
 
     with running(queue):
         for _ in range(3):
-            job = queue.enqueue("sleeps")
-            assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_RUNNING, 10)
+            job_id = queue.enqueue("sleeps").id
+
+            def state(job_id: str = job_id) -> str:
+                return queue.retrieve_job(job_id).status.state
+            assert wait_until(lambda: state() == JOB_STATE_RUNNING, 10)
             time.sleep(0.2)
             cancelled = time.monotonic()
-            queue.cancel_job(job.id)
-            assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_DONE, 15)
+            queue.cancel_job(job_id)
+            assert wait_until(lambda: state() == JOB_STATE_DONE, 15)
             # On a cluster only the first shard's cancels are pushed; the others wait for a heartbeat.
             assert time.monotonic() - cancelled < (11 if backend == "redis-cluster-shards" else 1.5)
-            assert queue.retrieve_job(job.id).status.outcome == "cancelled"
+            assert queue.retrieve_job(job_id).status.outcome == "cancelled"
