@@ -3777,8 +3777,11 @@ class RedisQueue(Queue):
         return [_text(job_id) for ids in cancelled for job_id in ids or []]
 
     def _retire(self, worker: str) -> None:
-        self._on_shards({prefix: [] for prefix in self._prefixes},
-                        lambda prefix, _: self.client.hdel(prefix + "workers", worker))
+        # Its wake-ups too: the last ones, sent as it stopped, found it no longer waiting.
+        def retire(prefix: str, _: list[Job]) -> Any:
+            return self.client.pipeline(transaction=False).hdel(prefix + "workers", worker).delete(
+                prefix + "wake:" + worker, prefix + "cancels:" + worker).execute()
+        self._on_shards({prefix: [] for prefix in self._prefixes}, retire)
 
     def _on_shards(self, jobs: dict[str, list[Job]], step: Callable[[str, list[Job]], Any]) -> list[Any]:
         """Take ``step`` on each shard (key prefix) with its jobs and return what each gave.

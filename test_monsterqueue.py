@@ -3658,7 +3658,8 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         reloading(0.5)   # the job page the retry leads to reloads until the job is done
         browser.find_element(By.XPATH, "//button[text()='Retry']").click()
         wait.until(lambda d: d.execute_script(
-            "const state = document.querySelector('.state'); return state && state.textContent") == "done")
+            "const state = document.querySelector('.state'); return state && state.textContent")
+            == "done (succeeded)")
         result = browser.execute_script(
             "const pre = document.evaluate(\"//h2[text()='Result']/following::pre\", document, null,"
             " XPathResult.FIRST_ORDERED_NODE_TYPE, null).singleNodeValue; return pre && pre.textContent")
