@@ -3761,11 +3761,17 @@ class RedisQueue(Queue):
         """The running event loop's asyncio client, as the sync one but with no read timeout
         (BLPOP waits as long as asked), and the connections kept from it."""
         asyncio_redis = self._py.asyncio()
-        return self._loop_client(lambda: _Connections(asyncio_redis.Redis.from_url(
-            self._url, decode_responses=True, encoding_errors="surrogateescape",
-            socket_connect_timeout=self._connect_timeout,
-            max_connections=2**31, retry=asyncio_redis.retry.Retry(self._py.module.backoff.NoBackoff(), 0)),
-            self._py))
+
+        def make() -> _Connections:
+            client = asyncio_redis.Redis.from_url(
+                self._url, decode_responses=True, encoding_errors="surrogateescape",
+                socket_connect_timeout=self._connect_timeout, max_connections=2**31,
+                retry=asyncio_redis.retry.Retry(self._py.module.backoff.NoBackoff(), 0))
+            # No read timeout, neither the URL's socket_timeout (which wins over from_url's own
+            # arguments) nor redis-py 8's 5 s: a BLPOP waits as long as asked.
+            client.connection_pool.connection_kwargs["socket_timeout"] = None
+            return _Connections(client, self._py)
+        return self._loop_client(make)
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         # Each shard keeps its own leases, expiry and list of workers alive.
@@ -3980,8 +3986,6 @@ class _RedisPy:
         # Before 5.3 a pool hands out a connection for a command's name; later it warns of one.
         name = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
         self.checkout = ("EVALSHA",) if name is not None and name.default is inspect.Parameter.empty else ()
-        # From redis-py 8 on a read takes a timeout of its own; before, the socket's is stretched.
-        self.read_takes_timeout = "timeout" in inspect.signature(redis.Connection.read_response).parameters
         self._asyncio: Any = None
         self.async_check = ""
 
@@ -4074,16 +4078,12 @@ class _Connections:
         return reply
 
     def _read(self, conn: Any, wait: float) -> Any:
-        if not wait or conn.socket_timeout is None:
-            return conn.read_response()
-        if self._py.read_takes_timeout:
-            return conn.read_response(timeout=conn.socket_timeout + wait)
-        conn._sock.settimeout(conn.socket_timeout + wait)
-        try:
-            return conn.read_response()
-        finally:
-            if conn._sock is not None:  # else it disconnected on an error
-                conn._sock.settimeout(conn.socket_timeout)
+        # A blocking pop may hold its reply for ``wait``: wait that much longer than the socket
+        # timeout (a URL's socket_timeout may be shorter than the pop), with can_read, which
+        # every redis-py has (read_response takes a timeout from redis-py 8 on only).
+        if wait and conn.socket_timeout is not None and not conn.can_read(conn.socket_timeout + wait):
+            raise self._py.module.TimeoutError("Timeout reading from socket")
+        return conn.read_response()
 
     async def acommand(self, *args: Any) -> Any:
         """command(), on a connection of an asyncio client: its reads wait as long as asked."""
