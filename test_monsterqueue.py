@@ -4131,8 +4131,11 @@ def test_every_outcome_is_stored_and_shown(new_queue: Any) -> None:
     def fails() -> None:
         raise ValueError("no")
 
+    began = threading.Event()
+
     @queue.task()
     def sleeps() -> None:
+        began.set()
         time.sleep(30)
 
     queue.task()(lambda: None)
@@ -4143,7 +4146,7 @@ def test_every_outcome_is_stored_and_shown(new_queue: Any) -> None:
         assert queue.enqueue_wait("<lambda>", timeout=10).status.outcome == "succeeded"
         failed = queue.enqueue_wait("fails", timeout=10)
         running_job = queue.enqueue("sleeps")
-        assert wait_until(lambda: queue.retrieve_job(running_job.id).status.state == JOB_STATE_RUNNING)
+        assert began.wait(10)  # in the task: the cancel lands where it sleeps
         queue.cancel_job(running_job.id)
         assert wait_until(lambda: queue.retrieve_job(running_job.id).status.state == JOB_STATE_DONE, 20)
     assert failed.status.outcome == "failed" and failed.as_dict()["outcome"] == "failed"
