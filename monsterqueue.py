@@ -917,10 +917,11 @@ class Queue:
         """Cancel a job that isn't done and return it; NoSuchJobError, ValueError for a done job.
 
         An enqueued or delayed job is done at once and never runs. A running
-        one is interrupted by its worker, which learns of it from its next
-        heartbeat (a third of ``lease_timeout``), with JobCancelledError raised
-        in its thread. Either way it ends done with an error that starts with
-        "cancelled", and is listed and counted with the failed jobs.
+        one is interrupted by its worker, which the server tells at once
+        (within a heartbeat, a third of ``lease_timeout``, where it can't push),
+        with JobCancelledError raised in its thread; the job returned may be
+        running still, or done already. Either way it ends done with an error
+        that starts with "cancelled", and is listed and counted with the failed jobs.
         """
         with self._server():
             if not self._cancel(job_id):
@@ -3785,8 +3786,13 @@ class RedisQueue(Queue):
     def _retire(self, worker: str) -> None:
         # Its wake-ups too: the last ones, sent as it stopped, found it no longer waiting.
         def retire(prefix: str, _: list[Job]) -> Any:
-            return self.client.pipeline(transaction=False).hdel(prefix + "workers", worker).delete(
-                prefix + "wake:" + worker, prefix + "cancels:" + worker).execute()
+            # One key a DEL: a cluster's pipeline refuses a DEL of several, and its delete()
+            # doesn't chain.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(prefix + "workers", worker)
+            for key in ("wake:", "cancels:"):
+                pipe.delete(prefix + key + worker)
+            return pipe.execute()
         self._on_shards({prefix: [] for prefix in self._prefixes}, retire)
 
     def _on_shards(self, jobs: dict[str, list[Job]], step: Callable[[str, list[Job]], Any]) -> list[Any]:

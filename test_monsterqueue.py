@@ -1239,7 +1239,8 @@ def test_cancel_a_running_job_within_a_heartbeat(new_queue: Any) -> None:
         job = queue.enqueue("forever")
         assert wait_until(lambda: queue.retrieve_job(job.id).status.state == JOB_STATE_RUNNING)
         asked = time.monotonic()
-        assert queue.cancel_job(job.id).status.state == JOB_STATE_RUNNING
+        # The pushed cancel may have ended the job before cancel_job read it back.
+        assert queue.cancel_job(job.id).status.state in (JOB_STATE_RUNNING, JOB_STATE_DONE)
         done = failed_with(queue, job.id, "cancelled while running", 3)
         assert time.monotonic() - asked < 0.5 + 1.0  # a heartbeat is a third of the lease
         assert wait_until(lambda: seen == ["JobCancelledError"], 2)
