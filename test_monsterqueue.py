@@ -2243,8 +2243,8 @@ def test_an_idle_worker_wakes_for_a_job_on_any_shard_while_another_is_busy(shard
 def test_a_sharded_queue_runs_on_while_one_master_is_away() -> None:
     """The jobs of the live shards run, an idle worker doesn't spin, and a worker holding jobs on
     both keeps its live leases and its cancels, though its progress on the shard away is lost."""
-    from redis.cluster import RedisCluster
     from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
     from redis.retry import Retry
     nodes = start_cluster("--cluster-require-full-coverage", "no")
     # Failing fast, as docs/redis.md says: by default redis-py 8 spends about 4 s on each command
