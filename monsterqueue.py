@@ -50,12 +50,13 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TIME_LIMIT",
+    "JOB_STATE_DEFERRED",
     "JOB_STATE_DONE",
     "JOB_STATE_ENQUEUED",
     "JOB_STATE_RUNNING",
@@ -90,7 +91,8 @@ logger.addHandler(logging.NullHandler())
 # Constants
 # ---------------------------------------------------------------------------
 
-# The states a job moves through, in order.
+# The states a job moves through, in order: deferred only while it has dependencies to wait for.
+JOB_STATE_DEFERRED = "deferred"
 JOB_STATE_ENQUEUED = "enqueued"
 JOB_STATE_RUNNING = "running"
 JOB_STATE_DONE = "done"
@@ -109,6 +111,8 @@ NO_RESULT_SET = "task didn't set job result"
 CANCELLED = "cancelled"
 CANCELLED_BEFORE_IT_RAN = f"{CANCELLED} before it ran"
 CANCELLED_WHILE_RUNNING = f"{CANCELLED} while running"
+# Filled with the dependency's id and how it ended: failed, cancelled, expired or deleted.
+DEPENDENCY_ENDED = f"{CANCELLED}: dependency %s %s"
 
 # The error of a poison job, whose leases ran out max_deliveries times: it kills its
 # workers, and must not loop forever. Filled with its deliveries and its lost leases.
@@ -242,6 +246,8 @@ class OutcomeUnknownError(ServerUnavailableError):
 
 JobParams = dict[str, Any]
 JobResult = Any
+# What depends_on takes: a job or its id, or several of them.
+Dependencies = Union["Job", str, Iterable[Union["Job", str]], None]
 # What a backend's _stats returns: see Queue._stats.
 _Stats = tuple[list[tuple[str, Any]], list[tuple[str, Any, Any]], list[int], list[tuple[str, Any]], list[str]]
 
@@ -421,7 +427,7 @@ class Job:
                  status: JobStatus, enqueue_stack: str, *, delivery: int = 0,
                  result: JobResult = None, error: str | None = None, progress: Any = None,
                  traceback: str | None = None, time_limit: float | None = None, priority: int = 0,
-                 unique_key: str | None = None) -> None:
+                 unique_key: str | None = None, dependency_ids: Iterable[str] | None = None) -> None:
         self._queue = queue
         self._id = job_id
         self._task_name = task_name
@@ -437,6 +443,7 @@ class Job:
         self._time_limit = time_limit    # the job's own limit (0: none); None: its task's
         self._priority = priority
         self._unique_key = unique_key
+        self._dependency_ids = tuple(dependency_ids or ())  # no list per job: enqueue_many makes thousands
         self._run: _Run | None = None    # set while a worker runs this delivery of it
 
     id = property(lambda self: self._id, doc="The job's id, unique in its queue.")
@@ -453,6 +460,17 @@ class Job:
     priority = property(lambda self: self._priority, doc="Its priority, -100..100: higher runs first.")
     unique_key = property(lambda self: self._unique_key,
                           doc="The key no other unfinished job of its task may hold, or None.")
+    dependency_ids = property(lambda self: list(self._dependency_ids),
+                              doc="The ids of the jobs it depends on, in the order given; [] for none.")
+
+    def fetch_dependencies(self) -> list[Job]:
+        """Load the jobs it depends on, in that order: a fan-in reads their results.
+        NoSuchJobError for one deleted since."""
+        return [self._queue.retrieve_job(job_id) for job_id in self._dependency_ids]
+
+    async def afetch_dependencies(self) -> list[Job]:
+        """fetch_dependencies(), for code on an event loop."""
+        return [await self._queue.aretrieve_job(job_id) for job_id in self._dependency_ids]
 
     def success(self, result: JobResult = None) -> bool:
         """Record ``result`` (JSON-compatible); return True if a waiter received it."""
@@ -500,7 +518,8 @@ class Job:
                 "done": _iso(status.done), "scheduled": _iso(status.scheduled),
                 "attempt": status.attempt, "result": self._result, "error": self._error,
                 "progress": self._progress, "traceback": self._traceback, "priority": self._priority,
-                "unique_key": self._unique_key, "stack": self._enqueue_stack}
+                "unique_key": self._unique_key, "dependency_ids": self.dependency_ids,
+                "stack": self._enqueue_stack}
 
     def _report(self, result: str | None, error: str | None, retryable: bool = True,
                 traceback: str | None = None) -> bool:
@@ -647,7 +666,8 @@ class Queue:
     def enqueue(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None, *,
                 delay: float | None = None, eta: datetime | None = None,
                 time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
-                unique_key: str | None = None) -> Job:
+                unique_key: str | None = None, depends_on: Dependencies = None,
+                allow_failure: bool = False) -> Job:
         """Store a job for ``task_name``; TypeError (nothing stored) if params aren't JSON.
 
         The task is named, or given by the handle @queue.task returned (whose
@@ -661,26 +681,35 @@ class Queue:
         job is returned and nothing is stored. A server that took the request
         but never answered raises OutcomeUnknownError: the job may be stored,
         and a unique_key makes the retry safe.
+
+        With ``depends_on`` (jobs or ids, or one of them) it is deferred until
+        each of them is done: enqueued when the last succeeds, cancelled when
+        one ends otherwise, unless ``allow_failure``. NoSuchJobError, nothing
+        stored, for an id no job has.
         """
-        return self._enqueue(task_name, [params], [unique_key], None, delay, eta, time_limit, priority)[0]
+        return self._enqueue(task_name, [params], [unique_key], None, delay, eta, time_limit, priority,
+                             depends_on, allow_failure)[0]
 
     def enqueue_many(self, task_name: str | Task | Callable[..., Any],
                      params_list: Iterable[JobParams | None], *,
                      delay: float | None = None, eta: datetime | None = None,
                      time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
-                     unique_keys: Iterable[str | None] | None = None) -> list[Job]:
+                     unique_keys: Iterable[str | None] | None = None, depends_on: Dependencies = None,
+                     allow_failure: bool = False) -> list[Job]:
         """Store one job per params in a few round trips; TypeError stores none of them.
 
-        ``unique_keys``, if given, has one key (or None) per params, as enqueue's ``unique_key``.
+        ``unique_keys``, if given, has one key (or None) per params, as enqueue's ``unique_key``;
+        each job depends on all of ``depends_on``.
         """
         params_list = list(params_list)
         return self._enqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None, delay,
-                             eta, time_limit, priority)
+                             eta, time_limit, priority, depends_on, allow_failure)
 
     def enqueue_wait(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None,
                      timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
                      eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
-                     priority: int | None = None) -> Job:
+                     priority: int | None = None, depends_on: Dependencies = None,
+                     allow_failure: bool = False) -> Job:
         """Enqueue a job and return it done; QueueWaitTimeoutError after ``timeout`` seconds.
 
         On a timeout the job keeps its place and runs later; the exception
@@ -689,7 +718,8 @@ class Queue:
         unique_key: a job has one waiter, and another caller may wait on it.
         """
         timeout = max(timeout, 0.0)
-        job = self._enqueue(task_name, [params], [None], timeout, delay, eta, time_limit, priority)[0]
+        job = self._enqueue(task_name, [params], [None], timeout, delay, eta, time_limit, priority,
+                            depends_on, allow_failure)[0]
         try:
             with self._server():
                 done = self._await_outcome(job, timeout)
@@ -711,8 +741,8 @@ class Queue:
 
     def _prepare(self, task_name: str, params_list: list[JobParams | None], unique_keys: list[str | None],
                  waiter_timeout: float | None, delay: float | None, eta: datetime | None,
-                 time_limit: float | object | None, priority: int | None
-                 ) -> tuple[_Batch, list[tuple[str, str | None]]]:
+                 time_limit: float | object | None, priority: int | None, depends_on: Dependencies,
+                 allow_failure: bool) -> tuple[_Batch, list[tuple[str, str | None]]]:
         """Check and encode what enqueue and its twins are given, or raise; nothing is stored."""
         task_name = self._name_of(task_name)
         if self._tasks and task_name not in self._tasks:
@@ -723,7 +753,7 @@ class Queue:
         spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta, self._clock_ms()),
                       # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
                       None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0),
-                      _check_priority(priority))
+                      _check_priority(priority), _dependency_ids(depends_on), bool(allow_failure))
         jobs = []
         for params, unique_key in zip(params_list, unique_keys):
             if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
@@ -745,11 +775,14 @@ class Queue:
 
     def _built(self, batch: _Batch, jobs: list[tuple[str, str | None]],
                stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]) -> list[Job]:
-        """The Job of each job _insert stored, or the stored job that holds its unique key."""
+        """The Job of each job _insert stored, or the stored job that holds its unique key (or,
+        for jobs with dependencies, the job as stored: deferred, enqueued or cancelled already)."""
         return [self._decode(job_id, holder) if holder is not None else
                 Job(self, job_id, batch.task, json.loads(params),
-                    JobStatus(JOB_STATE_ENQUEUED, enqueued, scheduled=scheduled), batch.stack,
-                    time_limit=batch.time_limit, priority=batch.priority, unique_key=unique_key)
+                    JobStatus(JOB_STATE_DEFERRED if batch.depends_on else JOB_STATE_ENQUEUED, enqueued,
+                              scheduled=scheduled), batch.stack,
+                    time_limit=batch.time_limit, priority=batch.priority, unique_key=unique_key,
+                    dependency_ids=batch.depends_on)
                 for (job_id, enqueued, scheduled, holder), (params, unique_key) in zip(stored, jobs)]
 
     # -- producing from asyncio code -------------------------------------------
@@ -757,26 +790,29 @@ class Queue:
     async def aenqueue(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None, *,
                        delay: float | None = None, eta: datetime | None = None,
                        time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
-                       unique_key: str | None = None) -> Job:
+                       unique_key: str | None = None, depends_on: Dependencies = None,
+                       allow_failure: bool = False) -> Job:
         """enqueue(), for code on an event loop: the same options and errors, and it never
         blocks the loop."""
         return (await self._aenqueue(task_name, [params], [unique_key], None, delay, eta, time_limit,
-                                     priority))[0]
+                                     priority, depends_on, allow_failure))[0]
 
     async def aenqueue_many(self, task_name: str | Task | Callable[..., Any],
                             params_list: Iterable[JobParams | None], *,
                             delay: float | None = None, eta: datetime | None = None,
                             time_limit: float | object | None = _TASKS_OWN, priority: int | None = None,
-                            unique_keys: Iterable[str | None] | None = None) -> list[Job]:
+                            unique_keys: Iterable[str | None] | None = None,
+                            depends_on: Dependencies = None, allow_failure: bool = False) -> list[Job]:
         """enqueue_many(), for code on an event loop."""
         params_list = list(params_list)
         return await self._aenqueue(task_name, params_list, _one_key_each(params_list, unique_keys), None,
-                                    delay, eta, time_limit, priority)
+                                    delay, eta, time_limit, priority, depends_on, allow_failure)
 
     async def aenqueue_wait(self, task_name: str | Task | Callable[..., Any], params: JobParams | None = None,
                             timeout: float = DEFAULT_WAIT_TIMEOUT, *, delay: float | None = None,
                             eta: datetime | None = None, time_limit: float | object | None = _TASKS_OWN,
-                            priority: int | None = None) -> Job:
+                            priority: int | None = None, depends_on: Dependencies = None,
+                            allow_failure: bool = False) -> Job:
         """enqueue_wait(), for code on an event loop: a thousand of them wait at once on one loop,
         with no thread each. Cancelled while it waits, it withdraws: exactly one of the
         caller and the worker's success() sees the hand-off."""
@@ -786,7 +822,7 @@ class Queue:
         # Stored even if cancelled meanwhile (a request on its way may store it): then it is
         # withdrawn as soon as it is, before the cancel goes on.
         storing = asyncio.ensure_future(self._aenqueue(task_name, [params], [None], timeout, delay, eta,
-                                                       time_limit, priority))
+                                                       time_limit, priority, depends_on, allow_failure))
         try:
             job = (await asyncio.shield(storing))[0]
         except asyncio.CancelledError:
@@ -830,7 +866,7 @@ class Queue:
         ``state`` is a JOB_STATE_* value or "failed" (done with an error). Jobs
         that can't be decoded are logged and left out.
         """
-        if state not in (None, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed"):
+        if state is not None and state not in _COUNTED_STATES:
             raise ValueError(f"unknown job state {state!r}")
         _check_page(limit, offset)
         if limit == 0:
@@ -1092,7 +1128,8 @@ class Queue:
         enqueued/started/done/due (milliseconds since the epoch), result (JSON
         text) or error (text), stack, attempt (runs by retries), delivery
         (claims so far), and when set: progress (JSON text), traceback,
-        time_limit (seconds, 0 for none), priority and unique_key.
+        time_limit (seconds, 0 for none), priority, unique_key and depends_on (the
+        ids, as a list or its JSON text).
 
         The one place where job records are read back: whatever is wrong with one
         (a field missing or of the wrong type, bytes that aren't UTF-8, JSON nested
@@ -1125,7 +1162,8 @@ class Queue:
                    field("stack", str, ""), delivery=_int(fields.get("delivery")),
                    result=result, error=field("error", str), progress=field("progress", json.loads),
                    traceback=field("traceback", str) or None, time_limit=field("time_limit", float),
-                   priority=field("priority", int, 0), unique_key=field("unique_key", str))
+                   priority=field("priority", int, 0), unique_key=field("unique_key", str),
+                   dependency_ids=field("depends_on", _id_list))
 
     # -- storage primitives, supplied by each backend ------------------------
 
@@ -1146,6 +1184,17 @@ class Queue:
         then; ``waiter_timeout`` marks them awaited; ``time_limit`` and
         ``priority`` are stored with them (claims take higher priorities first,
         then the oldest).
+
+        With ``batch.depends_on`` every dependency must exist, else
+        NoSuchJobError and nothing is stored. The jobs are stored deferred and
+        return their stored fields (4th): the dependencies done already settle
+        them at once, as the end of each other one will, exactly once, however
+        it ends (a success, a failure, a cancel, a delete before it was done).
+        The rule of a settle: a job whose dependency ended without a success is
+        cancelled with DEPENDENCY_ENDED (unless ``allow_failure``), and its own
+        dependents are settled in turn as cancelled; one whose dependencies
+        have all ended is enqueued, due when its delay says. A done job isn't
+        expired by result_ttl while a dependent of it is deferred.
         """
         raise NotImplementedError
 
@@ -1257,6 +1306,11 @@ class Queue:
 
     def _load(self, job_id: str) -> dict[str, Any]:
         """Return the stored fields of one job; raise NoSuchJobError."""
+        raise NotImplementedError
+
+    def _dependent_ids(self, job_id: str) -> list[str]:
+        """The ids of the jobs that depend on this one, oldest first, for the dashboard and the
+        CLI (a result past its ttl may have forgotten those no longer deferred)."""
         raise NotImplementedError
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
@@ -1589,7 +1643,7 @@ def _int(value: Any) -> int:
 
 
 # Counted apart in stats: "failed" are the done jobs with an error.
-_COUNTED_STATES = (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed")
+_COUNTED_STATES = (JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE, "failed")
 
 
 def _state_text(job: dict[str, Any]) -> str:
@@ -1635,6 +1689,27 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _id_list(value: Any) -> list[str]:
+    """Job ids as stored: a list, or its JSON text."""
+    ids = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(ids, list) or not all(isinstance(job_id, str) for job_id in ids):
+        raise TypeError("not a list of job ids")
+    return ids
+
+
+def _dependency_ids(depends_on: Dependencies) -> tuple[str, ...]:
+    """The ids depends_on names, each once, in the order given; TypeError for anything else."""
+    if depends_on is None:
+        return ()
+    given = [depends_on] if isinstance(depends_on, (Job, str)) else list(depends_on)
+    ids = []
+    for dependency in given:
+        if not isinstance(dependency, (Job, str)) or not dependency:
+            raise TypeError(f"depends_on takes jobs or their ids, not {dependency!r}")
+        ids.append(dependency.id if isinstance(dependency, Job) else dependency)
+    return tuple(dict.fromkeys(ids))
+
+
 def _check_outcome(outcome: str) -> str:
     if outcome not in OUTCOMES:
         raise ValueError("not an outcome")
@@ -1642,7 +1717,7 @@ def _check_outcome(outcome: str) -> str:
 
 
 def _state(state: str) -> str:
-    if state not in (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE):
+    if state not in (JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE):
         raise ValueError("not a job state")
     return state
 
@@ -1682,6 +1757,8 @@ class _Batch:
     delay: float                     # seconds before it may start
     time_limit: float | None         # the jobs' own (0: none); None: their task's
     priority: int
+    depends_on: tuple[str, ...] = ()  # ids of the jobs each of them waits for, in the order given
+    allow_failure: bool = False      # released however they end, not only by their successes
 
 
 # -- periodic jobs: cron expressions and schedules ----------------------------
@@ -2444,6 +2521,9 @@ class MemoryQueue(Queue):
         assert enqueued is not None
         stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]] = []
         with self._changed:
+            missing = [job_id for job_id in batch.depends_on if job_id not in self._jobs]
+            if missing:
+                raise NoSuchJobError(f"no job {missing[0]} to depend on")
             for text, unique_key in jobs:
                 holder = self._unique.get((batch.task, unique_key)) if unique_key else None
                 if holder is not None:
@@ -2457,10 +2537,45 @@ class MemoryQueue(Queue):
                                       "unique_key": unique_key}
                 if unique_key:
                     self._unique[batch.task, unique_key] = job_id
-                self._make_ready(job_id, due)
-                stored.append((job_id, enqueued, _time(due), None))
+                if batch.depends_on:
+                    self._defer(job_id, batch)
+                    stored.append((job_id, enqueued, _time(due), dict(self._jobs[job_id])))
+                else:
+                    self._make_ready(job_id, due)
+                    stored.append((job_id, enqueued, _time(due), None))
             self._changed.notify_all()
         return stored
+
+    def _defer(self, job_id: str, batch: _Batch) -> None:
+        fields = self._jobs[job_id]
+        fields.update(state=JOB_STATE_DEFERRED, depends_on=list(batch.depends_on),
+                      allow_failure=batch.allow_failure, waiting=set(batch.depends_on))
+        for dependency in batch.depends_on:
+            parent = self._jobs[dependency]
+            parent.setdefault("dependents", []).append(job_id)
+            if parent["state"] == JOB_STATE_DONE:
+                self._settle([(dependency, parent["outcome"], [job_id])])
+
+    def _settle(self, ended: list[tuple[str, str, list[str]]]) -> None:
+        """Settle the dependents of each (job, how it ended, its dependents), and theirs in
+        turn when cancelled: a list worked through, not a recursion, however deep the graph."""
+        while ended:
+            dependency, outcome, dependents = ended.pop()
+            for job_id in dependents:
+                fields = self._jobs.get(job_id)
+                if (fields is None or fields["state"] != JOB_STATE_DEFERRED
+                        or dependency not in fields["waiting"]):
+                    continue
+                fields["waiting"].discard(dependency)
+                if outcome != "succeeded" and not fields["allow_failure"]:
+                    self._end(job_id, None, DEPENDENCY_ENDED % (dependency, outcome), None, "cancelled")
+                    self._hand_over(job_id)
+                    ended.append((job_id, "cancelled", fields.get("dependents", [])))
+                elif not fields["waiting"]:
+                    fields["state"] = JOB_STATE_ENQUEUED
+                    due = fields["due"]
+                    self._make_ready(job_id, due if due is not None and due > _now_ms() else None)
+        self._changed.notify_all()
 
     def _make_ready(self, job_id: str, due: int | None) -> None:
         fields = self._jobs[job_id]
@@ -2543,6 +2658,11 @@ class MemoryQueue(Queue):
 
     def _done(self, job_id: str, result: str | None, error: str | None, traceback: str | None,
               outcome: str) -> None:
+        self._end(job_id, result, error, traceback, outcome)
+        self._settle([(job_id, outcome, self._jobs[job_id].get("dependents", []))])
+
+    def _end(self, job_id: str, result: str | None, error: str | None, traceback: str | None,
+             outcome: str) -> None:
         fields = self._jobs[job_id]
         self._free_unique_key(job_id)
         now = _now_ms()
@@ -2620,7 +2740,7 @@ class MemoryQueue(Queue):
             if fields is None:
                 raise NoSuchJobError()
             state = fields["state"]
-            if state == JOB_STATE_ENQUEUED:
+            if state in (JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED):
                 self._done(job_id, None, CANCELLED_BEFORE_IT_RAN, None, "cancelled")
                 self._hand_over(job_id)
             elif state == JOB_STATE_RUNNING:
@@ -2647,9 +2767,15 @@ class MemoryQueue(Queue):
             if self.result_ttl:
                 expired = now - self.result_ttl * 1000
                 for job_id in [job_id for job_id, fields in self._jobs.items()
-                               if fields["state"] == JOB_STATE_DONE and fields["done"] < expired]:
+                               if fields["state"] == JOB_STATE_DONE and fields["done"] < expired
+                               and not self._needed(fields)]:
                     del self._jobs[job_id]
             return [job.id for job in held if self._jobs.get(job.id, {}).get("cancel")]
+
+    def _needed(self, fields: dict[str, Any]) -> bool:
+        """Whether a deferred dependent still waits for this job: its result is kept then."""
+        return any(self._jobs.get(job_id, {}).get("state") == JOB_STATE_DEFERRED
+                   for job_id in fields.get("dependents", []))
 
     def _retire(self, worker: str) -> None:
         with self._changed:
@@ -2673,6 +2799,10 @@ class MemoryQueue(Queue):
             if job_id not in self._jobs:
                 raise NoSuchJobError()
             return dict(self._jobs[job_id])
+
+    def _dependent_ids(self, job_id: str) -> list[str]:
+        with self._changed:
+            return list(self._jobs.get(job_id, {}).get("dependents", []))
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -2719,7 +2849,9 @@ class MemoryQueue(Queue):
             if job_id not in self._jobs:
                 return False
             self._free_unique_key(job_id)
-            del self._jobs[job_id]  # a claim drops its id from the ready heap
+            fields = self._jobs.pop(job_id)  # a claim drops its id from the ready heap
+            if fields["state"] != JOB_STATE_DONE:
+                self._settle([(job_id, "deleted", fields.get("dependents", []))])
             self._changed.notify_all()
             return True
 
@@ -2820,6 +2952,7 @@ class _RedisScript:
 _REDIS_LIB = "".join(f"local {name} = {_lua(value)}\n" for name, value in (
     ("BUCKETS", _BUCKETS_MS), ("CANCELLED_BEFORE_IT_RAN", CANCELLED_BEFORE_IT_RAN),
     ("CANCELLED_WHILE_RUNNING", CANCELLED_WHILE_RUNNING), ("POISON_ERROR", POISON_ERROR),
+    ("DEPENDENCY_ENDED", DEPENDENCY_ENDED),
     ("WORKER_ALIVE_LEASES", WORKER_ALIVE_LEASES), ("REQUEUE_CLEARS", REQUEUE_CLEARS))) + """
 local function now_ms()
   local t = redis.call('TIME')
@@ -2892,8 +3025,8 @@ end
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
 local function finish_job(prefix, id, outcome, field, value, now, keep, traceback, progress)
   local key = prefix .. 'job:' .. id
-  local task, waiter, attempt, started, due, enqueued, unique_key = unpack(redis.call(
-    'HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued', 'unique_key'))
+  local task, waiter, attempt, started, due, enqueued, unique_key, dependents = unpack(redis.call(
+    'HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued', 'unique_key', 'dependents'))
   local kind, now_text = field == 'error' and 'failed' or 'done', int(now)
   task = task or ''
   redis.call('HSET', key, 'state', 'done', 'done', now_text, 'outcome', outcome, field, value)
@@ -2911,18 +3044,73 @@ local function finish_job(prefix, id, outcome, field, value, now, keep, tracebac
   redis.call('ZADD', prefix .. 'done', now_text, kind .. ':' .. task .. ':' .. id)
   count(prefix, 'running', task, -1)
   count(prefix, kind, task, 1)
-  if keep > 0 then redis.call('PEXPIRE', key, int(keep)) end
+  -- A job with dependents (link flags it): those not settled yet are, by the script that
+  -- takes its entry in ``ended`` (returns 2 then), and its record stays while one is deferred.
+  local ended = 0
+  if dependents then
+    if redis.call('EXISTS', prefix .. 'unsettled:' .. id) == 1 then
+      redis.call('RPUSH', prefix .. 'ended', id .. ' ' .. outcome)
+      ended = 2
+    end
+  elseif keep > 0 then
+    redis.call('PEXPIRE', key, int(keep))
+  end
   local deadline = tonumber(waiter)
-  if not deadline or deadline == 0 then return 0 end
+  if not deadline or deadline == 0 then return ended end
   redis.call('HSET', key, 'waiter', '0')
   -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
   -- down, still settles a late withdrawal as a timeout.
-  if now > deadline + 10000 then return 0 end
+  if now > deadline + 10000 then return ended end
   local handed = prefix .. 'outcome:' .. id
   redis.call('RPUSH', handed, cjson.encode(redis.call('HGETALL', key)))
   -- The waiter pops it at once; the expiry only bounds a waiter that died.
   redis.call('PEXPIRE', handed, math.max(deadline - now, 0) + 60000)
-  return 1
+  return ended + 1
+end
+
+-- How a done job ended (a record from before outcomes were stored: by its error).
+local function outcome_of(key)
+  return redis.call('HGET', key, 'outcome') or (redis.call('HEXISTS', key, 'error') == 1 and 'failed'
+                                                  or 'succeeded')
+end
+
+-- Makes a deferred job whose dependencies have all ended claimable, when its delay says.
+local function release(prefix, id, key, task, now)
+  redis.call('HSET', key, 'state', 'enqueued')
+  redis.call('ZREM', prefix .. 'deferred', id)
+  redis.call('ZADD', prefix .. 'enqueued', id, id)
+  local due = tonumber(redis.call('HGET', key, 'due'))
+  if due and due > now then
+    redis.call('ZADD', prefix .. 'scheduled', due, id)
+  else
+    redis.call('ZADD', prefix .. 'queue:' .. task, queue_score(redis.call('HGET', key, 'priority'), id), id)
+  end
+  redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)
+  count(prefix, 'deferred', task, -1)
+  count(prefix, 'enqueued', task, 1)
+end
+
+-- Settles deferred job ``id`` of this shard for its dependency ``parent``, which ended
+-- with ``outcome``, once however often it is told (Queue._insert says the rule):
+-- returns 2 if it was cancelled with dependents of its own to settle (see finish_job).
+local function settle(prefix, id, parent, outcome, now, keep)
+  local key = prefix .. 'job:' .. id
+  if redis.call('SREM', prefix .. 'waiting:' .. id, parent) == 0 or not is_job(key)
+      or redis.call('HGET', key, 'state') ~= 'deferred' then
+    return 0
+  end
+  local task = redis.call('HGET', key, 'task') or ''
+  if outcome ~= 'succeeded' and redis.call('HEXISTS', key, 'allow_failure') == 0 then
+    redis.call('ZREM', prefix .. 'deferred', id)
+    redis.call('DEL', prefix .. 'waiting:' .. id)
+    count(prefix, 'deferred', task, -1)
+    count(prefix, 'running', task, 1)  -- finish_job ends a running job
+    local error = string.format(DEPENDENCY_ENDED, parent, outcome)
+    local ended = finish_job(prefix, id, 'cancelled', 'error', error, now, keep, false, false)
+    return ended >= 2 and 2 or 0
+  end
+  if redis.call('SCARD', prefix .. 'waiting:' .. id) == 0 then release(prefix, id, key, task, now) end
+  return 0
 end
 """
 
@@ -2932,13 +3120,41 @@ end
 # fields are returned instead. A job's id names its shard: the shard's own count
 # times the number of shards, plus the shard. Returns now, the first id (the next
 # ones follow ``shards`` apart), the due time (or false) and those.
+#
+# ``deps``, if given, are the jobs' dependencies: ``ids`` their ids, ``near`` those of this
+# shard (if one is no job, nothing is stored: returns the missing id 5th), ``allow`` true
+# for allow_failure, ``keep`` as finish_job's. The jobs are
+# stored deferred, linked to each dependency here (settled at once by those done: their
+# fields are returned 6th) and marked in ``linking`` if some are on other shards, for
+# Python to link there.
 _REDIS_ENQUEUE_LIB = _REDIS_LIB + """
-local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, limit, priority, jobs)
+local function link(prefix, parent, id, settles)
+  local key = prefix .. 'job:' .. parent
+  if not is_job(key) then
+    settles[#settles + 1] = {id, parent, 'deleted'}
+    return
+  end
+  redis.call('SADD', prefix .. 'dependents:' .. parent, id)
+  redis.call('HSET', key, 'dependents', '1')
+  if redis.call('HGET', key, 'state') == 'done' then
+    redis.call('PERSIST', key)  -- a heartbeat expires it, once no dependent needs it
+    settles[#settles + 1] = {id, parent, outcome_of(key)}
+  else
+    redis.call('SADD', prefix .. 'unsettled:' .. parent, id)
+  end
+end
+
+local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, limit, priority, jobs, deps)
+  if deps then
+    for _, parent in ipairs(deps.near) do
+      if not is_job(prefix .. 'job:' .. parent) then return 0, 0, false, {}, parent, {} end
+    end
+  end
   local now = now_ms()
   local n, now_text = #jobs / 2, int(now)
   local last = redis.call('INCRBY', prefix .. 'seq', int(n))
   local unique = prefix .. 'unique:' .. task
-  local held, stored, queued = {}, 0, {}
+  local held, stored, queued, deferred = {}, 0, {}, {}
   for i = 1, n do
     local unique_key = jobs[2 * i]
     local holder = unique_key ~= '' and redis.call('HGET', unique, unique_key)
@@ -2959,33 +3175,118 @@ local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, l
       end
       redis.call('ZADD', prefix .. 'jobs', id, id)  -- scored by its number: the id itself
       redis.call('ZADD', prefix .. 'task:' .. task, id, id)
-      redis.call('ZADD', prefix .. 'enqueued', id, id)
-      if delay > 0 then
-        redis.call('HSET', key, 'due', now + delay)
-        redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
+      if delay > 0 then redis.call('HSET', key, 'due', now + delay) end
+      if deps then
+        redis.call('HSET', key, 'state', 'deferred', 'depends_on', cjson.encode(deps.ids))
+        if deps.allow then redis.call('HSET', key, 'allow_failure', '1') end
+        redis.call('ZADD', prefix .. 'deferred', id, id)
+        for from = 1, #deps.ids, 1000 do  -- unpack takes a few thousand values at most
+          local to = math.min(from + 999, #deps.ids)
+          redis.call('SADD', prefix .. 'waiting:' .. id, unpack(deps.ids, from, to))
+        end
+        if #deps.near < #deps.ids then redis.call('ZADD', prefix .. 'linking', now, id) end
+        deferred[#deferred + 1] = {i, id}
       else
-        queued[#queued + 1] = queue_score(priority, id)
-        queued[#queued + 1] = id
+        redis.call('ZADD', prefix .. 'enqueued', id, id)
+        if delay > 0 then
+          redis.call('ZADD', prefix .. 'scheduled', now + delay, id)
+        else
+          queued[#queued + 1] = queue_score(priority, id)
+          queued[#queued + 1] = id
+        end
       end
       stored = stored + 1
     end
   end
   if #queued > 0 then redis.call('ZADD', prefix .. 'queue:' .. task, unpack(queued)) end
-  count(prefix, 'enqueued', task, stored)
+  local settled = {}
+  if deps then
+    count(prefix, 'deferred', task, stored)
+    local settles = {}
+    for _, job in ipairs(deferred) do
+      for _, parent in ipairs(deps.near) do link(prefix, parent, job[2], settles) end
+    end
+    for _, s in ipairs(settles) do settle(prefix, s[1], s[2], s[3], now, deps.keep) end
+    for _, job in ipairs(deferred) do
+      local key = prefix .. 'job:' .. job[2]
+      if redis.call('HGET', key, 'state') ~= 'deferred' then
+        settled[#settled + 1] = {job[1], redis.call('HGETALL', key)}
+      end
+    end
+  else
+    count(prefix, 'enqueued', task, stored)
+  end
   -- Also for delayed jobs: it wakes a worker to learn when the first is due.
   redis.call('ZADD', prefix .. 'ready:' .. task, '0', '1')
-  return now, int((last - n) * shards + shard + shards), delay > 0 and now + delay or false, held
+  return now, int((last - n) * shards + shard + shards), delay > 0 and now + delay or false, held, false,
+         settled
 end
 """
 
 # KEYS: seq (for the slot). ``waiter``: its timeout in ms ('' for none); ``delay`` in ms;
-# ``limit``: the time limit in s ('' for the task's); ``jobs``: params and unique key of each.
-_REDIS_ENQUEUE = _RedisScript("prefix shards shard task stack waiter delay limit priority *jobs",
+# ``limit``: the time limit in s ('' for the task's); ``deps``: enqueue_jobs' in JSON ('' for
+# none); ``jobs``: params and unique key of each.
+_REDIS_ENQUEUE = _RedisScript("prefix shards shard task stack waiter delay limit priority deps *jobs",
                               _REDIS_ENQUEUE_LIB + """
-local now, first, due, held = enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, waiter,
-                                           tonumber(delay), limit, tonumber(priority), jobs)
-return {now, first, due, held}
+return {enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, waiter, tonumber(delay), limit,
+                     tonumber(priority), jobs, deps ~= '' and cjson.decode(deps) or nil)}
 """)
+
+# Links dependents to their dependencies on this shard, as enqueue_jobs does on its own:
+# ``links`` are pairs of dependency and dependent ids. Returns what settles the dependents
+# at once, as (dependent, dependency, outcome): those done, and those gone ("deleted").
+# KEYS: seq (for the slot).
+_REDIS_LINK = _RedisScript("prefix *links", _REDIS_ENQUEUE_LIB + """
+local settles = {}
+for i = 1, #links, 2 do link(prefix, links[i], links[i + 1], settles) end
+return settles
+""")
+
+# Settles deferred jobs of this shard, each for a dependency that ended (see settle), and
+# takes the jobs in ``linked`` out of ``linking``: their links are all made. Returns 2 if
+# some job it cancelled has dependents to settle in turn. KEYS: deferred (for the slot).
+# ``settles``: the triples of dependent, dependency and outcome.
+_REDIS_SETTLE = _RedisScript("prefix keep linked *settles", _REDIS_LIB + """
+local now, ended = now_ms(), 0
+for i = 1, #settles, 3 do
+  ended = math.max(ended, settle(prefix, settles[i], settles[i + 1], settles[i + 2], now, tonumber(keep)))
+end
+for _, id in ipairs(cjson.decode(linked)) do redis.call('ZREM', prefix .. 'linking', id) end
+return ended
+""")
+
+# Takes the entries of ``ended`` (jobs of this shard that ended with dependents to settle)
+# in turn, and settles up to 500 of their dependents of this shard; an entry goes once none
+# is left. Returns false once ``ended`` is empty, else the job, its outcome and the ones of
+# its dependents on other shards met, for Python to settle there and to pass back in
+# ``settled`` with the next call, which takes them out of ``unsettled`` first (or no such
+# job: 500 were settled). KEYS: ended.
+_REDIS_SETTLE_ENDED = _RedisScript("prefix shards shard keep parent *settled", _REDIS_LIB + """
+for from = 1, #settled, 1000 do
+  redis.call('SREM', prefix .. 'unsettled:' .. parent, unpack(settled, from, math.min(from + 999, #settled)))
+end
+local now, budget = now_ms(), 500
+while budget > 0 do
+  local entry = redis.call('LINDEX', KEYS[1], 0)
+  if not entry then return false end
+  local parent, outcome = string.match(entry, '^(%S+) (%S+)$')
+  local unsettled = prefix .. 'unsettled:' .. (parent or '')
+  local some, far = parent and redis.call('SRANDMEMBER', unsettled, budget) or {}, {}
+  for _, id in ipairs(some) do
+    if (tonumber(id) or 0) % tonumber(shards) == tonumber(shard) then
+      settle(prefix, id, parent, outcome, now, tonumber(keep))
+      redis.call('SREM', unsettled, id)
+    else
+      far[#far + 1] = id
+    end
+  end
+  if #far > 0 then return {parent, outcome, far} end
+  if redis.call('EXISTS', unsettled) == 0 then redis.call('LPOP', KEYS[1]) end
+  budget = budget - #some
+end
+return {'', '', {}}
+""")
+
 
 # Records a schedule and, if the tick is later than the last one fired, enqueues its
 # job and records the tick: the one decision every worker racing for the tick meets.
@@ -3001,7 +3302,7 @@ record.name, record.task, record.schedule, record.next = name, task, expression,
 local fired = false
 if tick ~= '' and (last or 0) < tonumber(tick) then
   local _, first, _, held = enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, '', 0, '',
-                                         tonumber(priority), {params, unique_key})
+                                         tonumber(priority), {params, unique_key}, nil)
   fired = held[1] and held[1][2] or first
   record.last, record.last_job = tonumber(tick), fired
 end
@@ -3016,7 +3317,8 @@ return {fired, last or false}
 # whose keys are of the wrong type. Each claimed job is its id, task and new delivery,
 # then _CLAIMED_FIELDS.
 # KEYS: running. ``lease`` and ``keep`` (see finish_job) in ms.
-_CLAIMED_FIELDS = ("params", "enqueued", "attempt", "due", "stack", "time_limit", "priority", "unique_key")
+_CLAIMED_FIELDS = ("params", "enqueued", "attempt", "due", "stack", "time_limit", "priority", "unique_key",
+                   "depends_on")
 _REDIS_CLAIM = _RedisScript("prefix limit worker lease keep *tasks", _REDIS_LIB + """
 limit = tonumber(limit)
 local now = now_ms()
@@ -3090,7 +3392,7 @@ for j = 1, math.min(limit, #best) do
     -- Only what the worker can't know: it set task, state, started and worker itself.
     local f = redis.call('HMGET', key, 'state', 'delivery', CLAIMED_FIELDS)
     local state, delivery, due = f[1], f[2], f[2 + DUE]
-    if state and state ~= 'enqueued' and state ~= 'running' and state ~= 'done' then
+    if state and state ~= 'deferred' and state ~= 'enqueued' and state ~= 'running' and state ~= 'done' then
       -- A state no job has: failed now, as any record that can't be read.
       if redis.call('ZREM', prefix .. 'enqueued', id) == 1 then count(prefix, 'enqueued', task, -1) end
       redis.call('HSET', key, 'state', 'running')
@@ -3181,7 +3483,9 @@ return handed
 # Renews the leases this worker holds and records it alive; requeues jobs whose
 # lease ran out, or fails them once delivered max_deliveries times or cancelled;
 # drops expired results from the indexes, and workers not seen for three
-# leases. Returns the ids of the held jobs that were cancelled.
+# leases. Returns the ids of the held jobs that were cancelled, the length of ``ended``,
+# up to 100 results past their ttl kept for their dependents, and up to 100 jobs whose
+# links to dependencies on other shards were left unmade a lease ago (see _link_far).
 # KEYS: running. ``lease`` and ``ttl`` (the result's; 0: kept) in ms; ``tasks``: the
 # worker's, as JSON; ``held``: the id and delivery of each job it holds.
 _REDIS_HEARTBEAT = _RedisScript("prefix lease max_deliveries ttl worker tasks *held", _REDIS_LIB + """
@@ -3220,17 +3524,28 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     end
   end
 end
+-- Results past their ttl go, but those with dependents (Python keeps in ``dependents``
+-- the ones still deferred): they are passed over, and returned for Python to look at.
+local kept = {}
 if ttl > 0 then
   local expired = redis.call('ZRANGEBYSCORE', prefix .. 'done', '-inf', now - ttl, 'LIMIT', 0, 1000)
-  for _, member in ipairs(expired) do
-    local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
-    redis.call('ZREM', prefix .. 'done', member)
-    if id then  -- not a member this library wrote: dropped above, nothing more to undo
-      redis.call('ZREM', prefix .. 'jobs', id)
-      redis.call('ZREM', prefix .. 'task:' .. task, id)
-      redis.call('DEL', prefix .. 'job:' .. id)
-      count(prefix, outcome, task, -1)
+  while #expired > 0 and #kept < 1000 do
+    for _, member in ipairs(expired) do
+      local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
+      if id and redis.call('EXISTS', prefix .. 'dependents:' .. id) == 1 then
+        kept[#kept + 1] = id
+      else
+        redis.call('ZREM', prefix .. 'done', member)
+        if id then  -- not a member this library wrote: dropped above, nothing more to undo
+          redis.call('ZREM', prefix .. 'jobs', id)
+          redis.call('ZREM', prefix .. 'task:' .. task, id)
+          redis.call('DEL', prefix .. 'job:' .. id)
+          count(prefix, outcome, task, -1)
+        end
+      end
     end
+    if #expired < 1000 or #kept == 0 then break end
+    expired = redis.call('ZRANGEBYSCORE', prefix .. 'done', '-inf', now - ttl, 'LIMIT', #kept, 1000)
   end
 end
 redis.call('HSET', prefix .. 'workers', worker, now .. ' ' .. tasks)
@@ -3240,7 +3555,8 @@ for i = 1, #workers, 2 do
     redis.call('HDEL', prefix .. 'workers', workers[i])
   end
 end
-return cancelled
+local linking = redis.call('ZRANGEBYSCORE', prefix .. 'linking', '-inf', now - lease, 'LIMIT', 0, 100)
+return {cancelled, redis.call('LLEN', prefix .. 'ended'), {unpack(kept, 1, math.min(#kept, 100))}, linking}
 """)
 
 # Stores the progress of running jobs, each only while that delivery holds it.
@@ -3264,13 +3580,14 @@ end
 _REDIS_CANCEL = _RedisScript("prefix id keep", _REDIS_LIB + """
 if not is_job(KEYS[1]) then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'enqueued' then
+if state == 'enqueued' or state == 'deferred' then
   local task = redis.call('HGET', KEYS[1], 'task') or ''
-  redis.call('ZREM', prefix .. 'enqueued', id)
-  redis.call('ZREM', prefix .. 'scheduled', id)
-  redis.call('ZREM', prefix .. 'queue:' .. task, id)
+  for _, index in ipairs({'enqueued', 'scheduled', 'queue:' .. task, 'deferred'}) do
+    redis.call('ZREM', prefix .. index, id)
+  end
+  redis.call('DEL', prefix .. 'waiting:' .. id)
   -- finish_job ends a running job: count this one as one first.
-  count(prefix, 'enqueued', task, -1)
+  count(prefix, state, task, -1)
   count(prefix, 'running', task, 1)
   finish_job(prefix, id, 'cancelled', 'error', CANCELLED_BEFORE_IT_RAN, now_ms(), tonumber(keep), false,
              false)
@@ -3313,15 +3630,21 @@ local function delete_job(prefix, id)
       local member = done_member(key, id)
       redis.call('ZREM', prefix .. 'done', member)
       count(prefix, string.match(member, '^%a+'), task, -1)
-    elseif state == 'enqueued' or state == 'running' then
+    elseif state == 'deferred' or state == 'enqueued' or state == 'running' then
       count(prefix, state, task, -1)
+    end
+    -- Its dependents not settled yet are settled as by a job that ended, "deleted".
+    if state ~= 'done' and redis.call('EXISTS', prefix .. 'unsettled:' .. id) == 1 then
+      redis.call('RPUSH', prefix .. 'ended', id .. ' deleted')
     end
     release_key(prefix, task, id, redis.call('HGET', key, 'unique_key'))
     redis.call('ZREM', prefix .. 'queue:' .. task, id)
     redis.call('ZREM', prefix .. 'task:' .. task, id)
   end
-  redis.call('DEL', key, prefix .. 'outcome:' .. id)
-  for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled'}) do
+  for _, of in ipairs({'job:', 'outcome:', 'waiting:', 'dependents:'}) do
+    redis.call('DEL', prefix .. of .. id)
+  end
+  for _, index in ipairs({'jobs', 'enqueued', 'running', 'scheduled', 'deferred', 'linking'}) do
     redis.call('ZREM', prefix .. index, id)
   end
 end
@@ -3465,6 +3788,8 @@ class RedisQueue(Queue):
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         self._check_shards()
+        if batch.depends_on:
+            self._check_far_dependencies(batch)
         calls, replies = self._enqueue_calls(batch, jobs), []
         try:
             for keys, args, _ in calls:
@@ -3473,7 +3798,8 @@ class RedisQueue(Queue):
             if replies:
                 raise self._cut_short(exc, calls, replies) from exc
             raise
-        return self._placed(len(jobs), calls, replies)
+        stored = self._placed(len(jobs), calls, replies)
+        return self._linked(batch, calls, stored) if batch.depends_on and self._links_apart(batch) else stored
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -3482,6 +3808,8 @@ class RedisQueue(Queue):
         if not self._shards_checked:
             import asyncio
             await asyncio.get_running_loop().run_in_executor(None, self._check_shards)
+        if self._links_apart(batch):  # the sync client's work
+            return await super()._ainsert(batch, jobs)
         calls, replies = self._enqueue_calls(batch, jobs), []
         try:
             for keys, args, _ in calls:
@@ -3491,6 +3819,125 @@ class RedisQueue(Queue):
                 raise self._cut_short(exc, calls, replies) from exc
             raise
         return self._placed(len(jobs), calls, replies)
+
+    def _near(self, prefix: str, batch: _Batch) -> list[str]:
+        """The dependencies the enqueue script checks and links itself, on shard ``prefix``: those
+        of that shard, unless there are more than a script should take (see _links_apart)."""
+        if len(batch.depends_on) > 1000:
+            return []
+        return [job_id for job_id in batch.depends_on if self._prefix_of(job_id) == prefix]
+
+    def _links_apart(self, batch: _Batch) -> bool:
+        """Whether some dependencies are linked by scripts of their own after the store, with the
+        jobs marked in ``linking`` meanwhile: those on other shards, and all of more than 1000
+        (a fan-in's links in one script would hold Redis for tens of ms)."""
+        return bool(batch.depends_on) and (len(self._prefixes) > 1 or len(batch.depends_on) > 1000)
+
+    def _check_far_dependencies(self, batch: _Batch) -> None:
+        # Those the enqueue script links it checks itself, as it stores the jobs.
+        if not self._links_apart(batch):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in batch.depends_on:
+            pipe.exists(self._job_key(job_id))
+        for job_id, found in zip(batch.depends_on, pipe.execute()):
+            if not found:
+                raise NoSuchJobError(f"no job {job_id} to depend on")
+
+    def _linked(self, batch: _Batch, calls: list[tuple[list[str], list[Any], list[int]]],
+                stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]
+                ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
+        """Link newly stored dependents to the dependencies the enqueue script left to link (see
+        _links_apart); return what _insert returns, with the fields of those the links settled
+        at once."""
+        for keys, _, places in calls:
+            prefix = keys[0][:-len("seq")]
+            near = set(self._near(prefix, batch))
+            if self._link_far(prefix, [stored[place][0] for place in places],
+                              [job_id for job_id in batch.depends_on if job_id not in near]):
+                pipe = self.client.pipeline(transaction=False)
+                for place in places:
+                    pipe.hgetall(self._job_key(stored[place][0]))
+                for place, fields in zip(places, pipe.execute()):
+                    stored[place] = (*stored[place][:3], _pairs(fields))
+        return stored
+
+    def _link_far(self, prefix: str, job_ids: list[str], dependencies: Iterable[str]) -> bool:
+        """Link deferred jobs of shard ``prefix`` to these dependencies, 1000 links a script on
+        the dependencies' shards (again, harmlessly, if it was done), settle them for those done
+        or gone, and take them out of ``linking``. True if some were settled."""
+        by_shard: dict[str, list[str]] = {}
+        for dependency in dependencies:
+            by_shard.setdefault(self._prefix_of(dependency), []).append(dependency)
+        settles: list[Any] = []
+        for there, its_own in by_shard.items():
+            links = [(dependency, job_id) for dependency in its_own for job_id in job_ids]
+            for start in range(0, len(links), 1000):
+                settles += self._script(_REDIS_LINK, [there + "seq"], _REDIS_LINK.args(
+                    itertools.chain.from_iterable(links[start:start + 1000]), prefix=there))
+        ended = False
+        for start in range(0, max(len(settles), 1), 500):
+            last = start + 500 >= len(settles)
+            ended = self._settle_on(prefix, settles[start:start + 500], job_ids if last else []) or ended
+        if ended:
+            self._settle_ended(prefix)
+        return bool(settles)
+
+    def _settle_on(self, prefix: str, settles: list[Any], linked: list[str]) -> bool:
+        """Settle deferred jobs of shard ``prefix``: (dependent, dependency, outcome) each. True
+        if it cancelled some with dependents of their own, left in the shard's ``ended``."""
+        return bool(self._script(_REDIS_SETTLE, [prefix + "deferred"], _REDIS_SETTLE.args(
+            itertools.chain.from_iterable(map(_text, settle) for settle in settles), prefix=prefix,
+            keep=self._keep_ms(), linked=json.dumps(linked))))
+
+    def _settle_ended(self, prefix: str) -> None:
+        """Settle the dependents of the jobs that ended on shard ``prefix`` (its ``ended``
+        entries), 500 a script: those on the shard in the script, the others by _settle_on
+        before the script forgets them; and in turn those of the shards that settle ended
+        more jobs on (a cancel going down the graph): a list of shards worked through, not a
+        recursion, however long the graph. One script when nothing is on other shards."""
+        pending = [prefix]
+        while pending:
+            prefix = pending.pop()
+            shard, parent = self._prefixes.index(prefix), ""
+            far: list[str] = []  # parent's dependents settled on other shards, for the script to forget
+            while True:
+                entry = self._script(_REDIS_SETTLE_ENDED, [prefix + "ended"], _REDIS_SETTLE_ENDED.args(
+                    far, prefix=prefix, shards=len(self._prefixes), shard=shard, keep=self._keep_ms(),
+                    parent=parent))
+                if not entry:
+                    break
+                parent, outcome, far = _text(entry[0]), _text(entry[1]), list(map(_text, entry[2]))
+                by_shard: dict[str, list[str]] = {}
+                for job_id in far:
+                    by_shard.setdefault(self._prefix_of(job_id), []).append(job_id)
+                for there, ids in by_shard.items():
+                    if self._settle_on(there, [(job_id, parent, outcome) for job_id in ids], []) \
+                            and there not in pending:
+                        pending.append(there)
+
+    def _dependency_upkeep(self, prefix: str, ended: int, kept: list[Any], linking: list[Any]) -> None:
+        """What a heartbeat does for dependencies on a shard, after a worker died in the middle:
+        settle what ended (its worker died before it did), make the links left unmade (its
+        enqueuing caller died), and forget the dependents of results past their ttl that
+        are no longer deferred, for those results to expire."""
+        if ended:
+            self._settle_ended(prefix)
+        for job_id in map(_text, linking):
+            fields = self._load(job_id) if self.client.exists(prefix + "job:" + job_id) else {}
+            if fields.get("state") == JOB_STATE_DEFERRED:  # all of them again: links are idempotent
+                self._link_far(prefix, [job_id], _id_list(fields.get("depends_on", "[]")))
+            else:
+                self._command("ZREM", prefix + "linking", job_id)
+        for job_id in map(_text, kept):
+            dependents = [_text(d) for d in self.client.smembers(prefix + "dependents:" + job_id)]
+            pipe = self.client.pipeline(transaction=False)
+            for dependent in dependents:
+                pipe.hget(self._job_key(dependent), "state")
+            gone = [dependent for dependent, state in zip(dependents, pipe.execute())
+                    if state is None or _text(state) != JOB_STATE_DEFERRED]
+            if gone:
+                self._command("SREM", prefix + "dependents:" + job_id, *gone)
 
     @staticmethod
     def _cut_short(exc: BaseException, calls: list[Any], replies: list[Any]) -> _NoAnswer:
@@ -3526,8 +3973,11 @@ class RedisQueue(Queue):
         calls = []
         for shard, mine in places.items():
             prefix = self._prefixes[shard]
+            deps = "" if not batch.depends_on else json.dumps({
+                "ids": batch.depends_on, "near": self._near(prefix, batch), "allow": batch.allow_failure,
+                "keep": self._keep_ms()})
             head = [prefix, len(self._prefixes), shard, batch.task, batch.stack, waiter,
-                    round(batch.delay * 1000), limit, batch.priority]
+                    round(batch.delay * 1000), limit, batch.priority, deps]
             for start in range(0, len(mine), 1000):
                 some = mine[start:start + 1000]
                 calls.append(([prefix + "seq"], [*head, *itertools.chain.from_iterable(
@@ -3537,10 +3987,14 @@ class RedisQueue(Queue):
     def _stored(self, reply: Any, count: int
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         """What _insert returns, from the enqueue script's reply for ``count`` jobs."""
-        now, first, due, held = reply
+        now, first, due, held, missing, settled = reply
+        if missing:
+            raise NoSuchJobError(f"no job {_printable(_text(missing))} to depend on")
         enqueued, scheduled = _time(now), _time(due)
         assert enqueued is not None
         holders = {int(index): (_text(job_id), _pairs(fields)) for index, job_id, fields in held}
+        for index, fields in settled:  # new jobs a dependency done already settled
+            holders[int(index)] = (str(int(first) + (int(index) - 1) * len(self._prefixes)), _pairs(fields))
         stored = []
         for i in range(1, count + 1):
             job_id, fields = holders.get(i, (str(int(first) + (i - 1) * len(self._prefixes)), None))
@@ -3677,10 +4131,16 @@ class RedisQueue(Queue):
     def _finish(self, job: Job, result: str | None, error: str | None, traceback: str | None,
                 outcome: str) -> bool | None:
         field, value = ("result", result) if error is None else ("error", error)
+        prefix = self._prefix_of(job.id)
         received = self._script(_REDIS_FINISH, [self._job_key(job.id)], _REDIS_FINISH.args(
-            prefix=self._prefix_of(job.id), id=job.id, delivery=job._delivery, outcome=outcome, field=field,
+            prefix=prefix, id=job.id, delivery=job._delivery, outcome=outcome, field=field,
             value=value, keep=self._keep_ms(), traceback=traceback or "", progress=job._progress_text or ""))
-        return None if received == -1 else received == 1
+        if received == -1:
+            return None
+        if received & 2:  # its dependents to settle: at once, or by a heartbeat if the server is away
+            with contextlib.suppress(*self._server_errors):
+                self._settle_ended(prefix)
+        return bool(received & 1)
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
         retried = self._script(_REDIS_RETRY, [self._job_key(job.id)], _REDIS_RETRY.args(
@@ -3699,10 +4159,12 @@ class RedisQueue(Queue):
 
     def _cancel(self, job_id: str) -> bool:
         self._check_shards(record=False)
+        prefix = self._prefix_of(job_id)
         state = self._script(_REDIS_CANCEL, [self._job_key(job_id)], _REDIS_CANCEL.args(
-            prefix=self._prefix_of(job_id), id=job_id, keep=self._keep_ms()))
+            prefix=prefix, id=job_id, keep=self._keep_ms()))
         if state is None:
             raise NoSuchJobError()
+        self._settle_ended(prefix)
         return _text(state) != JOB_STATE_DONE
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
@@ -3722,6 +4184,7 @@ class RedisQueue(Queue):
                     changed += int(self._script(_REDIS_BULK, [prefix + "jobs"], _REDIS_BULK.args(
                         ids[start:start + BULK_BATCH], prefix=prefix, action=action, state=state,
                         task=task_name or "")))
+                self._settle_ended(prefix)  # the dependents of enqueued jobs deleted
         except Exception as exc:
             if changed:  # whatever failed, the caller learns that some jobs were changed
                 raise _NoAnswer(f"{changed} jobs were changed before {_describe(exc)}") from exc
@@ -3776,12 +4239,14 @@ class RedisQueue(Queue):
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
         # Each shard keeps its own leases, expiry and list of workers alive.
-        cancelled = self._on_shards(self._by_shard(held), lambda prefix, jobs: self._script(
-            _REDIS_HEARTBEAT, [prefix + "running"], _REDIS_HEARTBEAT.args(
+        def beat(prefix: str, jobs: list[Job]) -> list[Any]:
+            cancelled, *upkeep = self._script(_REDIS_HEARTBEAT, [prefix + "running"], _REDIS_HEARTBEAT.args(
                 itertools.chain.from_iterable((job.id, job._delivery) for job in jobs), prefix=prefix,
                 lease=int(self.lease_timeout * 1000), max_deliveries=self.max_deliveries, ttl=self._ttl_ms(),
-                worker=worker, tasks=json.dumps(sorted(self._tasks)))))
-        return [_text(job_id) for ids in cancelled for job_id in ids or []]
+                worker=worker, tasks=json.dumps(sorted(self._tasks))))
+            self._dependency_upkeep(prefix, *upkeep)
+            return cancelled
+        return [_text(job_id) for ids in self._on_shards(self._by_shard(held), beat) for job_id in ids or []]
 
     def _retire(self, worker: str) -> None:
         # Its wake-ups too: the last ones, sent as it stopped, found it no longer waiting.
@@ -3834,6 +4299,10 @@ class RedisQueue(Queue):
         if not fields:
             raise NoSuchJobError()
         return _pairs(fields)
+
+    def _dependent_ids(self, job_id: str) -> list[str]:
+        members = self.client.smembers(self._prefix_of(job_id) + "dependents:" + job_id)
+        return sorted(map(_text, members), key=lambda member: (len(member), member))
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -3955,8 +4424,11 @@ class RedisQueue(Queue):
 
     def _delete(self, job_id: str) -> bool:
         self._check_shards(record=False)
-        return self._script(_REDIS_DELETE, [self._job_key(job_id)],
-                            _REDIS_DELETE.args(prefix=self._prefix_of(job_id), id=job_id)) == 1
+        prefix = self._prefix_of(job_id)
+        deleted = self._script(_REDIS_DELETE, [self._job_key(job_id)],
+                               _REDIS_DELETE.args(prefix=prefix, id=job_id))
+        self._settle_ended(prefix)
+        return deleted == 1
 
     def _reset(self) -> None:
         for prefix in self._prefixes:
@@ -4198,7 +4670,10 @@ def _pairs(fields: Any) -> dict[str, Any]:
 # Queue._decode with BSON dates for the times, plus ``waiter`` (an
 # enqueue_wait caller is waiting), ``worker`` and ``lease`` (who holds it
 # while running, and until when), ``unique`` (the unique key, while the job
-# isn't done) and ``periodic`` (schedule@tick of a periodic job). The index
+# isn't done) and ``periodic`` (schedule@tick of a periodic job). A deferred job
+# has ``waiting`` (the ids of its dependencies not settled yet) and, until its
+# links are made, ``linking``; a job with dependents ``dependents`` (true), and
+# ``unsettled`` while some of them are to be settled (see _settle). The index
 # (state, task, priority, _id), created with the queue, serves the claim:
 # equality on state, $in on the task names, highest priority then oldest
 # first; unique partial indexes on (task, unique) and on periodic make the
@@ -4300,6 +4775,8 @@ class MongoQueue(Queue):
         self._jobs.create_index([("state", 1), ("_id", 1)], name="by_state")
         self._jobs.create_index("done", name="by_done", partialFilterExpression={"done": {"$exists": True}})
         self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
+        for name in ("waiting", "depends_on", "dependents", "unsettled", "linking"):  # see _settle
+            self._jobs.create_index(name, name=name, partialFilterExpression={name: {"$exists": True}})
         for name, keys in (("unique", [("task", 1), ("unique", 1)]), ("periodic", [("periodic", 1)])):
             self._jobs.create_index(keys, name=name, unique=True,
                                     partialFilterExpression={keys[-1][0]: {"$exists": True}})
@@ -4326,16 +4803,88 @@ class MongoQueue(Queue):
     def _insert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         self._read_clock()
-        return [self._insert_one(batch, text, key) for text, key in jobs] if any(key for _, key in jobs) \
+        if batch.depends_on:
+            parents = [self._object_id_class(job_id) for job_id in batch.depends_on
+                       if self._object_id_class.is_valid(job_id)]
+            found = {str(doc["_id"]) for doc in self._jobs.find({"_id": {"$in": parents}},
+                                                                projection={"_id": True})}
+            missing = [job_id for job_id in batch.depends_on if job_id not in found]
+            if missing:
+                raise NoSuchJobError(f"no job {missing[0]} to depend on")
+        stored = [self._insert_one(batch, text, key) for text, key in jobs] if any(key for _, key in jobs) \
             else self._insert_many(batch, [text for text, _ in jobs])
+        if batch.depends_on and self._link([job_id for job_id, *_ in stored], batch.depends_on):
+            docs = {str(doc["_id"]): doc for doc in self._jobs.find(
+                {"_id": {"$in": [self._object_id_class(job_id) for job_id, *_ in stored]}})}
+            stored = [(job_id, now, due, _mongo_fields(docs[job_id]) if job_id in docs else fields)
+                      for job_id, now, due, fields in stored]
+        return stored
+
+    def _link(self, job_ids: list[str], depends_on: Iterable[str]) -> bool:
+        """Link deferred jobs to their dependencies (again, harmlessly, if it was done): the
+        unfinished ones are flagged ``unsettled`` (their finish settles the jobs), and the jobs
+        are settled at once for those done or gone; then they leave ``linking``. True if some
+        were settled. A dependency that ends meanwhile is flagged first or found done after."""
+        parents = [self._object_id_class(job_id) for job_id in depends_on]
+        self._jobs.update_many({"_id": {"$in": parents}, "state": {"$nin": _MONGO_DONE}},
+                               {"$set": {"dependents": True, "unsettled": True}})
+        ended = dict.fromkeys(map(str, parents), "deleted")
+        for doc in self._jobs.find({"_id": {"$in": parents}}, projection={"state": True, "outcome": True,
+                                                                        "error": True}):
+            if doc.get("state") in _MONGO_DONE:
+                ended[str(doc["_id"])] = doc.get("outcome") or ("failed" if doc.get("error") else "succeeded")
+            else:
+                del ended[str(doc["_id"])]
+        self._jobs.update_many({"_id": {"$in": [self._object_id_class(job_id) for job_id in ended]}},
+                               {"$set": {"dependents": True}})
+        for job_id, outcome in ended.items():
+            self._settle(job_id, outcome, job_ids)
+        self._jobs.update_many({"_id": {"$in": [self._object_id_class(job_id) for job_id in job_ids]}},
+                               {"$unset": {"linking": ""}})
+        return bool(ended)
+
+    def _settle(self, parent_id: str, outcome: str, only: list[str] | None = None) -> None:
+        """Settle the deferred jobs (of ``only``, else all) that wait for the job ``parent_id``,
+        which ended with ``outcome``, and those it cancels in turn, then unflag it. Each step is
+        one update that finds only what is still to do: a heartbeat that takes it again after a
+        worker died in the middle (the job is still ``unsettled``) does the rest, once."""
+        ended = [(parent_id, outcome)]
+        while ended:
+            parent_id, outcome = ended.pop()
+            parent = self._object_id_class(parent_id)
+            waiting = {"waiting": parent, "state": JOB_STATE_DEFERRED,
+                       **({} if only is None else {"_id": {"$in": [self._object_id_class(i) for i in only]}})}
+            if outcome != "succeeded":
+                for doc in self._jobs.find({**waiting, "allow_failure": {"$ne": True}},
+                                           projection={"task": True, "unsettled": True}):
+                    if self._jobs.update_one({**waiting, "_id": doc["_id"]}, {
+                            "$set": {"state": "failed", "done": self._now(), "outcome": "cancelled",
+                                     "error": DEPENDENCY_ENDED % (parent_id, outcome), "waiter": False,
+                                     **self._expiry()},
+                            "$unset": {"unique": "", "waiting": ""}}).matched_count:
+                        self._add_metrics({f"finished:{doc['task']}": 1, f"failed:{doc['task']}": 1})
+                        if doc.get("unsettled"):
+                            ended.append((str(doc["_id"]), "cancelled"))
+            self._jobs.update_many(waiting, {"$pull": {"waiting": parent}})
+            self._jobs.update_many(
+                {"depends_on": parent_id, "state": JOB_STATE_DEFERRED, "waiting": {"$size": 0}},
+                {"$set": {"state": JOB_STATE_ENQUEUED}, "$unset": {"waiting": ""}})
+            if only is None:  # what a delete settles has no document left to unflag
+                self._jobs.update_one({"_id": parent, "state": {"$in": _MONGO_DONE}},
+                                      {"$unset": {"unsettled": ""}})
+            only = None
 
     def _documents(self, batch: _Batch, texts: list[str]) -> tuple[datetime, datetime, list[dict[str, Any]]]:
         now = self._now()
         due = now + timedelta(milliseconds=round(batch.delay * 1000))
         limit = {} if batch.time_limit is None else {"time_limit": batch.time_limit}
+        deferred = {"state": JOB_STATE_DEFERRED, "depends_on": list(batch.depends_on),
+                    "waiting": [self._object_id_class(job_id) for job_id in batch.depends_on], "linking": now,
+                    **({"allow_failure": True} if batch.allow_failure else {})} if batch.depends_on else {}
         return now, due, [{"task": batch.task, "params": text, "state": JOB_STATE_ENQUEUED, "enqueued": now,
                            "due": due, "stack": batch.stack, "delivery": 0, "attempt": 1,
-                           "waiter": batch.waiter_timeout is not None, "priority": batch.priority, **limit}
+                           "waiter": batch.waiter_timeout is not None, "priority": batch.priority, **limit,
+                           **deferred}
                           for text in texts]
 
     def _insert_many(self, batch: _Batch, texts: list[str]
@@ -4456,12 +5005,18 @@ class MongoQueue(Queue):
                          **_set_if("traceback", traceback), **_set_if("progress", job._progress_text)},
                 "$unset": {"worker": "", "lease": "", "unique": "",
                            **({} if traceback else {"traceback": ""})}}
+        # Likewise a job with dependents to settle, the rare case, is found by a second filter.
         for waiter, flag in ((True, True), (False, {"$ne": True}))[0 if awaited else 1:]:
-            if self._jobs.update_one({**self._holding(job), "waiter": flag}, done).matched_count:
-                self._awaited.discard((job.id, job._delivery))
-                self._observe(job.task_name, error is not None, job.status.started,
-                              job.status.scheduled or job.status.enqueued, now)
-                return waiter
+            for unsettled in (False, True):
+                if self._jobs.update_one({**self._holding(job), "waiter": flag,
+                                          "unsettled": unsettled or {"$ne": True}}, done).matched_count:
+                    self._awaited.discard((job.id, job._delivery))
+                    self._observe(job.task_name, error is not None, job.status.started,
+                                  job.status.scheduled or job.status.enqueued, now)
+                    if unsettled:  # at once, or by a heartbeat if the server is away
+                        with contextlib.suppress(*self._server_errors):
+                            self._settle(job.id, outcome)
+                    return waiter
         self._awaited.discard((job.id, job._delivery))  # no longer held by this delivery
         return None
 
@@ -4497,13 +5052,15 @@ class MongoQueue(Queue):
         query = {"_id": self._object_id(job_id)}
         while True:  # again if it moved between running and enqueued meanwhile
             before = self._jobs.find_one_and_update(
-                {**query, "state": JOB_STATE_ENQUEUED},
+                {**query, "state": {"$in": [JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED]}},
                 {"$set": {"state": "failed", "done": self._now(), "outcome": "cancelled",
                           "error": CANCELLED_BEFORE_IT_RAN,
-                          "waiter": False, **self._expiry()}, "$unset": {"unique": ""}},
-                projection={"task": True})
+                          "waiter": False, **self._expiry()}, "$unset": {"unique": "", "waiting": ""}},
+                projection={"task": True, "unsettled": True})
             if before is not None:
                 self._add_metrics({f"finished:{before['task']}": 1, f"failed:{before['task']}": 1})
+                if before.get("unsettled"):
+                    self._settle(job_id, "cancelled")
                 return True
             if self._jobs.update_one({**query, "state": JOB_STATE_RUNNING},
                                      {"$set": {"cancel": True}}).matched_count:
@@ -4521,6 +5078,9 @@ class MongoQueue(Queue):
             retried = int(self._jobs.update_many(query, self._requeued()).modified_count)
             self._retake_unique_keys({} if task_name is None else {"task": task_name})
             return retried
+        for doc in self._jobs.find({**query, "unsettled": True, "state": {"$nin": _MONGO_DONE}},
+                                   projection={"_id": True}):
+            self._settle(str(doc["_id"]), "deleted")
         return int(self._jobs.delete_many(query).deleted_count)
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
@@ -4597,7 +5157,7 @@ class MongoQueue(Queue):
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
-        if self._url is None or any(key for _, key in jobs):  # unique keys: the executor's thread
+        if self._url is None or batch.depends_on or any(key for _, key in jobs):  # the executor's thread
             return await super()._ainsert(batch, jobs)
         if time.monotonic() - self._clock_read > CLOCK_CHECK_INTERVAL:  # read off the event loop
             import asyncio
@@ -4638,7 +5198,7 @@ class MongoQueue(Queue):
                                                                     projection={"_id": True})]
         for doc in self._jobs.find({"state": JOB_STATE_RUNNING, "lease": {"$lt": now}},
                                    projection={"delivery": True, "lost": True, "cancel": True, "task": True,
-                                               "started": True, "due": True}):
+                                               "started": True, "due": True, "unsettled": True}):
             expired = {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "delivery": doc["delivery"],
                        "lease": {"$lt": now}}
             # Lost leases are counted apart from deliveries: retries deliver a job again too.
@@ -4652,20 +5212,43 @@ class MongoQueue(Queue):
                                  "outcome": "cancelled" if doc.get("cancel") else "failed"},
                         "$unset": {"worker": "", "lease": "", "unique": ""}}).matched_count:
                     self._observe(doc.get("task", ""), True, doc.get("started"), doc.get("due"), now)
+                    if doc.get("unsettled"):
+                        self._settle(str(doc["_id"]), "cancelled" if doc.get("cancel") else "failed")
             else:
                 self._jobs.update_one(expired, {"$set": {"state": JOB_STATE_ENQUEUED, "lost": lost},
                                                 "$unset": {"started": "", "worker": "", "lease": ""}})
         # A job whose state is no job state is never claimed: failed, as a record that can't be
         # read is. The index's bounds skip every job in a state of its own.
-        for doc in self._jobs.find({"state": {"$nin": [JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, *_MONGO_DONE]}},
+        states = [JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, *_MONGO_DONE]
+        for doc in self._jobs.find({"state": {"$nin": states}},
                                    projection={"state": True}, hint="by_state"):
             self._jobs.update_one({"_id": doc["_id"], "state": doc.get("state")}, {
                 "$set": {"state": "failed", "done": now, "waiter": False, **self._expiry(),
                          "outcome": "failed",
                          "error": f"the stored job has a state that is no job state: {doc.get('state')!r}"},
                 "$unset": {"worker": "", "lease": "", "unique": ""}})
+        self._dependency_upkeep(now)
         self._add_observed()  # last: the leases above matter more
         return cancelled
+
+    def _dependency_upkeep(self, now: datetime) -> None:
+        """What a heartbeat does for dependencies, after a worker died in the middle: settle the
+        dependents of jobs that ended (their worker died before it did), make the links left
+        unmade (the enqueuing caller died), and keep the results that a deferred job needs
+        past their expiry, a result_ttl at a time."""
+        for doc in self._jobs.find({"unsettled": True, "state": {"$in": _MONGO_DONE}},
+                                   projection={"outcome": True}, hint="unsettled"):
+            self._settle(str(doc["_id"]), doc.get("outcome") or "failed")
+        for doc in self._jobs.find({"linking": {"$lt": self._now(-self.lease_timeout)}},
+                                   projection={"depends_on": True}, hint="linking"):
+            self._link([str(doc["_id"])], doc.get("depends_on") or [])
+        if self.result_ttl:
+            soon = self._now(3 * self.lease_timeout)
+            needed = {"dependents": True, "expires": {"$lt": soon}}
+            for doc in self._jobs.find(needed, projection={"_id": True}, hint="dependents"):
+                if self._jobs.count_documents({"depends_on": str(doc["_id"]), "state": JOB_STATE_DEFERRED},
+                                              limit=1):
+                    self._jobs.update_one({"_id": doc["_id"]}, {"$set": self._expiry()})
 
     def _add_observed(self) -> None:
         """Add what this worker's finishes counted to the metrics; kept for the next try if the
@@ -4717,6 +5300,10 @@ class MongoQueue(Queue):
         if doc is None:
             raise NoSuchJobError()
         return _mongo_fields(doc)
+
+    def _dependent_ids(self, job_id: str) -> list[str]:
+        return [str(doc["_id"]) for doc in self._jobs.find({"depends_on": job_id}, projection={"_id": True},
+                                                           hint="depends_on").sort("_id", 1)]
 
     def _list(self, state: str | None, task_name: str | None, limit: int | None, offset: int,
               newest_first: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -4773,9 +5360,13 @@ class MongoQueue(Queue):
 
     def _delete(self, job_id: str) -> bool:
         try:
-            return bool(self._jobs.delete_one({"_id": self._object_id(job_id)}).deleted_count)
+            query = {"_id": self._object_id(job_id)}
         except NoSuchJobError:
             return False
+        # Its dependents first: a delete that fails after leaves them settled, and the job.
+        if self._jobs.count_documents({**query, "unsettled": True, "state": {"$nin": _MONGO_DONE}}, limit=1):
+            self._settle(job_id, "deleted")
+        return bool(self._jobs.delete_one(query).deleted_count)
 
     def _reset(self) -> None:
         self._jobs.delete_many({})
@@ -5228,7 +5819,7 @@ def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, tas
             f'<p class="pager">{"".join(pager)}</p>')
 
 
-def _web_job(job: dict[str, Any], csrf_token: str) -> str:
+def _web_job(job: dict[str, Any], dependents: list[str], csrf_token: str) -> str:
     path = f"/jobs/{quote(job['id'], safe='')}"
     done = job["state"] == JOB_STATE_DONE
     buttons = (_web_form(f"{path}/retry", "Retry", csrf_token) if done
@@ -5238,6 +5829,11 @@ def _web_job(job: dict[str, Any], csrf_token: str) -> str:
                     for name in ("enqueued", "scheduled", "started", "done"))
     if job["progress"] is not None:
         times += f"<tr><th>progress</th><td>{_web_progress(job['progress'])}</td></tr>"
+    for name, ids in (("depends on", job["dependency_ids"]), ("dependents", dependents)):
+        if ids:
+            links = ", ".join(f'<a href="/jobs/{quote(job_id, safe="")}">{html.escape(job_id)}</a>'
+                              for job_id in ids)
+            times += f"<tr><th>{name}</th><td>{links}</td></tr>"
     if job["error"] is not None:
         outcome = f'<h2>Error</h2><pre class="error">{html.escape(job["error"])}</pre>'
     elif done:
@@ -5384,7 +5980,8 @@ class _WebHandler(_RequestHandler):
             if self.api:
                 self._send_json(job)
             else:
-                self._send_page(f"Job {job['id']}", _web_job(job, self.csrf_token))
+                self._send_page(f"Job {job['id']}", _web_job(job, self.queue._dependent_ids(job["id"]),
+                                                             self.csrf_token))
         elif route == ["metrics"] and not self.api:
             self._send(200, "text/plain; version=0.0.4; charset=utf-8",
                        _prometheus(self.queue.stats()).encode(), None)
@@ -5728,6 +6325,10 @@ def _show(job: Job, as_json: bool) -> None:
         if data[name] is not None:
             print(f"{name + ':':11}{_state_text(data) if name == 'state' else data[name]}")
     print(f"{'params:':11}{json.dumps(data['params'])}")
+    dependents = job.queue._dependent_ids(job.id)
+    for name, ids in (("depends on", data["dependency_ids"]), ("dependents", dependents)):
+        if ids:
+            print(f"{name + ':':11}{' '.join(ids)}")
     if data["progress"] is not None:
         print(f"{'progress:':11}{json.dumps(data['progress'])}")
     if data["state"] == JOB_STATE_DONE:

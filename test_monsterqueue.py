@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -33,6 +34,7 @@ import pytest
 
 import monsterqueue
 from monsterqueue import (
+    JOB_STATE_DEFERRED,
     JOB_STATE_DONE,
     JOB_STATE_ENQUEUED,
     JOB_STATE_RUNNING,
@@ -998,8 +1000,8 @@ def test_stats_count_per_task_and_state(queue: Queue, task: TestTask) -> None:
         stats = queue.stats()
     queue.enqueue_many("other", [{}, {}])
     counts = queue.stats()["counts"]
-    assert counts["test-task"] == {"enqueued": 0, "running": 0, "done": 3, "failed": 1}
-    assert counts["other"] == {"enqueued": 2, "running": 0, "done": 0, "failed": 0}
+    assert counts["test-task"] == {"deferred": 0, "enqueued": 0, "running": 0, "done": 3, "failed": 1}
+    assert counts["other"] == {"deferred": 0, "enqueued": 2, "running": 0, "done": 0, "failed": 0}
     assert len(stats["workers"]) == 1 and stats["workers"][0]["tasks"] == ["test-task"]
     assert stats["done_per_minute"][-1] + stats["done_per_minute"][-2] == 4
     assert len(stats["done_per_minute"]) == 15
@@ -1020,7 +1022,7 @@ def test_retry_job_runs_a_done_job_again(queue: Queue, task: TestTask) -> None:
         again.result()
     assert again.status.attempt == 1 and again._delivery == 2  # a delivery number never repeats
     counts = queue.stats()["counts"]["test-task"]
-    assert counts == {"enqueued": 0, "running": 0, "done": 0, "failed": 1}
+    assert counts == {"deferred": 0, "enqueued": 0, "running": 0, "done": 0, "failed": 1}
     with pytest.raises(NoSuchJobError):
         queue.retry_job("1234567890abcdef12345678")
 
@@ -1035,7 +1037,8 @@ def test_results_expire_after_result_ttl(new_queue: Any) -> None:
         kept = queue.enqueue("nobody")
         assert wait_until(lambda: not job_exists(queue, done.id), 10)
     assert [j.id for j in queue.list_jobs()] == [kept.id]
-    assert queue.stats()["counts"] == {"nobody": {"enqueued": 1, "running": 0, "done": 0, "failed": 0}}
+    assert queue.stats()["counts"] == {"nobody": {"deferred": 0, "enqueued": 1, "running": 0, "done": 0,
+                                                  "failed": 0}}
     if isinstance(queue, RedisQueue):  # nothing of it remains under the prefix
         keys = set(queue.client.scan_iter("{monsterqueue}:*"))
         assert not keys & {f"{{monsterqueue}}:job:{done.id}", f"{{monsterqueue}}:outcome:{done.id}"}
@@ -1211,7 +1214,8 @@ def test_cancel_an_enqueued_or_delayed_job(queue: Queue, task: TestTask) -> None
         time.sleep(0.5)
     assert task.params == [{"n": 3}]
     assert {job.id for job in queue.list_jobs(state="failed")} == {waiting.id, delayed.id}
-    assert queue.stats()["counts"]["test-task"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 2}
+    assert queue.stats()["counts"]["test-task"] == {"deferred": 0, "enqueued": 0, "running": 0, "done": 1,
+                                                    "failed": 2}
     with pytest.raises(NoSuchJobError):
         queue.cancel_job("404")
     # A cancelled job can be retried: it runs then.
@@ -1273,7 +1277,8 @@ def test_retried_jobs_wait_from_their_retry_and_stale_ids_are_skipped(queue: Que
         assert wait_until(lambda: queue.retrieve_job(old.id).status.state == JOB_STATE_DONE)
         time.sleep(0.2)
     assert task.runs == 1  # the id left in its queue by the cancel didn't run it twice
-    assert queue.stats()["counts"]["test-task"] == {"enqueued": 0, "running": 0, "done": 1, "failed": 0}
+    assert queue.stats()["counts"]["test-task"] == {"deferred": 0, "enqueued": 0, "running": 0, "done": 1,
+                                                    "failed": 0}
     # Counted from the retry, not from the first enqueue (a stopped worker has added its counts).
     assert queue.stats()["metrics"]["test-task"]["wait_seconds"]["sum"] < 0.3
 
@@ -2638,7 +2643,8 @@ def test_mongodb_listing_and_stats_read_indexes_not_the_collection(mongodb_url: 
         plan = json.dumps(queue._jobs.database.command("explain", command, verbosity="queryPlanner"),
                           default=str)
         assert "COLLSCAN" not in plan and ("IXSCAN" in plan or "COUNT_SCAN" in plan), (command, plan)
-    assert queue.stats()["counts"]["t"] == {"enqueued": 0, "running": 0, "done": 3, "failed": 3}
+    assert queue.stats()["counts"]["t"] == {"deferred": 0, "enqueued": 0, "running": 0, "done": 3,
+                                            "failed": 3}
     assert [len(queue.list_jobs(state, "t")) for state in (JOB_STATE_DONE, "failed")] == [6, 3]
     assert sum(queue.stats()["done_per_minute"]) == 6
     queue.reset_storage()
@@ -3641,7 +3647,8 @@ def test_web_dashboard_in_a_real_browser(redis_url: str, serve: Any, browser: An
         assert "Overview" in browser.title
         row = browser.find_element(By.XPATH, "//tr[td/a[text()='flaky']]")
         cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-        assert cells[:5] == ["flaky", "0", "0", "0", "2"], cells
+        # deferred, enqueued, running, done, failed
+        assert cells[:6] == ["flaky", "0", "0", "0", "0", "2"], cells
         assert [button.text for button in row.find_elements(By.TAG_NAME, "button")] == ["Retry failed",
                                                                                          "Delete done"]
         assert browser.find_elements(By.CSS_SELECTOR, "svg polyline")
@@ -4229,3 +4236,425 @@ def test_a_cancel_reaches_its_running_job_at_once(backend: str, new_queue: Any) 
             # On a cluster only the first shard's cancels are pushed; the others wait for a heartbeat.
             assert time.monotonic() - cancelled < (11 if backend == "redis-cluster-shards" else 1.5)
             assert queue.retrieve_job(job_id).status.outcome == "cancelled"
+
+
+# ---------------------------------------------------------------------------
+# Dependencies
+# ---------------------------------------------------------------------------
+
+class Recorder:
+    """Tasks of a dependency test: "step" records the order it ran in and returns its param n
+    (raising for fail=True, failing once for fail="once"); "sum" adds its dependencies' results."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.ran: list[Any] = []
+        self.lock = threading.Lock()
+        failed_once: set[Any] = set()
+
+        @queue.task(max_retries=1, retry_delay=0.05)
+        def step(n: Any = None, fail: Any = False) -> Any:
+            with self.lock:
+                self.ran.append(n)
+            if fail is True or (fail == "once" and n not in failed_once):
+                failed_once.add(n)
+                raise RuntimeError(f"step {n} failed")
+            return n
+
+        class Sum(Task):
+            name = "sum"
+
+            def run(self, job: Job) -> None:
+                job.success(sum(parent.result() for parent in job.fetch_dependencies()))
+        queue.register_task(Sum)
+
+
+def test_a_chain_runs_in_order_and_shows_deferred_everywhere(queue: Queue) -> None:
+    rec = Recorder(queue)
+    a = queue.enqueue("step", {"n": 1})
+    b = queue.enqueue("step", {"n": 2}, depends_on=a)
+    c = queue.enqueue("step", {"n": 3}, depends_on=[b.id])
+    assert (a.status.state, b.status.state, c.status.state) == (JOB_STATE_ENQUEUED, JOB_STATE_DEFERRED,
+                                                                JOB_STATE_DEFERRED)
+    assert b.dependency_ids == [a.id] and c.dependency_ids == [b.id] and a.dependency_ids == []
+    stored = queue.retrieve_job(c.id)
+    assert stored.status.state == JOB_STATE_DEFERRED and stored.dependency_ids == [b.id]
+    assert stored.as_dict()["dependency_ids"] == [b.id] and stored.as_dict()["state"] == "deferred"
+    assert [job.id for job in queue.list_jobs(state=JOB_STATE_DEFERRED)] == [b.id, c.id]
+    assert queue.stats()["counts"]["step"] == {"deferred": 2, "enqueued": 1, "running": 0, "done": 0,
+                                               "failed": 0}
+    assert [job.id for job in c.fetch_dependencies()] == [b.id]
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, c.id) == JOB_STATE_DONE, 15)
+    assert rec.ran == [1, 2, 3]
+    assert queue.retrieve_job(c.id).result() == 3
+    assert queue.stats()["counts"]["step"]["done"] == 3
+
+
+def test_a_fan_in_reads_the_results_of_its_dependencies(queue: Queue) -> None:
+    Recorder(queue)
+    parents = queue.enqueue_many("step", [{"n": n} for n in range(1, 6)])
+    report = queue.enqueue("sum", depends_on=parents)
+    assert report.dependency_ids == [job.id for job in parents]
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, report.id) == JOB_STATE_DONE, 15)
+    assert queue.retrieve_job(report.id).result() == 15
+
+
+def test_a_fan_out_of_enqueue_many_and_enqueue_wait_with_dependencies(queue: Queue) -> None:
+    rec = Recorder(queue)
+    first = queue.enqueue("step", {"n": 0})
+    children = queue.enqueue_many("step", [{"n": n} for n in range(1, 4)], depends_on=first)
+    assert all(job.status.state == JOB_STATE_DEFERRED for job in children)
+    with running(queue):
+        last = queue.enqueue_wait("step", {"n": 9}, timeout=15, depends_on=children)
+        assert last.result() == 9
+    assert rec.ran[0] == 0 and sorted(rec.ran[1:4]) == [1, 2, 3] and rec.ran[4] == 9
+
+
+def test_a_failed_dependency_cancels_its_dependents_down_the_graph(queue: Queue) -> None:
+    rec = Recorder(queue)
+    a = queue.enqueue("step", {"n": "a", "fail": True})
+    b = queue.enqueue("step", {"n": "b"}, depends_on=a)
+    c = queue.enqueue("step", {"n": "c"}, depends_on=b)
+    tolerant = queue.enqueue("step", {"n": "d"}, depends_on=a, allow_failure=True)
+    after = queue.enqueue("step", {"n": "e"}, depends_on=[tolerant, c], allow_failure=True)
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, after.id) == JOB_STATE_DONE, 15)
+        queue.wait()
+    assert sorted(rec.ran) == ["a", "a", "d", "e"]  # a ran twice: its retry
+    b_done, c_done = queue.retrieve_job(b.id), queue.retrieve_job(c.id)
+    assert b_done.status.outcome == c_done.status.outcome == "cancelled"
+    assert b_done.as_dict()["error"] == f"cancelled: dependency {a.id} failed"
+    assert c_done.as_dict()["error"] == f"cancelled: dependency {b.id} cancelled"
+    with pytest.raises(monsterqueue.JobCancelledError):
+        c_done.result()
+    assert queue.retrieve_job(tolerant.id).result() == "d"
+    counts = queue.stats()["counts"]["step"]
+    assert counts["deferred"] == 0 and counts["failed"] == 3 and counts["done"] == 2
+
+
+def test_a_dependency_that_fails_once_then_succeeds_releases_once(queue: Queue) -> None:
+    rec = Recorder(queue)
+    a = queue.enqueue("step", {"n": "a", "fail": "once"})
+    b = queue.enqueue("step", {"n": "b"}, depends_on=a)
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, b.id) == JOB_STATE_DONE, 15)
+        queue.wait()
+    assert rec.ran == ["a", "a", "b"]
+    assert queue.retrieve_job(b.id).result() == "b"
+
+
+def test_dependencies_done_at_enqueue_settle_it_at_once(queue: Queue) -> None:
+    Recorder(queue)
+    with running(queue):
+        ok = queue.enqueue_wait("step", {"n": 1}, timeout=10)
+        with pytest.raises(JobError):
+            queue.enqueue_wait("step", {"n": 2, "fail": True}, timeout=10).result()
+        failed = queue.list_jobs(state="failed")[0]
+        released = queue.enqueue("step", {"n": 3}, depends_on=ok)
+        assert released.status.state in (JOB_STATE_ENQUEUED, JOB_STATE_RUNNING, JOB_STATE_DONE)
+        cancelled = queue.enqueue("step", {"n": 4}, depends_on=[ok, failed])
+        assert cancelled.status.state == JOB_STATE_DONE and cancelled.status.outcome == "cancelled"
+        assert cancelled.as_dict()["error"] == f"cancelled: dependency {failed.id} failed"
+        tolerant = queue.enqueue_wait("step", {"n": 5}, depends_on=[ok, failed], allow_failure=True,
+                                      timeout=10)
+        assert tolerant.result() == 5
+        assert wait_until(lambda: state_of(queue, released.id) == JOB_STATE_DONE, 10)
+
+
+def test_an_unknown_dependency_is_no_such_job_and_stores_nothing(queue: Queue) -> None:
+    Recorder(queue)
+    known = queue.enqueue("step", {"n": 1})
+    for unknown in ("123456789", "nope", "42" * 12):
+        with pytest.raises(NoSuchJobError, match="depend on"):
+            queue.enqueue("step", {"n": 2}, depends_on=[known, unknown])
+        with pytest.raises(NoSuchJobError):
+            queue.enqueue_many("step", [{"n": 3}, {"n": 4}], depends_on=unknown)
+    with pytest.raises(TypeError, match="depends_on"):
+        queue.enqueue("step", depends_on=[known, 7])  # type: ignore[list-item]
+    assert [job.id for job in queue.list_jobs()] == [known.id]
+    assert queue.stats()["counts"]["step"]["deferred"] == 0
+
+
+def test_a_cancelled_or_deleted_deferred_job_stays_so(queue: Queue) -> None:
+    rec = Recorder(queue)
+    a = queue.enqueue("step", {"n": "a"})
+    b = queue.enqueue("step", {"n": "b"}, depends_on=a)
+    c = queue.enqueue("step", {"n": "c"}, depends_on=b)
+    gone = queue.enqueue("step", {"n": "gone"}, depends_on=a)
+    assert queue.cancel_job(b.id)
+    assert queue.retrieve_job(b.id).as_dict()["error"] == "cancelled before it ran"
+    assert queue.retrieve_job(c.id).as_dict()["error"] == f"cancelled: dependency {b.id} cancelled"
+    queue.delete_job(gone.id)
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, a.id) == JOB_STATE_DONE, 10)
+        queue.wait()
+        time.sleep(0.2)
+    assert rec.ran == ["a"]
+    assert state_of(queue, b.id) == state_of(queue, c.id) == JOB_STATE_DONE
+    assert queue.stats()["counts"]["step"]["deferred"] == 0
+
+
+def test_deleting_an_unfinished_dependency_settles_its_dependents(queue: Queue) -> None:
+    rec = Recorder(queue)
+    a = queue.enqueue("step", {"n": "a"}, delay=60)
+    strict = queue.enqueue("step", {"n": "strict"}, depends_on=a)
+    tolerant = queue.enqueue("step", {"n": "tolerant"}, depends_on=a, allow_failure=True)
+    queue.delete_job(a.id)
+    assert queue.retrieve_job(strict.id).as_dict()["error"] == f"cancelled: dependency {a.id} deleted"
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, tolerant.id) == JOB_STATE_DONE, 10)
+    assert rec.ran == ["tolerant"]
+
+
+def test_a_released_job_still_waits_for_its_delay(queue: Queue) -> None:
+    Recorder(queue)
+    with running(queue):
+        a = queue.enqueue("step", {"n": 1})
+        b = queue.enqueue("step", {"n": 2}, depends_on=a, delay=1.5)
+        assert wait_until(lambda: state_of(queue, a.id) == JOB_STATE_DONE, 10)
+        assert wait_until(lambda: state_of(queue, b.id) == JOB_STATE_DONE, 10)
+    started = queue.retrieve_job(b.id).status.started
+    assert started is not None and started >= b.status.enqueued + timedelta(seconds=1.5)
+
+
+def test_a_unique_key_holds_while_deferred(queue: Queue) -> None:
+    Recorder(queue)
+    a = queue.enqueue("step", {"n": 1}, delay=60)
+    b = queue.enqueue("step", {"n": 2}, depends_on=a, unique_key="k")
+    again = queue.enqueue("step", {"n": 3}, unique_key="k")
+    assert again.id == b.id and again.status.state == JOB_STATE_DEFERRED
+
+
+def test_a_deferred_job_keeps_the_results_it_waits_for_past_result_ttl(new_queue: Any) -> None:
+    queue = new_queue(result_ttl=1, lease_timeout=0.6)
+    queue.reset_storage()
+    Recorder(queue)
+    with running(queue):
+        early = queue.enqueue_wait("step", {"n": 1}, timeout=10)
+        late = queue.enqueue("step", {"n": 2}, delay=3.5)
+        fan_in = queue.enqueue("sum", depends_on=[early, late])
+        other = queue.enqueue_wait("step", {"n": 3}, timeout=10)
+        assert wait_until(lambda: not job_exists(queue, other.id), 10)  # results do expire
+        assert job_exists(queue, early.id)                              # but not the one needed
+        assert wait_until(lambda: state_of(queue, fan_in.id) == JOB_STATE_DONE, 15)
+        assert queue.retrieve_job(fan_in.id).result() == 3
+
+
+def test_enqueueing_a_dependent_while_its_dependency_finishes(queue: Queue) -> None:
+    rec = Recorder(queue)
+    rounds = load(queue, 300)
+    with running(queue):
+        children = []
+        for n in range(rounds):
+            parent = queue.enqueue("step", {"n": -1 - n})
+            if n % 3 == 0:
+                time.sleep(0.0005 * (n % 7))
+            children.append(queue.enqueue("step", {"n": n}, depends_on=parent))
+        assert wait_until(lambda: len(rec.ran) == 2 * rounds, 60)
+        queue.wait()
+    assert sorted(n for n in rec.ran if n >= 0) == list(range(rounds))
+    assert all(state_of(queue, child.id) == JOB_STATE_DONE for child in children[-20:])
+    assert queue.stats()["counts"]["step"]["deferred"] == 0
+
+
+def test_a_random_graph_runs_every_job_once_after_its_dependencies(queue: Queue) -> None:
+    rec = Recorder(queue)
+    rng = random.Random(22)
+    size = load(queue, 300)
+    jobs: list[Job] = []
+    for n in range(size):
+        parents = rng.sample(jobs, min(len(jobs), rng.randint(0, 3)))
+        jobs.append(queue.enqueue("step", {"n": n}, depends_on=parents or None))
+    with running(queue):
+        assert wait_until(lambda: len(rec.ran) >= size, 120)
+        queue.wait()
+    assert sorted(rec.ran) == list(range(size))
+    position = {n: i for i, n in enumerate(rec.ran)}
+    for n, job in enumerate(jobs):
+        for parent in job.dependency_ids:
+            assert position[int(queue.retrieve_job(parent).params["n"])] < position[n]
+
+
+def test_a_wide_fan_out_and_fan_in(queue: Queue) -> None:
+    rec = Recorder(queue)
+    # 10,000 on one server; fewer where every round trip costs more (a cluster client's,
+    # SecantusDB's: ~20 ms an update, each release 3).
+    width = (100 if isinstance(queue, MongoQueue) else 2000 if getattr(queue, "_cluster", False)
+             else 10_000)
+    root = queue.enqueue("step", {"n": -1})
+    began = time.monotonic()
+    fan_out = queue.enqueue_many("step", [{"n": n} for n in range(width)], depends_on=root)
+    fan_in = queue.enqueue("sum", depends_on=fan_out)
+    stored = time.monotonic() - began
+    with running(queue):
+        assert wait_until(lambda: state_of(queue, fan_in.id) == JOB_STATE_DONE, 300)
+    print(f"{width} dependents stored in {stored:.2f} s, all run in {time.monotonic() - began:.2f} s")
+    assert queue.retrieve_job(fan_in.id).result() == sum(range(width))
+    assert len(rec.ran) == width + 1
+
+
+def test_a_worker_killed_while_running_a_dependency(fault_queue: Any, tmp_path: Path) -> None:
+    first = fault_queue.start_worker()
+    parent = fault_queue.enqueue("sleepy", {"seconds": 1.5})
+    children = fault_queue.enqueue_many("record", [{"i": i} for i in range(3)], depends_on=parent)
+    assert wait_until(lambda: state_of(fault_queue, parent.id) == JOB_STATE_RUNNING, 20)
+    first.kill()
+    first.wait(10)
+    assert all(state_of(fault_queue, child.id) == JOB_STATE_DEFERRED for child in children)
+    fault_queue.start_worker()
+    assert wait_until(lambda: all(state_of(fault_queue, c.id) == JOB_STATE_DONE for c in children), 30)
+    assert fault_queue.retrieve_job(parent.id)._delivery == 2
+    assert sorted(int(line) for line in (tmp_path / "runs").read_text().split()) == [0, 1, 2]
+
+
+# The step a worker takes after a finish, or an enqueue after its store, to settle or link
+# dependents: made to fail here as if the process died there.
+SETTLE_STEP = {RedisQueue: "_settle_ended", MongoQueue: "_settle"}
+LINK_STEP = {RedisQueue: "_link_far", MongoQueue: "_link"}
+
+
+@pytest.mark.parametrize("backend", ["redis", "redis-cluster-shards", "mongodb"])
+def test_a_heartbeat_settles_the_dependents_a_finish_left(backend: str, request: pytest.FixtureRequest,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = make_queue(request, backend, lease_timeout=0.6)
+    queue.reset_storage()
+    rec = Recorder(queue)
+    step = SETTLE_STEP[type(queue)]
+    real, failed = getattr(queue, step), []
+
+    def dies_once(*args: Any) -> Any:
+        if not failed:
+            failed.append(args)
+            raise queue._server_errors[0]("the worker died here")
+        return real(*args)
+    monkeypatch.setattr(queue, step, dies_once)
+    try:
+        parent = queue.enqueue("step", {"n": "parent"})
+        child = queue.enqueue("step", {"n": "child"}, depends_on=parent)
+        with running(queue):
+            assert wait_until(lambda: state_of(queue, child.id) == JOB_STATE_DONE, 15)
+        assert failed and rec.ran == ["parent", "child"]
+    finally:
+        queue.stop()
+        queue.reset_storage()
+        queue.close()
+
+
+@pytest.mark.parametrize("backend", ["redis-cluster-shards", "mongodb"])
+def test_a_heartbeat_makes_the_links_an_enqueue_left(backend: str, request: pytest.FixtureRequest,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = make_queue(request, backend, lease_timeout=0.6)
+    queue.reset_storage()
+    rec = Recorder(queue)
+    try:
+        parent = queue.enqueue("step", {"n": "parent"})
+        step = LINK_STEP[type(queue)]
+        real = getattr(queue, step)
+        for attempt in range(3):  # until the dependent lands on another shard than its dependency
+            monkeypatch.setattr(queue, step, lambda *args: (_ for _ in ()).throw(RuntimeError("died here")))
+            with pytest.raises(RuntimeError, match="died here"):
+                queue.enqueue("step", {"n": f"child {attempt}"}, depends_on=parent)
+            monkeypatch.setattr(queue, step, real)
+        children = queue.list_jobs(state=JOB_STATE_DEFERRED)
+        assert len(children) == 3
+        with running(queue):
+            assert wait_until(lambda: all(state_of(queue, c.id) == JOB_STATE_DONE for c in children), 15)
+        assert rec.ran[0] == "parent" and sorted(rec.ran[1:]) == ["child 0", "child 1", "child 2"]
+    finally:
+        queue.stop()
+        queue.reset_storage()
+        queue.close()
+
+
+def test_the_dashboard_and_the_cli_show_dependencies(web_queue: Queue, web: Site) -> None:
+    parent = web_queue.enqueue("add", {"a": 1, "b": 1}, delay=60)
+    child = web_queue.enqueue("add", {"a": 2, "b": 2}, depends_on=parent)
+    _, _, page = web.request(f"/jobs/{child.id}")
+    assert "deferred" in page and f'<a href="/jobs/{parent.id}">{parent.id}</a>' in page
+    _, _, page = web.request(f"/jobs/{parent.id}")
+    assert f'<a href="/jobs/{child.id}">{child.id}</a>' in page
+    _, _, page = web.request("/jobs?state=deferred")
+    assert f"/jobs/{child.id}" in page and f"/jobs/{parent.id}" not in page
+    _, _, page = web.request("/")
+    assert "<th>deferred</th>" in page
+    if isinstance(web_queue, MemoryQueue) or getattr(web_queue, "_cluster", False):
+        return  # the CLI reads a server by its URL
+    url = server_url_of(web_queue)
+    shown = cli("show", url, child.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "state:     deferred" in shown.stdout and f"depends on:{parent.id}" in shown.stdout
+    listed = cli("jobs", url, "--state", "deferred")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[1].split()[0] == child.id
+    stats = cli("stats", url)
+    assert "DEFERRED" in stats.stdout
+
+
+def test_a_release_across_shards_waits_out_a_master_away(redis_cluster: list[RedisServer]) -> None:
+    """A dependency on one shard ends while its dependent's master is away: the release waits in
+    the dependency's shard and is made once that master answers again."""
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.retry import Retry
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster[0].port, decode_responses=True,
+                          encoding_errors="surrogateescape", retry=Retry(NoBackoff(), 0), socket_timeout=0.5)
+    queue = RedisQueue(client=client, key_prefix="mq-deps-away", shards=3, lease_timeout=1.5)
+    queue.reset_storage()
+    rec = Recorder(queue)
+    keys = (str(n) for n in itertools.count())
+
+    def on_shard(shard: int) -> str:  # a unique key picks the shard
+        return next(key for key in keys if queue._shard_of_key(key) == shard)
+    parent = queue.enqueue("step", {"n": "parent"}, delay=1, unique_key=on_shard(0))
+    child = queue.enqueue("step", {"n": "child"}, depends_on=parent, unique_key=on_shard(2))
+    assert queue._prefix_of(child.id) == queue._prefixes[2] and child.status.state == JOB_STATE_DEFERRED
+    port = client.get_node_from_key(queue._prefixes[2]).port
+    away = next(node for node in redis_cluster if node.port == port)
+    try:
+        with running(queue):
+            os.kill(away.process.pid, signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: rec.ran == ["parent"], 10)
+                time.sleep(1.5)
+                assert client.llen(queue._prefixes[0] + "ended") == 1  # the parent's end waits there
+            finally:
+                os.kill(away.process.pid, signal.SIGCONT)
+            assert wait_until(lambda: state_of(queue, child.id) == JOB_STATE_DONE, 15)
+        assert rec.ran == ["parent", "child"]
+    finally:
+        queue.stop()
+        queue.reset_storage()
+        queue.close()
+
+
+def test_aenqueue_with_dependencies_and_afetch_dependencies(queue: Queue) -> None:
+    import asyncio
+
+    Recorder(queue)
+
+    async def store() -> tuple[Job, Job]:
+        parent = await queue.aenqueue("step", {"n": 7})
+        return parent, await queue.aenqueue("sum", depends_on=[parent.id])
+    parent, child = asyncio.run(store())
+    assert child.status.state == JOB_STATE_DEFERRED and child.dependency_ids == [parent.id]
+
+    async def wait() -> tuple[Job, list[Job]]:
+        done = await queue.aenqueue_wait("sum", depends_on=child, timeout=10)
+        return done, await done.afetch_dependencies()
+    with running(queue):
+        done, fetched = asyncio.run(wait())
+    assert done.result() == 7 and [job.id for job in fetched] == [child.id]
+
+
+def test_a_cancel_goes_down_a_long_chain(queue: Queue) -> None:
+    """Each job on another shard than the one before, on a sharded queue: a cancel crosses
+    shards at every step, and none of it is a recursion."""
+    Recorder(queue)
+    chain = [queue.enqueue("step", {"n": 0}, delay=60)]
+    for n in range(1, load(queue, 1500)):
+        chain.append(queue.enqueue("step", {"n": n}, depends_on=chain[-1]))
+    queue.cancel_job(chain[0].id)
+    last = queue.retrieve_job(chain[-1].id)
+    assert last.status.outcome == "cancelled"
+    assert last.as_dict()["error"] == f"cancelled: dependency {chain[-2].id} cancelled"
+    assert queue.stats()["counts"]["step"]["deferred"] == 0
