@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import random
 import secrets
 import signal
 import socket
@@ -3282,7 +3283,7 @@ while budget > 0 do
   end
   if #far > 0 then return {parent, outcome, far} end
   if redis.call('EXISTS', unsettled) == 0 then redis.call('LPOP', KEYS[1]) end
-  budget = budget - #some
+  budget = budget - math.max(#some, 1)
 end
 return {'', '', {}}
 """)
@@ -3484,7 +3485,7 @@ return handed
 # lease ran out, or fails them once delivered max_deliveries times or cancelled;
 # drops expired results from the indexes, and workers not seen for three
 # leases. Returns the ids of the held jobs that were cancelled, the length of ``ended``,
-# up to 100 results past their ttl kept for their dependents, and up to 100 jobs whose
+# the results past their ttl kept for their dependents, and up to 100 jobs whose
 # links to dependencies on other shards were left unmade a lease ago (see _link_far).
 # KEYS: running. ``lease`` and ``ttl`` (the result's; 0: kept) in ms; ``tasks``: the
 # worker's, as JSON; ``held``: the id and delivery of each job it holds.
@@ -3524,28 +3525,24 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     end
   end
 end
--- Results past their ttl go, but those with dependents (Python keeps in ``dependents``
--- the ones still deferred): they are passed over, and returned for Python to look at.
+-- Results past their ttl go, 1000 a beat at most, but those with dependents (Python keeps
+-- in ``dependents`` the ones still deferred): passed over, and returned for Python to look at.
 local kept = {}
 if ttl > 0 then
   local expired = redis.call('ZRANGEBYSCORE', prefix .. 'done', '-inf', now - ttl, 'LIMIT', 0, 1000)
-  while #expired > 0 and #kept < 1000 do
-    for _, member in ipairs(expired) do
-      local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
-      if id and redis.call('EXISTS', prefix .. 'dependents:' .. id) == 1 then
-        kept[#kept + 1] = id
-      else
-        redis.call('ZREM', prefix .. 'done', member)
-        if id then  -- not a member this library wrote: dropped above, nothing more to undo
-          redis.call('ZREM', prefix .. 'jobs', id)
-          redis.call('ZREM', prefix .. 'task:' .. task, id)
-          redis.call('DEL', prefix .. 'job:' .. id)
-          count(prefix, outcome, task, -1)
-        end
+  for _, member in ipairs(expired) do
+    local outcome, task, id = string.match(member, '^(%a+):(.*):([^:]*)$')
+    if id and redis.call('EXISTS', prefix .. 'dependents:' .. id) == 1 then
+      kept[#kept + 1] = id
+    else
+      redis.call('ZREM', prefix .. 'done', member)
+      if id then  -- not a member this library wrote: dropped above, nothing more to undo
+        redis.call('ZREM', prefix .. 'jobs', id)
+        redis.call('ZREM', prefix .. 'task:' .. task, id)
+        redis.call('DEL', prefix .. 'job:' .. id)
+        count(prefix, outcome, task, -1)
       end
     end
-    if #expired < 1000 or #kept == 0 then break end
-    expired = redis.call('ZRANGEBYSCORE', prefix .. 'done', '-inf', now - ttl, 'LIMIT', #kept, 1000)
   end
 end
 redis.call('HSET', prefix .. 'workers', worker, now .. ' ' .. tasks)
@@ -3556,7 +3553,7 @@ for i = 1, #workers, 2 do
   end
 end
 local linking = redis.call('ZRANGEBYSCORE', prefix .. 'linking', '-inf', now - lease, 'LIMIT', 0, 100)
-return {cancelled, redis.call('LLEN', prefix .. 'ended'), {unpack(kept, 1, math.min(#kept, 100))}, linking}
+return {cancelled, redis.call('LLEN', prefix .. 'ended'), kept, linking}
 """)
 
 # Stores the progress of running jobs, each only while that delivery holds it.
@@ -3799,7 +3796,8 @@ class RedisQueue(Queue):
                 raise self._cut_short(exc, calls, replies) from exc
             raise
         stored = self._placed(len(jobs), calls, replies)
-        return self._linked(batch, calls, stored) if batch.depends_on and self._links_apart(batch) else stored
+        return self._linked(batch, calls, replies, stored) if batch.depends_on and self._links_apart(batch) \
+            else stored
 
     async def _ainsert(self, batch: _Batch, jobs: list[tuple[str, str | None]]
                        ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
@@ -3844,17 +3842,24 @@ class RedisQueue(Queue):
             if not found:
                 raise NoSuchJobError(f"no job {job_id} to depend on")
 
-    def _linked(self, batch: _Batch, calls: list[tuple[list[str], list[Any], list[int]]],
+    def _linked(self, batch: _Batch, calls: list[tuple[list[str], list[Any], list[int]]], replies: list[Any],
                 stored: list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]
                 ) -> list[tuple[str, datetime, datetime | None, dict[str, Any] | None]]:
         """Link newly stored dependents to the dependencies the enqueue script left to link (see
         _links_apart); return what _insert returns, with the fields of those the links settled
         at once."""
-        for keys, _, places in calls:
+        for (keys, _, places), reply in zip(calls, replies):
             prefix = keys[0][:-len("seq")]
             near = set(self._near(prefix, batch))
-            if self._link_far(prefix, [stored[place][0] for place in places],
-                              [job_id for job_id in batch.depends_on if job_id not in near]):
+            held = {int(index) for index, *_ in reply[3]}  # jobs of the unique keys: not new, not linked
+            new = [stored[place][0] for i, place in enumerate(places, 1) if i not in held]
+            try:
+                settled = self._link_far(prefix, new, [job_id for job_id in batch.depends_on
+                                                       if job_id not in near])
+            except self._server_errors as exc:  # stored, deferred: a heartbeat links them
+                logger.warning("enqueue: links of deferred jobs left to a heartbeat: %s", _describe(exc))
+                continue
+            if settled:
                 pipe = self.client.pipeline(transaction=False)
                 for place in places:
                     pipe.hgetall(self._job_key(stored[place][0]))
@@ -3890,6 +3895,12 @@ class RedisQueue(Queue):
             itertools.chain.from_iterable(map(_text, settle) for settle in settles), prefix=prefix,
             keep=self._keep_ms(), linked=json.dumps(linked))))
 
+    def _settle_soon(self, prefix: str) -> None:
+        """_settle_ended after a step that may have ended jobs with dependents: its server away,
+        a heartbeat does it instead, and the step's caller learns that the step was taken."""
+        with contextlib.suppress(*self._server_errors):
+            self._settle_ended(prefix)
+
     def _settle_ended(self, prefix: str) -> None:
         """Settle the dependents of the jobs that ended on shard ``prefix`` (its ``ended``
         entries), 500 a script: those on the shard in the script, the others by _settle_on
@@ -3920,7 +3931,8 @@ class RedisQueue(Queue):
         """What a heartbeat does for dependencies on a shard, after a worker died in the middle:
         settle what ended (its worker died before it did), make the links left unmade (its
         enqueuing caller died), and forget the dependents of results past their ttl that
-        are no longer deferred, for those results to expire."""
+        are no longer deferred, for those results to expire (100 a beat, picked at random
+        among those kept: none is left out for good)."""
         if ended:
             self._settle_ended(prefix)
         for job_id in map(_text, linking):
@@ -3929,7 +3941,7 @@ class RedisQueue(Queue):
                 self._link_far(prefix, [job_id], _id_list(fields.get("depends_on", "[]")))
             else:
                 self._command("ZREM", prefix + "linking", job_id)
-        for job_id in map(_text, kept):
+        for job_id in random.sample([_text(job_id) for job_id in kept], min(len(kept), 100)):
             dependents = [_text(d) for d in self.client.smembers(prefix + "dependents:" + job_id)]
             pipe = self.client.pipeline(transaction=False)
             for dependent in dependents:
@@ -3978,8 +3990,11 @@ class RedisQueue(Queue):
                 "keep": self._keep_ms()})
             head = [prefix, len(self._prefixes), shard, batch.task, batch.stack, waiter,
                     round(batch.delay * 1000), limit, batch.priority, deps]
-            for start in range(0, len(mine), 1000):
-                some = mine[start:start + 1000]
+            # 1000 jobs a script, fewer with dependencies: 1000 links, 20,000 waits stored a script.
+            size = max(1, min(1000 // max(len(self._near(prefix, batch)), 1),
+                              20_000 // len(batch.depends_on))) if batch.depends_on else 1000
+            for start in range(0, len(mine), size):
+                some = mine[start:start + size]
                 calls.append(([prefix + "seq"], [*head, *itertools.chain.from_iterable(
                     (jobs[place][0], jobs[place][1] or "") for place in some)], some))
         return calls
@@ -4137,9 +4152,8 @@ class RedisQueue(Queue):
             value=value, keep=self._keep_ms(), traceback=traceback or "", progress=job._progress_text or ""))
         if received == -1:
             return None
-        if received & 2:  # its dependents to settle: at once, or by a heartbeat if the server is away
-            with contextlib.suppress(*self._server_errors):
-                self._settle_ended(prefix)
+        if received & 2:  # its dependents to settle
+            self._settle_soon(prefix)
         return bool(received & 1)
 
     def _retry(self, job: Job, delay: float, traceback: str | None) -> bool | None:
@@ -4164,7 +4178,8 @@ class RedisQueue(Queue):
             prefix=prefix, id=job_id, keep=self._keep_ms()))
         if state is None:
             raise NoSuchJobError()
-        self._settle_ended(prefix)
+        if _text(state) in (JOB_STATE_DEFERRED, JOB_STATE_ENQUEUED):
+            self._settle_soon(prefix)
         return _text(state) != JOB_STATE_DONE
 
     def _bulk(self, action: str, state: str, task_name: str | None) -> int:
@@ -4238,15 +4253,19 @@ class RedisQueue(Queue):
         return self._loop_client(make)
 
     def _heartbeat(self, worker: str, held: list[Job]) -> list[str]:
-        # Each shard keeps its own leases, expiry and list of workers alive.
-        def beat(prefix: str, jobs: list[Job]) -> list[Any]:
-            cancelled, *upkeep = self._script(_REDIS_HEARTBEAT, [prefix + "running"], _REDIS_HEARTBEAT.args(
+        # Each shard keeps its own leases, expiry and list of workers alive: every shard's
+        # first, then what dependencies need, which no failure of may cost a lease or a cancel.
+        beats = self._on_shards(self._by_shard(held), lambda prefix, jobs: (prefix, self._script(
+            _REDIS_HEARTBEAT, [prefix + "running"], _REDIS_HEARTBEAT.args(
                 itertools.chain.from_iterable((job.id, job._delivery) for job in jobs), prefix=prefix,
                 lease=int(self.lease_timeout * 1000), max_deliveries=self.max_deliveries, ttl=self._ttl_ms(),
-                worker=worker, tasks=json.dumps(sorted(self._tasks))))
-            self._dependency_upkeep(prefix, *upkeep)
-            return cancelled
-        return [_text(job_id) for ids in self._on_shards(self._by_shard(held), beat) for job_id in ids or []]
+                worker=worker, tasks=json.dumps(sorted(self._tasks))))))
+        for prefix, (_, *upkeep) in beats:
+            try:
+                self._dependency_upkeep(prefix, *upkeep)
+            except Exception as exc:  # the next beat tries again
+                logger.warning("dependencies on %s: %s", _printable(prefix), _describe(exc))
+        return [_text(job_id) for _, (ids, *_) in beats for job_id in ids or []]
 
     def _retire(self, worker: str) -> None:
         # Its wake-ups too: the last ones, sent as it stopped, found it no longer waiting.
@@ -4427,7 +4446,8 @@ class RedisQueue(Queue):
         prefix = self._prefix_of(job_id)
         deleted = self._script(_REDIS_DELETE, [self._job_key(job_id)],
                                _REDIS_DELETE.args(prefix=prefix, id=job_id))
-        self._settle_ended(prefix)
+        if deleted:
+            self._settle_soon(prefix)
         return deleted == 1
 
     def _reset(self) -> None:
@@ -4775,8 +4795,10 @@ class MongoQueue(Queue):
         self._jobs.create_index([("state", 1), ("_id", 1)], name="by_state")
         self._jobs.create_index("done", name="by_done", partialFilterExpression={"done": {"$exists": True}})
         self._jobs.create_index("expires", name="expiry", expireAfterSeconds=0)
-        for name in ("waiting", "depends_on", "dependents", "unsettled", "linking"):  # see _settle
+        for name in ("waiting", "depends_on", "unsettled", "linking"):  # see _settle
             self._jobs.create_index(name, name=name, partialFilterExpression={name: {"$exists": True}})
+        self._jobs.create_index([("dependents", 1), ("expires", 1)], name="dependents_expires",
+                                partialFilterExpression={"dependents": {"$exists": True}})
         for name, keys in (("unique", [("task", 1), ("unique", 1)]), ("periodic", [("periodic", 1)])):
             self._jobs.create_index(keys, name=name, unique=True,
                                     partialFilterExpression={keys[-1][0]: {"$exists": True}})
@@ -4813,7 +4835,8 @@ class MongoQueue(Queue):
                 raise NoSuchJobError(f"no job {missing[0]} to depend on")
         stored = [self._insert_one(batch, text, key) for text, key in jobs] if any(key for _, key in jobs) \
             else self._insert_many(batch, [text for text, _ in jobs])
-        if batch.depends_on and self._link([job_id for job_id, *_ in stored], batch.depends_on):
+        new = [job_id for job_id, _, _, holder in stored if holder is None]  # not a unique key's job
+        if batch.depends_on and self._link(new, batch.depends_on):
             docs = {str(doc["_id"]): doc for doc in self._jobs.find(
                 {"_id": {"$in": [self._object_id_class(job_id) for job_id, *_ in stored]}})}
             stored = [(job_id, now, due, _mongo_fields(docs[job_id]) if job_id in docs else fields)
@@ -5078,10 +5101,12 @@ class MongoQueue(Queue):
             retried = int(self._jobs.update_many(query, self._requeued()).modified_count)
             self._retake_unique_keys({} if task_name is None else {"task": task_name})
             return retried
-        for doc in self._jobs.find({**query, "unsettled": True, "state": {"$nin": _MONGO_DONE}},
-                                   projection={"_id": True}):
-            self._settle(str(doc["_id"]), "deleted")
-        return int(self._jobs.delete_many(query).deleted_count)
+        # Those with dependents one by one, as _delete does (a link flags a job atomically: one
+        # flagged after this delete_many looked was not deleted by it).
+        deleted = int(self._jobs.delete_many({**query, "dependents": {"$ne": True}}).deleted_count)
+        for doc in self._jobs.find({**query, "dependents": True}, projection={"_id": True}):
+            deleted += self._delete(str(doc["_id"]))
+        return deleted
 
     def _await_outcome(self, job: Job, timeout: float) -> Job | None:
         # Read the job when the change stream says it is done (else from 5 ms backing off
@@ -5245,7 +5270,7 @@ class MongoQueue(Queue):
         if self.result_ttl:
             soon = self._now(3 * self.lease_timeout)
             needed = {"dependents": True, "expires": {"$lt": soon}}
-            for doc in self._jobs.find(needed, projection={"_id": True}, hint="dependents"):
+            for doc in self._jobs.find(needed, projection={"_id": True}, hint="dependents_expires"):
                 if self._jobs.count_documents({"depends_on": str(doc["_id"]), "state": JOB_STATE_DEFERRED},
                                               limit=1):
                     self._jobs.update_one({"_id": doc["_id"]}, {"$set": self._expiry()})
@@ -5363,10 +5388,14 @@ class MongoQueue(Queue):
             query = {"_id": self._object_id(job_id)}
         except NoSuchJobError:
             return False
-        # Its dependents first: a delete that fails after leaves them settled, and the job.
-        if self._jobs.count_documents({**query, "unsettled": True, "state": {"$nin": _MONGO_DONE}}, limit=1):
-            self._settle(job_id, "deleted")
-        return bool(self._jobs.delete_one(query).deleted_count)
+        # The flags read in the delete's own step: a link made before it flagged the job, one
+        # after finds it gone (and settles as "deleted").
+        doc = self._jobs.find_one_and_delete(query, projection={"state": True, "outcome": True,
+                                                                "unsettled": True})
+        if doc is not None and doc.get("unsettled"):
+            done = doc.get("state") in _MONGO_DONE
+            self._settle(job_id, (doc.get("outcome") or "failed") if done else "deleted")
+        return doc is not None
 
     def _reset(self) -> None:
         self._jobs.delete_many({})

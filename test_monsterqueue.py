@@ -4242,6 +4242,11 @@ def test_a_cancel_reaches_its_running_job_at_once(backend: str, new_queue: Any) 
 # Dependencies
 # ---------------------------------------------------------------------------
 
+# The stress tests of dependencies run on one backend of each kind: MongoDB without change
+# streams and a cluster with one shard run the same steps as their twins.
+HEAVY_ON = pytest.mark.parametrize("backend", ["memory", "redis", "mongodb", "redis-cluster-shards"])
+
+
 class Recorder:
     """Tasks of a dependency test: "step" records the order it ran in and returns its param n
     (raising for fail=True, failing once for fail="once"); "sum" adds its dependencies' results."""
@@ -4441,6 +4446,7 @@ def test_a_deferred_job_keeps_the_results_it_waits_for_past_result_ttl(new_queue
         assert queue.retrieve_job(fan_in.id).result() == 3
 
 
+@HEAVY_ON
 def test_enqueueing_a_dependent_while_its_dependency_finishes(queue: Queue) -> None:
     rec = Recorder(queue)
     rounds = load(queue, 300)
@@ -4458,6 +4464,7 @@ def test_enqueueing_a_dependent_while_its_dependency_finishes(queue: Queue) -> N
     assert queue.stats()["counts"]["step"]["deferred"] == 0
 
 
+@HEAVY_ON
 def test_a_random_graph_runs_every_job_once_after_its_dependencies(queue: Queue) -> None:
     rec = Recorder(queue)
     rng = random.Random(22)
@@ -4476,6 +4483,7 @@ def test_a_random_graph_runs_every_job_once_after_its_dependencies(queue: Queue)
             assert position[int(queue.retrieve_job(parent).params["n"])] < position[n]
 
 
+@HEAVY_ON
 def test_a_wide_fan_out_and_fan_in(queue: Queue) -> None:
     rec = Recorder(queue)
     # 10,000 on one server; fewer where every round trip costs more (a cluster client's,
@@ -4590,7 +4598,7 @@ def test_the_dashboard_and_the_cli_show_dependencies(web_queue: Queue, web: Site
     assert "DEFERRED" in stats.stdout
 
 
-def test_a_release_across_shards_waits_out_a_master_away(redis_cluster: list[RedisServer]) -> None:
+def test_a_cluster_release_across_shards_waits_out_a_master_away(redis_cluster: list[RedisServer]) -> None:
     """A dependency on one shard ends while its dependent's master is away: the release waits in
     the dependency's shard and is made once that master answers again."""
     from redis.backoff import NoBackoff
@@ -4646,6 +4654,7 @@ def test_aenqueue_with_dependencies_and_afetch_dependencies(queue: Queue) -> Non
     assert done.result() == 7 and [job.id for job in fetched] == [child.id]
 
 
+@HEAVY_ON
 def test_a_cancel_goes_down_a_long_chain(queue: Queue) -> None:
     """Each job on another shard than the one before, on a sharded queue: a cancel crosses
     shards at every step, and none of it is a recursion."""
@@ -4658,3 +4667,31 @@ def test_a_cancel_goes_down_a_long_chain(queue: Queue) -> None:
     assert last.status.outcome == "cancelled"
     assert last.as_dict()["error"] == f"cancelled: dependency {chain[-2].id} cancelled"
     assert queue.stats()["counts"]["step"]["deferred"] == 0
+
+
+@pytest.mark.parametrize("backend", ["redis", "redis-cluster-shards", "mongodb"])
+def test_deleting_a_dependency_whose_end_is_not_yet_settled(backend: str, request: pytest.FixtureRequest,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its worker died between the finish and the settle; the delete comes before a heartbeat."""
+    queue = make_queue(request, backend)
+    queue.reset_storage()
+    rec = Recorder(queue)
+    step = SETTLE_STEP[type(queue)]
+    real = getattr(queue, step)
+    monkeypatch.setattr(queue, step, lambda *args: (_ for _ in ()).throw(queue._server_errors[0]("died")))
+    try:
+        parent = queue.enqueue("step", {"n": "parent"})
+        child = queue.enqueue("step", {"n": "child"}, depends_on=parent)
+        with running(queue):
+            assert wait_until(lambda: state_of(queue, parent.id) == JOB_STATE_DONE, 10)
+            queue.stop()
+        monkeypatch.setattr(queue, step, real)
+        assert state_of(queue, child.id) == JOB_STATE_DEFERRED
+        queue.delete_job(parent.id)
+        with running(queue):
+            assert wait_until(lambda: state_of(queue, child.id) == JOB_STATE_DONE, 10)
+        assert rec.ran == ["parent", "child"]  # released: its dependency had succeeded
+    finally:
+        queue.stop()
+        queue.reset_storage()
+        queue.close()
