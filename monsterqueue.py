@@ -1136,35 +1136,33 @@ class Queue:
         (a field missing or of the wrong type, bytes that aren't UTF-8, JSON nested
         too deeply, a state that is no job state) fails this record alone.
         """
-        shown = _printable(job_id)
-
-        def field(name: str, convert: Callable[[Any], Any], default: Any = None) -> Any:
-            value = fields.get(name)
-            if value is None:
-                if name in ("task", "params", "state", "enqueued"):
-                    raise MalformedJobError(f"job {shown} can't be decoded: its {name} is missing")
-                return default
+        # One pass over what is stored: a field absent costs nothing, the hot path's case.
+        values: dict[str, Any] = {}
+        for name, value in fields.items():
+            convert = _DECODED_FIELDS.get(name)
+            if convert is None or value is None:
+                continue
             try:
                 if isinstance(value, str) and not value.isascii():
                     value.encode()  # bytes that weren't UTF-8 were read back as surrogates
-                return convert(value)
+                values[name] = convert(value)
             except UnicodeEncodeError:
-                raise MalformedJobError(f"job {shown} can't be decoded: its {name} is not UTF-8 text: "
-                                        f"{_printable(value)!r:.60}") from None
+                raise MalformedJobError(f"job {_printable(job_id)} can't be decoded: its {name} is not "
+                                        f"UTF-8 text: {_printable(value)!r:.60}") from None
             except (TypeError, ValueError, RecursionError) as exc:
-                raise MalformedJobError(f"job {shown} can't be decoded: its {name} {value!r:.60} "
-                                        f"is wrong: {_describe(exc)}") from None
-
-        result = field("result", json.loads)
-        return Job(self, job_id, field("task", str), field("params", _json_object),
-                   JobStatus(field("state", _state), field("enqueued", _time), field("started", _time),
-                             field("done", _time), field("attempt", int, 1), field("due", _time),
-                             field("outcome", _check_outcome)),
-                   field("stack", str, ""), delivery=_int(fields.get("delivery")),
-                   result=result, error=field("error", str), progress=field("progress", json.loads),
-                   traceback=field("traceback", str) or None, time_limit=field("time_limit", float),
-                   priority=field("priority", int, 0), unique_key=field("unique_key", str),
-                   dependency_ids=field("depends_on", _id_list))
+                raise MalformedJobError(f"job {_printable(job_id)} can't be decoded: its {name} "
+                                        f"{value!r:.60} is wrong: {_describe(exc)}") from None
+        for name in ("task", "params", "state", "enqueued"):
+            if name not in values:
+                raise MalformedJobError(f"job {_printable(job_id)} can't be decoded: its {name} is missing")
+        get = values.get
+        return Job(self, job_id, values["task"], values["params"],
+                   JobStatus(values["state"], values["enqueued"], get("started"), get("done"),
+                             get("attempt", 1), get("due"), get("outcome")),
+                   get("stack", ""), delivery=_int(fields.get("delivery")), result=get("result"),
+                   error=get("error"), progress=get("progress"), traceback=get("traceback") or None,
+                   time_limit=get("time_limit"), priority=get("priority", 0), unique_key=get("unique_key"),
+                   dependency_ids=get("depends_on"))
 
     # -- storage primitives, supplied by each backend ------------------------
 
@@ -1735,6 +1733,14 @@ def _time(ms: Any) -> datetime | None:
         return datetime.fromtimestamp(int(ms) / 1000, timezone.utc)
     except (OverflowError, OSError):
         raise ValueError(f"{ms} ms is out of range") from None
+
+
+# What Queue._decode reads from a stored job, and how; every other field it passes over.
+_DECODED_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "task": str, "params": _json_object, "state": _state, "enqueued": _time, "started": _time, "done": _time,
+    "attempt": int, "due": _time, "outcome": _check_outcome, "stack": str, "result": json.loads, "error": str,
+    "progress": json.loads, "traceback": str, "time_limit": float, "priority": int, "unique_key": str,
+    "depends_on": _id_list}
 
 
 def _delay(delay: float | None, eta: datetime | None, now_ms: int) -> float:
