@@ -3100,6 +3100,18 @@ end
 -- Settles deferred job ``id`` of this shard for its dependency ``parent``, which ended
 -- with ``outcome``, once however often it is told (Queue._insert says the rule):
 -- returns 2 if it was cancelled with dependents of its own to settle (see finish_job).
+-- Cancels a job that never ran (enqueued, delayed or deferred) with ``error``: out of every
+-- index that holds it, then done as finish_job ends a running job. Returns finish_job's reply.
+local function cancel_unstarted(prefix, id, state, task, error, now, keep)
+  for _, index in ipairs({'enqueued', 'scheduled', 'queue:' .. task, 'deferred'}) do
+    redis.call('ZREM', prefix .. index, id)
+  end
+  redis.call('DEL', prefix .. 'waiting:' .. id)
+  count(prefix, state, task, -1)
+  count(prefix, 'running', task, 1)
+  return finish_job(prefix, id, 'cancelled', 'error', error, now, keep, false, false)
+end
+
 local function settle(prefix, id, parent, outcome, now, keep)
   local key = prefix .. 'job:' .. id
   if redis.call('SREM', prefix .. 'waiting:' .. id, parent) == 0 or not is_job(key)
@@ -3108,12 +3120,8 @@ local function settle(prefix, id, parent, outcome, now, keep)
   end
   local task = redis.call('HGET', key, 'task') or ''
   if outcome ~= 'succeeded' and redis.call('HEXISTS', key, 'allow_failure') == 0 then
-    redis.call('ZREM', prefix .. 'deferred', id)
-    redis.call('DEL', prefix .. 'waiting:' .. id)
-    count(prefix, 'deferred', task, -1)
-    count(prefix, 'running', task, 1)  -- finish_job ends a running job
     local error = string.format(DEPENDENCY_ENDED, parent, outcome)
-    local ended = finish_job(prefix, id, 'cancelled', 'error', error, now, keep, false, false)
+    local ended = cancel_unstarted(prefix, id, 'deferred', task, error, now, keep)
     return ended >= 2 and 2 or 0
   end
   if redis.call('SCARD', prefix .. 'waiting:' .. id) == 0 then release(prefix, id, key, task, now) end
@@ -3584,16 +3592,8 @@ _REDIS_CANCEL = _RedisScript("prefix id keep", _REDIS_LIB + """
 if not is_job(KEYS[1]) then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'enqueued' or state == 'deferred' then
-  local task = redis.call('HGET', KEYS[1], 'task') or ''
-  for _, index in ipairs({'enqueued', 'scheduled', 'queue:' .. task, 'deferred'}) do
-    redis.call('ZREM', prefix .. index, id)
-  end
-  redis.call('DEL', prefix .. 'waiting:' .. id)
-  -- finish_job ends a running job: count this one as one first.
-  count(prefix, state, task, -1)
-  count(prefix, 'running', task, 1)
-  finish_job(prefix, id, 'cancelled', 'error', CANCELLED_BEFORE_IT_RAN, now_ms(), tonumber(keep), false,
-             false)
+  cancel_unstarted(prefix, id, state, redis.call('HGET', KEYS[1], 'task') or '', CANCELLED_BEFORE_IT_RAN,
+                   now_ms(), tonumber(keep))
 elseif state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', 1)
   local worker = redis.call('HGET', KEYS[1], 'worker')
@@ -4861,7 +4861,7 @@ class MongoQueue(Queue):
         for doc in self._jobs.find({"_id": {"$in": parents}}, projection={"state": True, "outcome": True,
                                                                         "error": True}):
             if doc.get("state") in _MONGO_DONE:
-                ended[str(doc["_id"])] = doc.get("outcome") or ("failed" if doc.get("error") else "succeeded")
+                ended[str(doc["_id"])] = _mongo_outcome(doc)
             else:
                 del ended[str(doc["_id"])]
         self._jobs.update_many({"_id": {"$in": [self._object_id_class(job_id) for job_id in ended]}},
@@ -5268,8 +5268,8 @@ class MongoQueue(Queue):
         unmade (the enqueuing caller died), and keep the results that a deferred job needs
         past their expiry, a result_ttl at a time."""
         for doc in self._jobs.find({"unsettled": True, "state": {"$in": _MONGO_DONE}},
-                                   projection={"outcome": True}, hint="unsettled"):
-            self._settle(str(doc["_id"]), doc.get("outcome") or "failed")
+                                   projection={"outcome": True, "error": True}, hint="unsettled"):
+            self._settle(str(doc["_id"]), _mongo_outcome(doc))
         for doc in self._jobs.find({"linking": {"$lt": self._now(-self.lease_timeout)}},
                                    projection={"depends_on": True}, hint="linking"):
             self._link([str(doc["_id"])], doc.get("depends_on") or [])
@@ -5396,11 +5396,11 @@ class MongoQueue(Queue):
             return False
         # The flags read in the delete's own step: a link made before it flagged the job, one
         # after finds it gone (and settles as "deleted").
-        doc = self._jobs.find_one_and_delete(query, projection={"state": True, "outcome": True,
+        doc = self._jobs.find_one_and_delete(query, projection={"state": True, "outcome": True, "error": True,
                                                                 "unsettled": True})
         if doc is not None and doc.get("unsettled"):
             done = doc.get("state") in _MONGO_DONE
-            self._settle(job_id, (doc.get("outcome") or "failed") if done else "deleted")
+            self._settle(job_id, _mongo_outcome(doc) if done else "deleted")
         return doc is not None
 
     def _reset(self) -> None:
@@ -5592,6 +5592,12 @@ def _mongo_query(state: str | None, task_name: str | None) -> dict[str, Any]:
     if task_name is not None:
         query["task"] = task_name
     return query
+
+
+def _mongo_outcome(doc: dict[str, Any]) -> str:
+    """How a done job ended, as stored (a record from before outcomes were: by its error), as
+    the Redis scripts' outcome_of reads it."""
+    return doc.get("outcome") or ("failed" if doc.get("error") is not None else "succeeded")
 
 
 def _set_if(field: str, value: Any) -> dict[str, Any]:
