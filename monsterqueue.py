@@ -18,7 +18,6 @@ Only the standard library is needed to import this module: ``redis`` and
 from __future__ import annotations
 
 import abc
-import argparse
 import base64
 import binascii
 import bisect
@@ -29,7 +28,6 @@ import functools
 import hashlib
 import heapq
 import hmac
-import html
 import importlib
 import ipaddress
 import itertools
@@ -51,7 +49,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
@@ -575,6 +573,7 @@ class Queue:
         # Event loop -> the asyncio client of the server the a* methods use on it.
         self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._outage = _Outage(self)
+        self._server = _ServerGuard(self)  # with self._server: a call to the server
 
     # -- tasks ---------------------------------------------------------------
 
@@ -722,7 +721,7 @@ class Queue:
         job = self._enqueue(task_name, [params], [None], timeout, delay, eta, time_limit, priority,
                             depends_on, allow_failure)[0]
         try:
-            with self._server():
+            with self._server:
                 done = self._await_outcome(job, timeout)
         except BaseException:
             # Withdraw, if the server lets us, so that no worker reports a hand-off nobody got.
@@ -737,7 +736,7 @@ class Queue:
         batch, jobs = self._prepare(*args)
         if not jobs:
             return []
-        with self._server():
+        with self._server:
             return self._built(batch, jobs, self._insert(batch, jobs))
 
     def _prepare(self, task_name: str, params_list: list[JobParams | None], unique_keys: list[str | None],
@@ -751,7 +750,7 @@ class Queue:
                       f"must register it, or its jobs wait for good")
         if priority is None:
             priority = self._tasks[task_name].priority if task_name in self._tasks else 0
-        spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta, self._clock_ms()),
+        spec = _Batch(task_name, _enqueue_stack(), waiter_timeout, _delay(delay, eta, self._clock_ms),
                       # Stored only when given: 0 for none, else the seconds. Otherwise the task's applies.
                       None if time_limit is _TASKS_OWN else float(_check_time_limit(time_limit) or 0),
                       _check_priority(priority), _dependency_ids(depends_on), bool(allow_failure))
@@ -764,6 +763,8 @@ class Queue:
 
     def _name_of(self, task: str | Task | Callable[..., Any]) -> str:
         """The name of a task given by name, by its handle or Task, or by its function."""
+        if type(task) is str and task:
+            return task
         if isinstance(task, Task):
             return task.name
         if callable(task):
@@ -831,7 +832,7 @@ class Queue:
                 await self._aawait_outcome((await storing)[0], 0)
             raise
         try:
-            with self._server():
+            with self._server:
                 done = await self._aawait_outcome(job, timeout)
         except BaseException:  # asyncio.CancelledError too
             with contextlib.suppress(Exception):
@@ -843,21 +844,21 @@ class Queue:
 
     async def aretrieve_job(self, job_id: str) -> Job:
         """retrieve_job(), for code on an event loop."""
-        with self._server():
+        with self._server:
             return self._decode(job_id, await self._aload(job_id))
 
     async def _aenqueue(self, *args: Any) -> list[Job]:
         batch, jobs = self._prepare(*args)
         if not jobs:
             return []
-        with self._server():
+        with self._server:
             return self._built(batch, jobs, await self._ainsert(batch, jobs))
 
     # -- reading and deleting ------------------------------------------------
 
     def retrieve_job(self, job_id: str) -> Job:
         """Return the stored job; NoSuchJobError for an unknown or malformed id."""
-        with self._server():
+        with self._server:
             return self._decode(job_id, self._load(job_id))
 
     def list_jobs(self, state: str | None = None, task_name: str | None = None,
@@ -872,7 +873,7 @@ class Queue:
         _check_page(limit, offset)
         if limit == 0:
             return []
-        with self._server():
+        with self._server:
             stored = self._list(state, task_name, limit, offset, newest_first)
         jobs = []
         for job_id, fields in stored:
@@ -901,7 +902,7 @@ class Queue:
         entry of the shared records that isn't what this library writes, a
         key of the wrong type): the rest is served.
         """
-        with self._server():
+        with self._server:
             counts, workers, per_minute, metrics, malformed = self._stats()
             periodic = self._periodic()
         # The one place where the shared records are read back: an entry that can't be read
@@ -945,7 +946,7 @@ class Queue:
 
     def retry_job(self, job_id: str) -> Job:
         """Run a done job again from its first attempt; NoSuchJobError, ValueError if it isn't done."""
-        with self._server():
+        with self._server:
             if not self._requeue(job_id):
                 raise ValueError(f"job {job_id} is not done: only a done job can be retried")
         return self.retrieve_job(job_id)
@@ -960,14 +961,14 @@ class Queue:
         running still, or done already. Either way it ends done with an error
         that starts with "cancelled", and is listed and counted with the failed jobs.
         """
-        with self._server():
+        with self._server:
             if not self._cancel(job_id):
                 raise ValueError(f"job {job_id} is done: only a job that isn't done can be cancelled")
         return self.retrieve_job(job_id)
 
     def retry_jobs(self, task_name: str | None = None) -> int:
         """Run every failed job (of one task, or of all) again from its first attempt; return how many."""
-        with self._server():
+        with self._server:
             return self._bulk("retry", "failed", task_name)
 
     def delete_jobs(self, state: str, task_name: str | None = None) -> int:
@@ -978,18 +979,18 @@ class Queue:
         """
         if state not in (JOB_STATE_ENQUEUED, JOB_STATE_DONE, "failed"):
             raise ValueError(f"delete_jobs takes state enqueued, done or failed, not {state!r}")
-        with self._server():
+        with self._server:
             return self._bulk("delete", state, task_name)
 
     def delete_job(self, job_id: str) -> None:
         """Remove the job wherever it is; NoSuchJobError for an unknown id."""
-        with self._server():
+        with self._server:
             if not self._delete(job_id):
                 raise NoSuchJobError()
 
     def reset_storage(self) -> None:
         """Erase every job of this queue; the queue stays usable."""
-        with self._server():
+        with self._server:
             self._reset()
 
     def close(self) -> None:
@@ -1001,20 +1002,6 @@ class Queue:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    @contextlib.contextmanager
-    def _server(self) -> Iterator[None]:
-        """Turn the driver's connection errors into ServerUnavailableError, or OutcomeUnknownError
-        when the request was sent and no answer came."""
-        try:
-            yield
-        except self._server_errors as exc:
-            if self._answer_lost(exc):
-                raise OutcomeUnknownError(
-                    f"the queue's server at {self._address} was sent the request but did not answer "
-                    f"({exc}): it may have been carried out, and retrying it may do it twice") from exc
-            raise ServerUnavailableError(f"can't reach the queue's server at {self._address}: "
-                                         f"{_describe(exc)}; the request was not carried out") from exc
 
     def _answer_lost(self, exc: BaseException) -> bool:
         """Whether a driver's error came after the request was sent (its outcome is unknown)."""
@@ -1091,7 +1078,7 @@ class Queue:
         deadline = time.monotonic() + self.lease_timeout
         while True:
             try:
-                with self._server():
+                with self._server:
                     retried = None if retry_in is None else self._retry(job, retry_in, traceback)
                     if retried is None and retry_in is None:
                         outcome = "succeeded" if error is None else "cancelled" if cancelled else "failed"
@@ -1743,19 +1730,18 @@ _DECODED_FIELDS: dict[str, Callable[[Any], Any]] = {
     "depends_on": _id_list}
 
 
-def _delay(delay: float | None, eta: datetime | None, now_ms: int) -> float:
-    """Seconds from ``now_ms`` until a job may start, from enqueue's ``delay`` or ``eta``."""
+def _delay(delay: float | None, eta: datetime | None, clock_ms: Callable[[], int]) -> float:
+    """Seconds from now (by ``clock_ms``) until a job may start, from enqueue's ``delay`` or ``eta``."""
     if eta is not None:
         if delay is not None:
             raise ValueError("pass delay or eta, not both")
         if eta.tzinfo is None:
             raise ValueError("eta must be a timezone-aware datetime")
-        return max(eta.timestamp() - now_ms / 1000, 0.0)
+        return max(eta.timestamp() - clock_ms() / 1000, 0.0)
     return max(delay or 0.0, 0.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Batch:
+class _Batch(NamedTuple):
     """What a backend's _insert stores along with each job's params and unique key."""
 
     task: str
@@ -1915,16 +1901,20 @@ _THIS_FILE = os.path.normcase(__file__)
 
 
 def _in_this_file(frame: types.FrameType) -> bool:
-    return os.path.normcase(frame.f_code.co_filename) == _THIS_FILE
+    return _origin(frame.f_code.co_filename) == "here"
 
 
 @functools.cache
-def _library_paths() -> tuple[str, ...]:
-    """Where the standard library and installed packages live: not the user's own code."""
+def _origin(filename: str) -> str:
+    """Whose code a file holds: "here" (this file's), "library" (the standard library's or an
+    installed package's) or "user". Asked of each frame of each enqueue, so kept."""
     import sysconfig
 
-    return tuple({path for name in ("stdlib", "platstdlib", "purelib", "platlib")
-                  if (path := sysconfig.get_paths().get(name))})
+    if os.path.normcase(filename) == _THIS_FILE:
+        return "here"
+    library = tuple({path for name in ("stdlib", "platstdlib", "purelib", "platlib")
+                     if (path := sysconfig.get_paths().get(name))})
+    return "library" if filename.startswith(library) else "user"
 
 
 def _enqueue_stack() -> str:
@@ -1938,14 +1928,14 @@ def _enqueue_stack() -> str:
     """
     frames, own = [], []
     frame: types.FrameType | None = sys._getframe(1)
-    library = _library_paths()
     while frame is not None:
         code = frame.f_code
         if code is main.__code__:
             return "  enqueued by the command line: python -m monsterqueue enqueue\n"
-        if not _in_this_file(frame):
+        origin = _origin(code.co_filename)
+        if origin != "here":
             frames.append(frame)
-            if not code.co_filename.startswith(library):
+            if origin == "user":
                 own.append(frame)
         frame = frame.f_back
     lines: list[str] = []
@@ -1958,6 +1948,29 @@ def _enqueue_stack() -> str:
             break
         lines.append(line)
     return "".join(reversed(lines))
+
+
+class _ServerGuard:
+    """A context that turns the driver's connection errors into ServerUnavailableError, or
+    OutcomeUnknownError when the request was sent and no answer came. Not a generator's
+    context: one is entered a few times a job, and this costs a tenth of that."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        queue = self.queue
+        if exc is None or not isinstance(exc, queue._server_errors):
+            return
+        if queue._answer_lost(exc):
+            raise OutcomeUnknownError(
+                f"the queue's server at {queue._address} was sent the request but did not answer "
+                f"({exc}): it may have been carried out, and retrying it may do it twice") from exc
+        raise ServerUnavailableError(f"can't reach the queue's server at {queue._address}: "
+                                     f"{_describe(exc)}; the request was not carried out") from exc
 
 
 class _Outage:
@@ -2082,7 +2095,7 @@ class _Worker:
     def run(self) -> None:
         queue, stopping = self.queue, self.stopping
         try:
-            with queue._server():
+            with queue._server:
                 queue._check_fit()  # now: a worker that runs no task claims nothing
         except ServerUnavailableError:
             pass  # each claim checks it again
@@ -2106,7 +2119,7 @@ class _Worker:
                     stopping.wait(0 if stopping.is_set() or self._tasks else IDLE_WAKE_INTERVAL)
                     continue
                 try:
-                    with queue._server():  # each job starts as soon as it is claimed
+                    with queue._server:  # each job starts as soon as it is claimed
                         for job_id, fields in queue._claim(names, free, self.id, IDLE_WAKE_INTERVAL,
                                                            stopping):
                             self._start(job_id, fields)
@@ -2133,13 +2146,13 @@ class _Worker:
                 thread.join()
             drained.set()
             self._wake_timer.set()
-            with contextlib.suppress(Exception), queue._server():
+            with contextlib.suppress(Exception), queue._server:
                 queue._interrupt_claim(self.id)  # the heartbeat waits for cancels: it ends now
             for helper in helpers:
                 helper.join()
             self._close_loop()
             # Else it is dropped WORKER_ALIVE_LEASES leases later.
-            with contextlib.suppress(Exception), queue._server():
+            with contextlib.suppress(Exception), queue._server:
                 queue._retire(self.id)
         logger.info("worker %s stopped", self.id)
         if self._misfit is not None:
@@ -2437,7 +2450,7 @@ class _Worker:
             progress = {job: job._progress_text for job in held.values()
                         if job._progress_text is not None and job._progress_text is not stored.get(job.id)}
             try:
-                with queue._server():  # the leases first: progress that can't be stored must not stop them
+                with queue._server:  # the leases first: progress that can't be stored must not stop them
                     if time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + queue.lease_timeout / 3
                         for job_id in queue._heartbeat(self.id, list(held.values())):
@@ -2452,7 +2465,7 @@ class _Worker:
                 logger.exception("heartbeat of worker %s failed; retrying", self.id)
             wait = min(PROGRESS_INTERVAL, max(next_beat - time.monotonic(), 0))
             try:
-                with queue._server():
+                with queue._server:
                     if queue._await_cancel(self.id, wait):
                         next_beat = 0.0
             except Exception:  # the server is away: the heartbeat says so
@@ -2479,7 +2492,7 @@ class _Worker:
         batch = _Batch(schedule.task, f"periodic {schedule.name!r}, tick {_iso(_time(tick))}\n", None, 0.0,
                        None, self._tasks[schedule.task].priority)
         try:
-            with queue._server():
+            with queue._server:
                 job_id, last = queue._fire(schedule, tick, next_tick, batch)
         except Exception as exc:
             logger.error("schedule %s: the tick of %s was not fired: %s", schedule.name,
@@ -2930,12 +2943,49 @@ def _lua(value: Any) -> str:
     return json.dumps(value)
 
 
+_NOT_A_NAME = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c == "_")})
+
+
+def _lua_needed(lib: str, body: str) -> str:
+    """``body`` after the definitions of ``lib`` that it names, and those that they name.
+
+    Redis runs a script's whole text at every call, and each function it defines costs
+    server time then, called or not: a script carries only what it uses. ``lib`` is Lua
+    whose top-level lines each begin a definition ("local NAME = ..." or "local function
+    NAME(...)"), or are a comment on the next one."""
+    units: list[tuple[set[str], str]] = []
+    notes = ""
+    for line in lib.splitlines(keepends=True):
+        if line.startswith("local "):
+            defined = line[len("local "):].removeprefix("function ").split("=")[0].split("(")[0]
+            units.append(({name.strip() for name in defined.split(",")}, notes + line))
+            notes = ""
+        elif line.startswith("--") or not line.strip():
+            notes += line
+        else:  # within the last definition
+            units[-1] = (units[-1][0], units[-1][1] + notes + line)
+            notes = ""
+    def named(text: str) -> set[str]:  # the words of its code, not of its comments
+        return set(" ".join(line.split("--")[0] for line in text.splitlines()).translate(_NOT_A_NAME).split())
+    wanted = named(body)
+    kept = [False] * len(units)
+    grew = True
+    while grew:
+        grew = False
+        for i, (names, text) in enumerate(units):
+            if not kept[i] and names & wanted:
+                kept[i] = grew = True
+                wanted |= named(text)
+    return "".join(text for (_, text), keep in zip(units, kept) if keep) + body
+
+
 class _RedisScript:
     """A Lua script whose arguments are named where it is defined: ``args`` lists ARGV's
     names in order, the last one starred if it takes the rest as a table. The script reads
-    them as locals (text, as Redis passes them); args() builds ARGV from the same names."""
+    them as locals (text, as Redis passes them); args() builds ARGV from the same names.
+    ``body`` is preceded by what it uses of ``lib``: see _lua_needed."""
 
-    def __init__(self, args: str, body: str) -> None:
+    def __init__(self, args: str, body: str, lib: str = "") -> None:
         names = args.split()
         self._rest = names.pop()[1:] if names and names[-1].startswith("*") else None
         self._names = names
@@ -2943,7 +2993,7 @@ class _RedisScript:
         if self._rest:
             head += (f"local {self._rest} = {{}}\n"
                      f"for i = {len(names) + 1}, #ARGV do {self._rest}[#{self._rest} + 1] = ARGV[i] end\n")
-        self.text = head + body
+        self.text = head + _lua_needed(lib, body)
         self.sha = hashlib.sha1(self.text.encode()).hexdigest()
 
     def args(self, rest: Iterable[Any] = (), **named: Any) -> list[Any]:
@@ -2953,6 +3003,9 @@ class _RedisScript:
         return values
 
 
+# What finish_job reads of a job, in this order.
+_FINISH_READS = ("task", "waiter", "attempt", "started", "due", "enqueued", "unique_key", "dependents")
+
 # Shared by the scripts below: the rules' constants, as Python defines them; server
 # time in ms, a type check that keeps a garbage key from failing a whole script, the
 # counts, and the transitions that more than one script makes.
@@ -2960,7 +3013,8 @@ _REDIS_LIB = "".join(f"local {name} = {_lua(value)}\n" for name, value in (
     ("BUCKETS", _BUCKETS_MS), ("CANCELLED_BEFORE_IT_RAN", CANCELLED_BEFORE_IT_RAN),
     ("CANCELLED_WHILE_RUNNING", CANCELLED_WHILE_RUNNING), ("POISON_ERROR", POISON_ERROR),
     ("DEPENDENCY_ENDED", DEPENDENCY_ENDED),
-    ("WORKER_ALIVE_LEASES", WORKER_ALIVE_LEASES), ("REQUEUE_CLEARS", REQUEUE_CLEARS))) + """
+    ("WORKER_ALIVE_LEASES", WORKER_ALIVE_LEASES), ("REQUEUE_CLEARS", REQUEUE_CLEARS),
+    ("FINISH_READS", _FINISH_READS))) + """
 local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
@@ -3030,21 +3084,26 @@ end
 -- the waiter flag flips once, here or in the withdraw script, never both.
 -- A heartbeat removes the job once its result_ttl has passed; its key's own
 -- expiry, a lease later (``keep`` ms), removes it if no worker is left to.
-local function finish_job(prefix, id, outcome, field, value, now, keep, traceback, progress)
+local function finish_job(prefix, id, outcome, field, value, now, keep, traceback, progress, read)
   local key = prefix .. 'job:' .. id
-  local task, waiter, attempt, started, due, enqueued, unique_key, dependents = unpack(redis.call(
-    'HMGET', key, 'task', 'waiter', 'attempt', 'started', 'due', 'enqueued', 'unique_key', 'dependents'))
+  -- ``read``: the job's FINISH_READS, if the caller has read them already.
+  local task, waiter, attempt, started, due, enqueued, unique_key, dependents = unpack(
+    read or redis.call('HMGET', key, unpack(FINISH_READS)))
   local kind, now_text = field == 'error' and 'failed' or 'done', int(now)
+  local deadline = tonumber(waiter)
+  if deadline == 0 then deadline = nil end
   task = task or ''
-  redis.call('HSET', key, 'state', 'done', 'done', now_text, 'outcome', outcome, field, value)
-  redis.call('HDEL', key, 'worker')
-  release_key(prefix, task, id, unique_key)
-  if traceback then
-    redis.call('HSET', key, 'traceback', traceback)
-  elseif attempt ~= '1' then  -- only a retried job can have one from an earlier attempt
-    redis.call('HDEL', key, 'traceback')
+  local set = {'state', 'done', 'done', now_text, 'outcome', outcome, field, value}
+  if traceback then set[#set + 1] = 'traceback'; set[#set + 1] = traceback end
+  if progress then set[#set + 1] = 'progress'; set[#set + 1] = progress end
+  if deadline then set[#set + 1] = 'waiter'; set[#set + 1] = '0' end  -- the flag flips here
+  redis.call('HSET', key, unpack(set))
+  if not traceback and attempt ~= '1' then  -- only a retried job can have one from an earlier attempt
+    redis.call('HDEL', key, 'worker', 'traceback')
+  else
+    redis.call('HDEL', key, 'worker')
   end
-  if progress then redis.call('HSET', key, 'progress', progress) end
+  release_key(prefix, task, id, unique_key)
   observe(prefix, task, kind == 'failed', tonumber(started), tonumber(due or enqueued), now)
   redis.call('ZREM', prefix .. 'running', id)
   -- As done_member: a running job has no error field (requeue clears it).
@@ -3062,9 +3121,7 @@ local function finish_job(prefix, id, outcome, field, value, now, keep, tracebac
   elseif keep > 0 then
     redis.call('PEXPIRE', key, int(keep))
   end
-  local deadline = tonumber(waiter)
-  if not deadline or deadline == 0 then return ended end
-  redis.call('HSET', key, 'waiter', '0')
+  if not deadline then return ended end
   -- Ten seconds past its deadline a waiter has withdrawn or died; the flag, now
   -- down, still settles a late withdrawal as a timeout.
   if now > deadline + 10000 then return ended end
@@ -3097,9 +3154,6 @@ local function release(prefix, id, key, task, now)
   count(prefix, 'enqueued', task, 1)
 end
 
--- Settles deferred job ``id`` of this shard for its dependency ``parent``, which ended
--- with ``outcome``, once however often it is told (Queue._insert says the rule):
--- returns 2 if it was cancelled with dependents of its own to settle (see finish_job).
 -- Cancels a job that never ran (enqueued, delayed or deferred) with ``error``: out of every
 -- index that holds it, then done as finish_job ends a running job. Returns finish_job's reply.
 local function cancel_unstarted(prefix, id, state, task, error, now, keep)
@@ -3112,6 +3166,9 @@ local function cancel_unstarted(prefix, id, state, task, error, now, keep)
   return finish_job(prefix, id, 'cancelled', 'error', error, now, keep, false, false)
 end
 
+-- Settles deferred job ``id`` of this shard for its dependency ``parent``, which ended
+-- with ``outcome``, once however often it is told (Queue._insert says the rule):
+-- returns 2 if it was cancelled with dependents of its own to settle (see finish_job).
 local function settle(prefix, id, parent, outcome, now, keep)
   local key = prefix .. 'job:' .. id
   if redis.call('SREM', prefix .. 'waiting:' .. id, parent) == 0 or not is_job(key)
@@ -3170,6 +3227,18 @@ local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, l
   local last = redis.call('INCRBY', prefix .. 'seq', int(n))
   local unique = prefix .. 'unique:' .. task
   local held, stored, queued, deferred = {}, 0, {}, {}
+  -- The fields that every job of the batch has, stored with the rest in one call each.
+  local common = {'state', deps and 'deferred' or 'enqueued', 'enqueued', now_text, 'stack', stack,
+                  'delivery', '0', 'attempt', '1', 'task', task}
+  local function add(name, value) common[#common + 1] = name; common[#common + 1] = value end
+  if waiter ~= '' then add('waiter', now + tonumber(waiter)) end
+  if limit ~= '' then add('time_limit', limit) end
+  if priority ~= 0 then add('priority', priority) end
+  if delay > 0 then add('due', now + delay) end
+  if deps then
+    add('depends_on', cjson.encode(deps.ids))
+    if deps.allow then add('allow_failure', '1') end
+  end
   for i = 1, n do
     local unique_key = jobs[2 * i]
     local holder = unique_key ~= '' and redis.call('HGET', unique, unique_key)
@@ -3179,21 +3248,15 @@ local function enqueue_jobs(prefix, shards, shard, task, stack, waiter, delay, l
     else
       local id = int((last - n + i) * shards + shard)
       local key = prefix .. 'job:' .. id
-      redis.call('HSET', key, 'task', task, 'params', jobs[2 * i - 1], 'state', 'enqueued',
-                 'enqueued', now_text, 'stack', stack, 'delivery', '0', 'attempt', '1')
-      if waiter ~= '' then redis.call('HSET', key, 'waiter', now + tonumber(waiter)) end
-      if limit ~= '' then redis.call('HSET', key, 'time_limit', limit) end
-      if priority ~= 0 then redis.call('HSET', key, 'priority', priority) end
       if unique_key ~= '' then
-        redis.call('HSET', key, 'unique_key', unique_key)
+        redis.call('HSET', key, 'params', jobs[2 * i - 1], 'unique_key', unique_key, unpack(common))
         redis.call('HSET', unique, unique_key, id)
+      else
+        redis.call('HSET', key, 'params', jobs[2 * i - 1], unpack(common))
       end
       redis.call('ZADD', prefix .. 'jobs', id, id)  -- scored by its number: the id itself
       redis.call('ZADD', prefix .. 'task:' .. task, id, id)
-      if delay > 0 then redis.call('HSET', key, 'due', now + delay) end
       if deps then
-        redis.call('HSET', key, 'state', 'deferred', 'depends_on', cjson.encode(deps.ids))
-        if deps.allow then redis.call('HSET', key, 'allow_failure', '1') end
         redis.call('ZADD', prefix .. 'deferred', id, id)
         for from = 1, #deps.ids, 1000 do  -- unpack takes a few thousand values at most
           local to = math.min(from + 999, #deps.ids)
@@ -3242,33 +3305,33 @@ end
 # ``limit``: the time limit in s ('' for the task's); ``deps``: enqueue_jobs' in JSON ('' for
 # none); ``jobs``: params and unique key of each.
 _REDIS_ENQUEUE = _RedisScript("prefix shards shard task stack waiter delay limit priority deps *jobs",
-                              _REDIS_ENQUEUE_LIB + """
+                              """
 return {enqueue_jobs(prefix, tonumber(shards), tonumber(shard), task, stack, waiter, tonumber(delay), limit,
                      tonumber(priority), jobs, deps ~= '' and cjson.decode(deps) or nil)}
-""")
+""", _REDIS_ENQUEUE_LIB)
 
 # Links dependents to their dependencies on this shard, as enqueue_jobs does on its own:
 # ``links`` are pairs of dependency and dependent ids. Returns what settles the dependents
 # at once, as (dependent, dependency, outcome): those done, and those gone ("deleted").
 # KEYS: seq (for the slot).
-_REDIS_LINK = _RedisScript("prefix *links", _REDIS_ENQUEUE_LIB + """
+_REDIS_LINK = _RedisScript("prefix *links", """
 local settles = {}
 for i = 1, #links, 2 do link(prefix, links[i], links[i + 1], settles) end
 return settles
-""")
+""", _REDIS_ENQUEUE_LIB)
 
 # Settles deferred jobs of this shard, each for a dependency that ended (see settle), and
 # takes the jobs in ``linked`` out of ``linking``: their links are all made. Returns 2 if
 # some job it cancelled has dependents to settle in turn. KEYS: deferred (for the slot).
 # ``settles``: the triples of dependent, dependency and outcome.
-_REDIS_SETTLE = _RedisScript("prefix keep linked *settles", _REDIS_LIB + """
+_REDIS_SETTLE = _RedisScript("prefix keep linked *settles", """
 local now, ended = now_ms(), 0
 for i = 1, #settles, 3 do
   ended = math.max(ended, settle(prefix, settles[i], settles[i + 1], settles[i + 2], now, tonumber(keep)))
 end
 for _, id in ipairs(cjson.decode(linked)) do redis.call('ZREM', prefix .. 'linking', id) end
 return ended
-""")
+""", _REDIS_LIB)
 
 # Takes the entries of ``ended`` (jobs of this shard that ended with dependents to settle)
 # in turn, and settles up to 500 of their dependents of this shard; an entry goes once none
@@ -3276,7 +3339,7 @@ return ended
 # its dependents on other shards met, for Python to settle there and to pass back in
 # ``settled`` with the next call, which takes them out of ``unsettled`` first (or no such
 # job: 500 were settled). KEYS: ended.
-_REDIS_SETTLE_ENDED = _RedisScript("prefix shards shard keep parent *settled", _REDIS_LIB + """
+_REDIS_SETTLE_ENDED = _RedisScript("prefix shards shard keep parent *settled", """
 for from = 1, #settled, 1000 do
   redis.call('SREM', prefix .. 'unsettled:' .. parent, unpack(settled, from, math.min(from + 999, #settled)))
 end
@@ -3300,7 +3363,7 @@ while budget > 0 do
   budget = budget - math.max(#some, 1)
 end
 return {'', '', {}}
-""")
+""", _REDIS_LIB)
 
 
 # Records a schedule and, if the tick is later than the last one fired, enqueues its
@@ -3309,7 +3372,7 @@ return {'', '', {}}
 # KEYS: periodic. ``tick`` and ``next_tick`` in ms (tick '' to only record); ``unique_key''
 # '' for none.
 _REDIS_FIRE = _RedisScript("prefix name tick next_tick task expression stack priority params unique_key "
-                           "shards shard", _REDIS_ENQUEUE_LIB + """
+                           "shards shard", """
 local read, record = pcall(cjson.decode, redis.call('HGET', KEYS[1], name) or '{}')
 if not read or type(record) ~= 'table' then record = {} end  -- junk: a new record replaces it
 local last = tonumber(record.last)
@@ -3323,7 +3386,7 @@ if tick ~= '' and (last or 0) < tonumber(tick) then
 end
 redis.call('HSET', KEYS[1], name, cjson.encode(record))
 return {fired, last or false}
-""")
+""", _REDIS_ENQUEUE_LIB)
 
 # Moves due jobs to their queues, then pops ids and records the claim in the
 # same step, so no crash can lose a popped job: it is in the running set with
@@ -3334,7 +3397,7 @@ return {fired, last or false}
 # KEYS: running. ``lease`` and ``keep`` (see finish_job) in ms.
 _CLAIMED_FIELDS = ("params", "enqueued", "attempt", "due", "stack", "time_limit", "priority", "unique_key",
                    "depends_on")
-_REDIS_CLAIM = _RedisScript("prefix limit worker lease keep *tasks", _REDIS_LIB + """
+_REDIS_CLAIM = _RedisScript("prefix limit worker lease keep *tasks", """
 limit = tonumber(limit)
 local now = now_ms()
 local now_text = int(now)
@@ -3445,29 +3508,30 @@ for task in pairs(broken) do unclaimable[#unclaimable + 1] = task end
 local next_due = redis.call('ZRANGE', prefix .. 'scheduled', 0, 0, 'WITHSCORES')[2]
 return {claimed, next_due and math.max(tonumber(next_due) - now, 0) or -1, now, unclaimable}
 """.replace("CLAIMED_FIELDS", ", ".join(map(_lua, _CLAIMED_FIELDS)))
-   .replace("DUE", str(_CLAIMED_FIELDS.index("due") + 1)))
+   .replace("DUE", str(_CLAIMED_FIELDS.index("due") + 1)), _REDIS_LIB)
 
-# The guard of finish and retry: only the delivery that holds the job may end it.
+# The guard of finish and retry: only the delivery that holds the job may end it. It reads
+# what finish_job needs along with it, in one call (the task third).
 _REDIS_HELD = """
-local held = redis.call('HMGET', KEYS[1], 'state', 'delivery')
+local held = redis.call('HMGET', KEYS[1], 'state', 'delivery', unpack(FINISH_READS))
 if held[1] ~= 'running' or held[2] ~= delivery then return -1 end
 """
 
 # KEYS: job:ID. ``field``: 'result' or 'error', ``value`` its text; ``keep`` in ms (see
 # finish_job); ``traceback`` '' for none, ``progress`` '' for unchanged.
 _REDIS_FINISH = _RedisScript("prefix id delivery outcome field value keep traceback progress",
-                             _REDIS_LIB + _REDIS_HELD + """
+                             _REDIS_HELD + """
 return finish_job(prefix, id, outcome, field, value, now_ms(), tonumber(keep), traceback ~= '' and traceback,
-                  progress ~= '' and progress)
-""")
+                  progress ~= '' and progress, {unpack(held, 3)})
+""", _REDIS_LIB)
 
 # Puts a held job back, due in ``delay`` ms; returns 0, changing nothing, if it was
 # cancelled while it ran (the worker finishes it as cancelled). KEYS: job:ID.
 # ``traceback``: the failed attempt's, '' for none.
-_REDIS_RETRY = _RedisScript("prefix id delivery delay traceback", _REDIS_LIB + _REDIS_HELD + """
+_REDIS_RETRY = _RedisScript("prefix id delivery delay traceback", _REDIS_HELD + """
 if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return 0 end
 local due = now_ms() + tonumber(delay)
-local task = redis.call('HGET', KEYS[1], 'task') or ''
+local task = held[3] or ''
 redis.call('HSET', KEYS[1], 'state', 'enqueued', 'due', due)
 redis.call('HDEL', KEYS[1], 'started', 'worker')
 if traceback ~= '' then redis.call('HSET', KEYS[1], 'traceback', traceback)
@@ -3480,11 +3544,11 @@ redis.call('ZADD', prefix .. 'ready:' .. task, 0, 1)  -- an idle worker learns w
 count(prefix, 'running', task, -1)
 count(prefix, 'enqueued', task, 1)
 return 1
-""")
+""", _REDIS_LIB)
 
 # Withdraws a waiter that timed out, unless the outcome was handed first: then
 # returns it. KEYS: job:ID.
-_REDIS_WITHDRAW = _RedisScript("prefix id", _REDIS_LIB + """
+_REDIS_WITHDRAW = _RedisScript("prefix id", """
 local outcome = prefix .. 'outcome:' .. id
 if is_job(KEYS[1]) and (tonumber(redis.call('HGET', KEYS[1], 'waiter')) or 0) ~= 0 then
   redis.call('HSET', KEYS[1], 'waiter', 0)
@@ -3493,7 +3557,7 @@ end
 local handed = redis.call('LPOP', outcome)
 redis.call('DEL', outcome)
 return handed
-""")
+""", _REDIS_LIB)
 
 # Renews the leases this worker holds and records it alive; requeues jobs whose
 # lease ran out, or fails them once delivered max_deliveries times or cancelled;
@@ -3503,7 +3567,7 @@ return handed
 # links to dependencies on other shards were left unmade a lease ago (see _link_far).
 # KEYS: running. ``lease`` and ``ttl`` (the result's; 0: kept) in ms; ``tasks``: the
 # worker's, as JSON; ``held``: the id and delivery of each job it holds.
-_REDIS_HEARTBEAT = _RedisScript("prefix lease max_deliveries ttl worker tasks *held", _REDIS_LIB + """
+_REDIS_HEARTBEAT = _RedisScript("prefix lease max_deliveries ttl worker tasks *held", """
 lease, ttl = tonumber(lease), tonumber(ttl)
 local now = now_ms()
 local cancelled = {}
@@ -3568,7 +3632,7 @@ for i = 1, #workers, 2 do
 end
 local linking = redis.call('ZRANGEBYSCORE', prefix .. 'linking', '-inf', now - lease, 'LIMIT', 0, 100)
 return {cancelled, redis.call('LLEN', prefix .. 'ended'), kept, linking}
-""")
+""", _REDIS_LIB)
 
 # Stores the progress of running jobs, each only while that delivery holds it.
 # KEYS: running (for the slot). ``progress``: the id, delivery and progress of each job.
@@ -3588,7 +3652,7 @@ end
 # its id from the queue); a running one is marked, for its worker's heartbeat.
 # Returns the state it was in, or false if there is no job. KEYS: job:ID. ``keep`` in
 # ms (see finish_job).
-_REDIS_CANCEL = _RedisScript("prefix id keep", _REDIS_LIB + """
+_REDIS_CANCEL = _RedisScript("prefix id keep", """
 if not is_job(KEYS[1]) then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'enqueued' or state == 'deferred' then
@@ -3603,7 +3667,7 @@ elseif state == 'running' then
   end
 end
 return state
-""")
+""", _REDIS_LIB)
 
 # What retry_job, delete_job and their bulk twins do to one job: run a done job
 # again from its first attempt, or remove a job from every structure that names it.
@@ -3654,24 +3718,24 @@ end
 """
 
 # KEYS: job:ID. Returns 0 for no such job, -1 for a job that isn't done.
-_REDIS_REQUEUE = _RedisScript("prefix id", _REDIS_CHANGE_LIB + """
+_REDIS_REQUEUE = _RedisScript("prefix id", """
 if not is_job(KEYS[1]) then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'done' then return -1 end
 retry_done(prefix, id)
 return 1
-""")
+""", _REDIS_CHANGE_LIB)
 
 # KEYS: job:ID. Returns 0 for no such job.
-_REDIS_DELETE = _RedisScript("prefix id", _REDIS_CHANGE_LIB + """
+_REDIS_DELETE = _RedisScript("prefix id", """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 delete_job(prefix, id)
 return 1
-""")
+""", _REDIS_CHANGE_LIB)
 
 # Retries or deletes those of the given jobs that are (still) in the state, of
 # the task; returns how many. KEYS: jobs (for the slot). ``action``: 'retry' or 'delete';
 # ``state``: enqueued, done or failed; ``task``: '' for any.
-_REDIS_BULK = _RedisScript("prefix action state task *ids", _REDIS_CHANGE_LIB + """
+_REDIS_BULK = _RedisScript("prefix action state task *ids", """
 local changed = 0
 for _, id in ipairs(ids) do
   local key = prefix .. 'job:' .. id
@@ -3685,7 +3749,7 @@ for _, id in ipairs(ids) do
   end
 end
 return changed
-""")
+""", _REDIS_CHANGE_LIB)
 
 
 # The number of shards a queue's ids are numbered for, recorded by the first enqueue or
@@ -3739,6 +3803,9 @@ class RedisQueue(Queue):
         # Per shard, the tasks whose keys the last claim found of the wrong type: idle workers
         # don't wait on them, as a blocking pop on one fails for every key.
         self._unclaimable: dict[str, set[str]] = {prefix: set() for prefix in self._prefixes}
+        # Set by a claim that took fewer jobs than it could from the only shard: the tasks it
+        # claimed for, and time.monotonic() when its soonest delayed job is due (inf: none).
+        self._drained: tuple[list[str], float] | None = None
         self._shards_checked = False
         self._cluster = isinstance(client, redis.RedisCluster)
         self._connections = _Connections(client, self._py)
@@ -4053,8 +4120,17 @@ class RedisQueue(Queue):
         args = {"limit": limit, "worker": worker, "lease": int(self.lease_timeout * 1000),
                 "keep": self._keep_ms()}
         shards = len(self._prefixes)
-        claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)],
-                                                  task_names, args)
+        drained, self._drained = self._drained, None
+        claimed: list[Any]
+        if drained is not None and drained[0] == task_names:
+            # The last claim emptied these tasks' queues and so deleted their ready keys, which
+            # anything enqueued since sets again: wait on them at once. A claim of nothing first
+            # would cost a round trip, and a script that the jobs just started wait behind to
+            # finish.
+            claimed, next_due = [], max(drained[1] - time.monotonic(), 0) * 1000
+        else:
+            claimed, next_due, now = self._claim_from([(self._turn + i) % shards for i in range(shards)],
+                                                      task_names, args)
         if not claimed:
             due_in = next_due / 1000 if 0 <= next_due < block * 1000 else None
             ready = None
@@ -4065,8 +4141,10 @@ class RedisQueue(Queue):
                 stopping.wait(due_in)
             elif not stopping.is_set():
                 ready = self._wait_for_ready(task_names, worker, block if due_in is None else due_in - 0.2)
-            claimed, _, now = self._claim_from(list(range(shards)) if ready is None else [ready], task_names,
-                                               args)
+            claimed, next_due, now = self._claim_from(list(range(shards)) if ready is None else [ready],
+                                                      task_names, args)
+        if claimed and len(claimed) < limit and shards == 1:
+            self._drained = task_names, time.monotonic() + next_due / 1000 if next_due >= 0 else math.inf
         return [(_text(job[0]), {"state": JOB_STATE_RUNNING, "started": now, "worker": worker,
                                  "task": _text(job[1]), "delivery": job[2],
                                  **{name: _text(value) for name, value in zip(_CLAIMED_FIELDS, job[3:])
@@ -4077,8 +4155,8 @@ class RedisQueue(Queue):
                     ) -> tuple[list[Any], int, int]:
         """Claim from the first of these shards that has jobs, and claim from the next one
         the next time: no shard starves, and a busy worker makes one call per claim. Returns
-        the jobs, the milliseconds until the soonest delayed job of those shards (-1: none)
-        and the server's time."""
+        the jobs, the milliseconds until the soonest delayed job of the shards it looked at (-1:
+        none) and the server's time."""
         # A shard whose master is away is passed over: the others' jobs still run.
         next_due, now, failed = -1, 0, []
         for shard in shards:
@@ -4095,7 +4173,7 @@ class RedisQueue(Queue):
                 _log_once(f"{shown} (or its ready key) is not a sorted set: its task's jobs can't be claimed")
             if claimed:
                 self._turn = shard + 1
-                return claimed, -1, now
+                return claimed, int(due), now
             if int(due) >= 0:
                 next_due = int(due) if next_due < 0 else min(next_due, int(due))
         if len(failed) == len(shards):
@@ -4657,14 +4735,13 @@ class _NoAnswer(Exception):
     """A command was sent to Redis and its reply never came: whether it ran is unknown."""
 
 
-def _resp(args: Iterable[Any]) -> bytes:
+def _resp(args: tuple[Any, ...]) -> bytes:
     """Pack a command in RESP, as redis-py's encoder does for str and int arguments."""
-    args = list(args)
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = (arg.encode("utf-8", "surrogateescape") if isinstance(arg, str)
+        data = (arg.encode("utf-8", "surrogateescape") if type(arg) is str
                 else arg if isinstance(arg, bytes) else repr(arg).encode())
-        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
 
@@ -5712,30 +5789,38 @@ def _web_query(query: str) -> tuple[str | None, str | None, int, int]:
     return state, values.get("task") or None, offset, limit
 
 
+def _escape(text: str) -> str:
+    """Text as HTML. The html module is imported here, by a dashboard alone: it costs a
+    producer's or a worker's memory 0.4 MB (argparse, which the command line imports, 0.3)."""
+    import html
+
+    return html.escape(text)
+
+
 def _web_link(path: str, **query: Any) -> str:
     """A URL of this site with the query values that are set, escaped for an attribute."""
     values = urlencode({name: value for name, value in query.items() if value})
-    return html.escape(f"{path}?{values}" if values else path)
+    return _escape(f"{path}?{values}" if values else path)
 
 
 def _web_state(job: dict[str, Any]) -> str:
     kind = "failed" if _failed(job) else job["state"]
-    return f'<span class="state {kind}">{html.escape(_state_text(job))}</span>'
+    return f'<span class="state {kind}">{_escape(_state_text(job))}</span>'
 
 
 def _web_time(iso: str | None) -> str:
     """An ISO time to the second, UTC as every time here."""
-    return html.escape(iso[:19].replace("T", " ")) if iso else ""
+    return _escape(iso[:19].replace("T", " ")) if iso else ""
 
 
 def _web_short(value: Any, size: int = 90) -> str:
     """Escape a string, or a value as JSON, cut to ``size`` characters."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return html.escape(text if len(text) <= size else text[:size - 1] + "…")
+    return _escape(text if len(text) <= size else text[:size - 1] + "…")
 
 
 def _web_json(value: Any) -> str:
-    return html.escape(json.dumps(value, indent=2, ensure_ascii=False))
+    return _escape(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def _web_sparkline(values: list[int], width: int = 240, height: int = 40) -> str:
@@ -5757,10 +5842,10 @@ def _web_count(count: int, task_name: str, state: str) -> str:
 
 def _web_form(path: str, label: str, csrf_token: str, confirm: str | None = None, **fields: str) -> str:
     """A button that POSTs to ``path`` with the CSRF token, asking first if ``confirm`` is given."""
-    inputs = "".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+    inputs = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
                      for name, value in {"csrf": csrf_token, **fields}.items())
-    ask = f' data-confirm="{html.escape(confirm)}"' if confirm else ""
-    return f'<form method="post" action="{html.escape(path)}"{ask}>{inputs}<button>{label}</button></form>'
+    ask = f' data-confirm="{_escape(confirm)}"' if confirm else ""
+    return f'<form method="post" action="{_escape(path)}"{ask}>{inputs}<button>{label}</button></form>'
 
 
 def _web_task_actions(task_name: str, of_task: dict[str, int], csrf_token: str) -> str:
@@ -5787,12 +5872,12 @@ def _web_progress(progress: Any) -> str:
     if not numbers or total <= 0:
         return _web_short(progress, 40)
     text = f"{done:g}%" if total == 100 and not isinstance(progress, dict) else f"{done:g}/{total:g}"
-    return f'<progress max="{total:g}" value="{min(max(done, 0), total):g}"></progress> {html.escape(text)}'
+    return f'<progress max="{total:g}" value="{min(max(done, 0), total):g}"></progress> {_escape(text)}'
 
 
 def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
     counts: dict[str, dict[str, int]] = stats["counts"]
-    rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{html.escape(task_name)}</a>'
+    rows = [f'<tr><td><a href="{_web_link("/jobs", task=task_name)}">{_escape(task_name)}</a>'
             + (' <span class="error" title="no live worker runs this task">no worker</span>'
                if task_name in stats["unserved"] else "") + "</td>"
             + "".join(_web_count(of_task.get(state, 0), task_name, state) for state in _COUNTED_STATES)
@@ -5802,18 +5887,18 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
                 + "".join(_web_count(sum(of_task.get(state, 0) for of_task in counts.values()), "", state)
                           for state in _COUNTED_STATES) + "<td></td></tr>")
     timings = "".join(
-        f"<tr><td>{html.escape(task_name)}</td><td class=\"n\">{m['finished']}</td>"
+        f"<tr><td>{_escape(task_name)}</td><td class=\"n\">{m['finished']}</td>"
         f"<td class=\"n\">{m['failed']}</td>"
         + "".join(f'<td class="n">{timing}</td>' for timing in _timings(m)) + "</tr>"
         for task_name, m in stats["metrics"].items())
-    workers = "".join(f"<tr><td>{html.escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
-                      f"<td>{html.escape(', '.join(worker['tasks']))}</td></tr>"
+    workers = "".join(f"<tr><td>{_escape(worker['id'])}</td><td>{_web_time(worker['last_seen'])}</td>"
+                      f"<td>{_escape(', '.join(worker['tasks']))}</td></tr>"
                       for worker in stats["workers"])
     periodic = "".join(
-        f"<tr><td>{html.escape(p['name'])}</td><td>{html.escape(p['task'])}</td>"
-        f"<td>{html.escape(p['schedule'])}</td><td class=\"t\">{_web_time(p['next'])}</td>"
+        f"<tr><td>{_escape(p['name'])}</td><td>{_escape(p['task'])}</td>"
+        f"<td>{_escape(p['schedule'])}</td><td class=\"t\">{_web_time(p['next'])}</td>"
         f"<td class=\"t\">{_web_time(p['last'])}</td><td>"
-        + (f'<a href="/jobs/{quote(p["last_job"], safe="")}">{html.escape(p["last_job"])}</a>'
+        + (f'<a href="/jobs/{quote(p["last_job"], safe="")}">{_escape(p["last_job"])}</a>'
            if p["last_job"] else "") + "</td></tr>" for p in stats["periodic"])
     done = stats["done_per_minute"]
     return ("<h2>Jobs</h2><table><tr><th>task</th>"
@@ -5829,7 +5914,7 @@ def _web_overview(stats: dict[str, Any], csrf_token: str) -> str:
             f"<h2>Workers alive: {len(stats['workers'])}</h2>"
             + (f"<table><tr><th>worker</th><th>last seen</th><th>tasks</th></tr>{workers}</table>"
                if workers else "<p>No worker has been seen lately.</p>")
-            + ("<h2>Malformed data</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>"
+            + ("<h2>Malformed data</h2><ul>" + "".join(f"<li>{_escape(note)}</li>"
                                                        for note in stats["malformed"]) + "</ul>"
                if stats["malformed"] else ""))
 
@@ -5839,8 +5924,8 @@ def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, tas
     options = "".join(f'<option value="{value}"{" selected" if value == (state or "") else ""}>'
                       f"{value or 'any state'}</option>" for value in ("", *_COUNTED_STATES))
     rows = "".join(
-        f'<tr><td><a href="/jobs/{quote(job["id"], safe="")}">{html.escape(job["id"])}</a></td>'
-        f'<td>{html.escape(job["task"])}</td><td>{_web_state(job)}'
+        f'<tr><td><a href="/jobs/{quote(job["id"], safe="")}">{_escape(job["id"])}</a></td>'
+        f'<td>{_escape(job["task"])}</td><td>{_web_state(job)}'
         f'{" " + _web_progress(job["progress"]) if job["progress"] is not None else ""}</td>'
         f'<td class="n">{int(job["attempt"])}</td>'
         f'<td class="t">{_web_time(job["enqueued"])}</td>'
@@ -5853,7 +5938,7 @@ def _web_job_list(jobs: list[dict[str, Any]], more: bool, state: str | None, tas
              for to, text, shown in pages if shown]
     first = f"jobs {offset + 1} to {offset + len(jobs)}" if jobs else "no jobs"
     return (f'<form method="get" action="/jobs"><select name="state">{options}</select> '
-            f'<input name="task" placeholder="task" value="{html.escape(task or "")}"> '
+            f'<input name="task" placeholder="task" value="{_escape(task or "")}"> '
             f"<button>Filter</button></form> {first}, newest first"
             "<table><tr><th>id</th><th>task</th><th>state</th><th>attempt</th><th>enqueued</th>"
             f"<th>started or done</th><th>params</th><th>error</th></tr>{rows}</table>"
@@ -5866,29 +5951,29 @@ def _web_job(job: dict[str, Any], dependents: list[str], csrf_token: str) -> str
     buttons = (_web_form(f"{path}/retry", "Retry", csrf_token) if done
                else _web_form(f"{path}/cancel", "Cancel", csrf_token, f"Cancel job {job['id']}?"))
     buttons += _web_form(f"{path}/delete", "Delete", csrf_token, f"Delete job {job['id']}?")
-    times = "".join(f"<tr><th>{name}</th><td>{html.escape(str(job[name] or ''))}</td></tr>"
+    times = "".join(f"<tr><th>{name}</th><td>{_escape(str(job[name] or ''))}</td></tr>"
                     for name in ("enqueued", "scheduled", "started", "done"))
     if job["progress"] is not None:
         times += f"<tr><th>progress</th><td>{_web_progress(job['progress'])}</td></tr>"
     for name, ids in (("depends on", job["dependency_ids"]), ("dependents", dependents)):
         if ids:
-            links = ", ".join(f'<a href="/jobs/{quote(job_id, safe="")}">{html.escape(job_id)}</a>'
+            links = ", ".join(f'<a href="/jobs/{quote(job_id, safe="")}">{_escape(job_id)}</a>'
                               for job_id in ids)
             times += f"<tr><th>{name}</th><td>{links}</td></tr>"
     if job["error"] is not None:
-        outcome = f'<h2>Error</h2><pre class="error">{html.escape(job["error"])}</pre>'
+        outcome = f'<h2>Error</h2><pre class="error">{_escape(job["error"])}</pre>'
     elif done:
         outcome = f"<h2>Result</h2><pre>{_web_json(job['result'])}</pre>"
     else:
         outcome = ""
     if job["traceback"]:
-        outcome += f'<h2>Traceback</h2><pre class="traceback">{html.escape(job["traceback"])}</pre>'
+        outcome += f'<h2>Traceback</h2><pre class="traceback">{_escape(job["traceback"])}</pre>'
     return (f"<p>{buttons}</p>"
-            f"<table><tr><th>task</th><td>{html.escape(job['task'])}</td></tr>"
+            f"<table><tr><th>task</th><td>{_escape(job['task'])}</td></tr>"
             f"<tr><th>state</th><td>{_web_state(job)}</td></tr>"
             f"<tr><th>attempt</th><td>{int(job['attempt'])}</td></tr>{times}</table>"
             f"<h2>Params</h2><pre>{_web_json(job['params'])}</pre>{outcome}"
-            f"<h2>Enqueued from</h2><pre>{html.escape(job['stack'])}</pre>")
+            f"<h2>Enqueued from</h2><pre>{_escape(job['stack'])}</pre>")
 
 
 def _prometheus(stats: dict[str, Any]) -> str:
@@ -5929,6 +6014,7 @@ def _prometheus(stats: dict[str, Any]) -> str:
 # http.server costs producers and workers ~25 ms and ~1 MB to import: only a
 # dashboard imports it, and mixes _WebHandler into its request handler then.
 if TYPE_CHECKING:
+    import argparse
     from http.server import BaseHTTPRequestHandler as _RequestHandler
     from http.server import ThreadingHTTPServer
 else:
@@ -6067,10 +6153,10 @@ class _WebHandler(_RequestHandler):
                    refresh: bool = True) -> None:
         where = f"{type(self.queue).__name__} at {self.queue._address}"
         page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-                f"<title>{html.escape(title)} · monsterqueue</title><style>{_WEB_STYLE}</style></head>"
+                f"<title>{_escape(title)} · monsterqueue</title><style>{_WEB_STYLE}</style></head>"
                 f'<body data-refresh="{WEB_REFRESH_INTERVAL if refresh else 0:g}"><header><b>monsterqueue</b>'
-                f'<a href="/">Overview</a><a href="/jobs">Jobs</a><span>{html.escape(where)}, times in UTC'
-                f"</span></header><main><h1>{html.escape(title)}</h1>{body}</main>"
+                f'<a href="/">Overview</a><a href="/jobs">Jobs</a><span>{_escape(where)}, times in UTC'
+                f"</span></header><main><h1>{_escape(title)}</h1>{body}</main>"
                 f"<script>{_WEB_SCRIPT}</script></body></html>")
         self._send(status, "text/html; charset=utf-8", page.encode(), headers)
 
@@ -6085,7 +6171,7 @@ class _WebHandler(_RequestHandler):
         else:
             # Not reloaded: it may answer a POST, which a reload would send again.
             self._send_page(f"{status} {self.responses[status][0]}",
-                            f'<p class="error">{html.escape(message)}</p>', status, headers, refresh=False)
+                            f'<p class="error">{_escape(message)}</p>', status, headers, refresh=False)
 
     def _send(self, status: int, content_type: str, body: bytes, headers: dict[str, str] | None) -> None:
         self.send_response(status)
@@ -6166,7 +6252,7 @@ def _open(url: str, prefix: str | None, shards: int = 1, cluster: bool = False, 
     else:
         queue = backend(url, **options)
     if isinstance(queue, RedisQueue):  # a --shards its ids don't fit is a usage error, said at once
-        with contextlib.suppress(ServerUnavailableError), queue._server():  # else said when it's back
+        with contextlib.suppress(ServerUnavailableError), queue._server:  # else said when it's back
             queue._check_shards(record=False)
     return queue
 
@@ -6386,6 +6472,8 @@ def main(argv: list[str] | None = None) -> int:
     Exit codes: 0 done; 1 the job is unknown, not done, failed or timed out;
     2 a usage error; 3 the URL is wrong or its server can't be reached.
     """
+    import argparse  # see _escape
+
     # The global options, taken before the command or after it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],

@@ -947,6 +947,19 @@ def test_delayed_jobs_wait_for_their_time(queue: Queue, task: TestTask) -> None:
         queue.enqueue("test-task", delay=1, eta=eta)
 
 
+def test_a_job_delayed_while_the_queue_drains_starts_at_its_time(queue: Queue, task: TestTask) -> None:
+    """The claim that empties the queue knows when its next delayed job is due: the idle
+    worker wakes for it then, not a whole idle wake-up later."""
+    with running(queue):
+        queue.enqueue_wait("test-task", {"i": 0}, timeout=5)  # the worker is idle, waiting
+        delayed = queue.enqueue("test-task", {"i": 1}, delay=0.6)
+        queue.enqueue_wait("test-task", {"i": 2}, timeout=5)  # claimed alone: the queue drains
+        assert wait_until(lambda: task.runs == 3)
+    started = queue.retrieve_job(delayed.id).status.started
+    assert started is not None and delayed.status.scheduled is not None
+    assert timedelta(0) <= started - delayed.status.scheduled < timedelta(seconds=0.3)
+
+
 def test_delayed_jobs_due_together_all_start_at_their_time(new_queue: Any) -> None:
     """More jobs come due at once than the worker has threads: all start at their time, in
     batches back to back, not one batch per idle wake-up."""
@@ -2469,6 +2482,21 @@ def test_redis_scripts_survive_a_script_flush_and_a_bytes_client(redis_queue: Re
     assert (job.result(), job.params) == ("my result", {"a": "é"})
     assert raw.list_jobs()[-1].id == job.id
     raw.close()
+
+
+def test_a_redis_script_carries_only_the_library_code_it_calls() -> None:
+    """Redis runs a script's whole text at each call: definitions it never calls would cost
+    server time all the same."""
+    lib = ("local LIMIT = 3\n"
+           "local function greet(n)\n  return n + LIMIT\nend\n"
+           "local function unused()\n  return 0\nend\n"
+           "-- Says hello.\n"
+           "local function hello(n)\n  return greet(n) -- not unused()\nend\n")
+    text = monsterqueue._lua_needed(lib, "return hello(1)\n")
+    assert text == ("local LIMIT = 3\nlocal function greet(n)\n  return n + LIMIT\nend\n-- Says hello.\n"
+                    "local function hello(n)\n  return greet(n) -- not unused()\nend\nreturn hello(1)\n")
+    finish = monsterqueue._REDIS_FINISH.text
+    assert "local function finish_job" in finish and "local function settle" not in finish
 
 
 def test_redis_delete_removes_the_job_from_its_queue(redis_queue: RedisQueue) -> None:
